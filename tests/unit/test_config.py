@@ -1,0 +1,82 @@
+import json
+
+import pytest
+
+from publisher.config import ConfigError, PublisherConfig
+
+
+def load(extra=None, env=None):
+    return PublisherConfig.load(extra or {}, environ=env or {})
+
+
+def test_defaults_need_no_server(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    c = PublisherConfig.load({}, environ={})
+    assert c.object_store == (tmp_path / "vllm-mm-events" / "objects").as_uri()
+    assert c.event_sink.startswith("file:///") and c.event_sink.endswith("events.avro")
+    assert c.storage_dtype == "float32" and c.publish_text_only is False
+    assert c.allow_client_embeddings is False and c.backpressure == "block"
+
+
+def test_precedence_file_env_extra(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"storage_dtype": "float16", "max_pending_events": 7, "upload_threads": 3}))
+    env = {"VLLM_MM_EVENTS_CONFIG_FILE": str(f), "VLLM_MM_EVENTS_STORAGE_DTYPE": "bfloat16",
+           "VLLM_MM_EVENTS_PUBLISH_TEXT_ONLY": "true"}
+    c = load({"upload_threads": 5}, env)
+    assert c.storage_dtype == "bfloat16"  # env beats file
+    assert c.max_pending_events == 7  # file beats default
+    assert c.upload_threads == 5  # extra_config beats all
+    assert c.publish_text_only is True
+
+
+def test_env_dict_is_json():
+    c = load(env={"VLLM_MM_EVENTS_KAFKA": '{"compression.type": "zstd"}'})
+    assert c.kafka == {"compression.type": "zstd"}
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("object_store", "gs://bucket", "object_store: expected s3://bucket/prefix or file:///dir"),
+    ("object_store", "s3:///prefix", "object_store: expected s3://bucket/prefix, the bucket is missing"),
+    ("object_store", "file://relative/dir", "object_store: expected file:///absolute/dir"),
+    ("event_sink", "kafka://broker:9092", "event_sink: expected kafka://host:port[,host:port]/topic"),
+    ("event_sink", "kafka://broker/topic", "event_sink: expected host:port in the broker list"),
+    ("event_sink", "kafka://b:9092/bad topic!", "event_sink: Kafka topic"),
+    ("event_sink", "http://x/y", "event_sink: expected kafka://host:port/topic or file:///path/events.avro"),
+    ("storage_dtype", "int8", "storage_dtype: expected one of float32, float16, bfloat16"),
+    ("publish_text_only", "maybe", "publish_text_only: expected a boolean"),
+    ("max_inflight_bytes", 10, "max_inflight_bytes: expected a int >= 1048576"),
+    ("upload_threads", "two", "upload_threads: expected a int >= 1"),
+    ("durability_timeout_s", -1, "durability_timeout_s: expected a float >= 0.1"),
+    ("backpressure", "spill", "backpressure: expected one of block, drop"),
+    ("kafka", "[1]", "kafka: expected a mapping"),
+    ("kafka", {"acks": [1]}, "kafka.acks: expected a string, number or boolean"),
+    ("s3_endpoint_url", "minio:9000", "s3_endpoint_url: expected an http(s):// URL"),
+    ("no_such_key", 1, "no_such_key: unknown key"),
+])
+def test_errors_name_the_key_and_expectation(key, value, needle):
+    with pytest.raises(ConfigError) as e:
+        load({key: value})
+    assert needle in str(e.value)
+
+
+def test_env_errors_name_the_key_too():
+    with pytest.raises(ConfigError, match="storage_dtype: expected one of"):
+        load(env={"VLLM_MM_EVENTS_STORAGE_DTYPE": "fp8"})
+
+
+def test_secrets_never_in_redacted_form_or_repr():
+    c = load({"event_sink": "kafka://b:9092/t",
+              "kafka": {"sasl.username": "svc", "sasl.password": "hunter2", "ssl.key.password": "k3y"},
+              "schema_registry_url": "https://user:regpass@registry:8081",
+              "schema_registry": {"basic.auth.user.info": "u:p4ss"}})
+    text = json.dumps(c.redacted()) + repr(c)
+    for secret in ("hunter2", "k3y", "regpass", "p4ss"):
+        assert secret not in text
+    assert "svc" in text  # non-secret settings stay visible
+
+
+def test_secret_in_bad_url_not_echoed():
+    with pytest.raises(ConfigError) as e:
+        load({"schema_registry_url": "ftp://user:topsecret@registry"})
+    assert "topsecret" not in str(e.value)
