@@ -1,0 +1,1 @@
+"""Sample consumers of the MMEmbeddingEvent stream (see the consumers issue)."""

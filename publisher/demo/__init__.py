@@ -1,0 +1,1 @@
+"""A tiny random-weight LLaVA and a demo run on the embedded defaults (no servers, no downloads)."""
