@@ -1,0 +1,61 @@
+"""Runs real vLLM offline with the publisher, in its own process (the engine spawns workers).
+
+    python engine_driver.py spec.json
+
+spec: {"model", "extra_config", "tp", "out", "batches": [[{"images": [seed, ...], "extra_args": {...}}]]}
+Each batch is one ``LLM.generate`` call, so a later batch sees the encoder cache of earlier ones.
+Writes ``out/results.json`` and, per request, ``out/<request_id>.safetensors`` holding what
+``load_mm_embeddings`` returned.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    from safetensors.torch import save_file
+    from vllm import LLM, SamplingParams
+    from vllm.config import ECTransferConfig
+
+    from publisher import load_mm_embeddings
+    from publisher.demo import tiny_llava
+
+    ec = ECTransferConfig(ec_connector="MMEmbeddingPublisher", ec_role="ec_both",
+                          ec_connector_extra_config=spec["extra_config"],
+                          ec_connector_module_path=spec.get("module_path"))
+    llm = LLM(model=spec["model"], ec_transfer_config=ec, tensor_parallel_size=spec.get("tp", 1),
+              dtype="float32", max_model_len=256, enforce_eager=True, limit_mm_per_prompt={"image": 4},
+              seed=0)
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for batch in spec["batches"]:
+        prompts, params = [], []
+        for r in batch:
+            seeds = r.get("images", [])
+            p = {"prompt": tiny_llava.prompt(len(seeds)) if seeds else "USER: describe the cat ASSISTANT:"}
+            if seeds:
+                p["multi_modal_data"] = {"image": [tiny_llava.random_image(s) for s in seeds]}
+            prompts.append(p)
+            params.append(SamplingParams(max_tokens=r.get("max_tokens", 4), extra_args=r.get("extra_args")))
+        for r, o in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
+            tensors = load_mm_embeddings(o, timeout=60)
+            if tensors:
+                save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, out / f"{o.request_id}.safetensors")
+            results.append({"request_id": o.request_id, "images": r.get("images", []),
+                            "finish_reason": o.outputs[0].finish_reason,
+                            "num_output_tokens": len(o.outputs[0].token_ids),
+                            "num_prompt_tokens": len(o.prompt_token_ids),
+                            "ec_transfer_params": o.ec_transfer_params, "num_tensors": len(tensors)})
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    del llm  # engine shutdown: the connector flushes pending work
+
+
+if __name__ == "__main__":
+    main()

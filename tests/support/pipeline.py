@@ -1,0 +1,84 @@
+"""Helpers for end-to-end tests: run the engine driver, read events back as a consumer would."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import fastavro
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA_FILE = REPO / "schemas" / "mm_embedding_event.avsc"
+DRIVER = REPO / "tests" / "e2e" / "engine_driver.py"
+
+
+def reader_schema():
+    """Straight from the repo's .avsc, as an outside consumer would."""
+    return fastavro.parse_schema(json.loads(SCHEMA_FILE.read_text()))
+
+
+def decode_value(data: bytes) -> dict:
+    """Avro single-object encoding: 0xC3 0x01, 8-byte fingerprint, body."""
+    assert data[:2] == b"\xc3\x01", data[:2]
+    fp = bytes.fromhex(fastavro.schema.fingerprint(
+        fastavro.schema.to_parsing_canonical_form(reader_schema()), "CRC-64-AVRO"))
+    assert data[2:10] == fp, "fingerprint does not match the repo's schema"
+    return fastavro.schemaless_reader(io.BytesIO(data[10:]), reader_schema())
+
+
+def run_driver(spec: dict, workdir: Path, env: dict | None = None, timeout: float = 600) -> tuple[list, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec = dict(spec, out=str(workdir / "out"))
+    spec_file = workdir / "spec.json"
+    spec_file.write_text(json.dumps(spec))
+    full_env = dict(os.environ, **(env or {}))
+    p = subprocess.run([sys.executable, str(DRIVER), str(spec_file)], env=full_env, capture_output=True,
+                       text=True, timeout=timeout)
+    log = p.stdout + p.stderr
+    (workdir / "driver.log").write_text(log)
+    if p.returncode != 0:
+        raise AssertionError(f"engine driver failed ({p.returncode}):\n{log[-6000:]}")
+    return json.loads((workdir / "out" / "results.json").read_text()), log
+
+
+def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[tuple[dict, object]]:
+    """Read the topic from the beginning until ``expected`` records arrived (and a little longer)."""
+    from confluent_kafka import Consumer
+
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4()}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    c.subscribe([topic])
+    out: list = []
+    deadline = time.monotonic() + timeout
+    quiet_until = None
+    try:
+        while time.monotonic() < deadline:
+            m = c.poll(0.5)
+            if m is not None and not m.error():
+                out.append((decode_value(m.value()), m))
+                continue
+            if len(out) >= expected:
+                quiet_until = quiet_until or time.monotonic() + 2  # catch any extra, unexpected record
+                if time.monotonic() > quiet_until:
+                    break
+    finally:
+        c.close()
+    return out
+
+
+def read_event_log(path: Path) -> list[dict]:
+    with open(path, "rb") as f:
+        return list(fastavro.reader(f, reader_schema=reader_schema()))
+
+
+def stats_line(log: str, side: str) -> str:
+    lines = [ln for ln in log.splitlines() if f"mm-events {side} side stopped" in ln]
+    assert lines, f"no shutdown report from the {side} side in the engine log"
+    return lines[-1]
