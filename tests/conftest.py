@@ -24,18 +24,25 @@ def pytest_runtest_logreport(report):
         report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
 
 
+def announce(config, line: str) -> None:
+    """Say in the test output which real server ran."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"[services] {line}")
+
+
 @pytest.fixture(scope="session")
-def kafka():
+def kafka(pytestconfig):
     broker = services.KafkaBroker().start()
-    print(f"\n[services] Kafka: {broker.name} at {broker.bootstrap}")
+    announce(pytestconfig, f"Kafka: {broker.name} at {broker.bootstrap}")
     yield broker
     broker.stop()
 
 
 @pytest.fixture(scope="session")
-def minio():
+def minio(pytestconfig):
     server = services.MinioServer().start()
-    print(f"\n[services] S3: {server.name} at {server.endpoint}")
+    announce(pytestconfig, f"S3: {server.name} at {server.endpoint}")
     yield server
     server.stop()
 

@@ -1,0 +1,90 @@
+"""End to end through vLLM's OpenAI server: ec_transfer_params in the body, vllm_xargs in the event,
+and client-supplied embeddings refused unless allowed."""
+
+import uuid
+
+import pytest
+import torch
+
+from openai_server import OpenAIServer, image_embeds_part, image_part
+from pipeline import consume, read_event_log, stats_line
+
+pytestmark = pytest.mark.e2e
+TEXT = {"type": "text", "text": "what is in this image ?"}
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory, tiny_llava, kafka, minio):
+    """The production shape: MinIO + Kafka, client embeddings refused (the default)."""
+    bucket = minio.create_bucket(f"api-{uuid.uuid4().hex[:8]}")
+    topic = f"api-events-{uuid.uuid4().hex[:6]}"
+    extra = {"object_store": f"s3://{bucket}/p", "s3_endpoint_url": minio.endpoint,
+             "event_sink": f"kafka://{kafka.bootstrap}/{topic}", "topic_partitions": 1}
+    env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
+    server = OpenAIServer(tiny_llava, extra, tmp_path_factory.mktemp("api-default"), env=env).wait_ready()
+    yield dict(server=server, topic=topic, kafka=kafka, aws_env=env)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def allowing_server(tmp_path_factory, tiny_llava):
+    work = tmp_path_factory.mktemp("api-allow")
+    extra = {"object_store": (work / "objects").as_uri(), "event_sink": (work / "events.avro").as_uri(),
+             "allow_client_embeddings": True}
+    server = OpenAIServer(tiny_llava, extra, work).wait_ready()
+    yield dict(server=server, work=work)
+    server.stop()
+
+
+def test_chat_with_image_returns_params_and_event_carries_xargs(default_server, monkeypatch):
+    from publisher.demo.tiny_llava import random_image
+
+    s = default_server["server"]
+    r = s.chat([image_part(random_image(21)), TEXT], vllm_xargs={"tenant": "acme", "ticket": 42})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    params = body["ec_transfer_params"]
+    assert len(params["mm_embeddings"]) == 1 and params["mm_embeddings"][0]["modality"] == "image"
+    (event, msg), = consume(default_server["kafka"].bootstrap, default_server["topic"], expected=1)
+    assert event["request_id"] == body["id"] and msg.key() == body["id"].encode()
+    assert event["model"] == "tiny-llava"
+    assert event["metadata"] == {"tenant": "acme", "ticket": "42"}
+    assert event["embeddings"][0]["uri"] == params["mm_embeddings"][0]["uri"]
+    assert event["num_output_tokens"] == body["usage"]["completion_tokens"]
+    assert event["num_prompt_tokens"] == body["usage"]["prompt_tokens"]
+
+    from publisher import load_mm_embeddings
+
+    for k, v in default_server["aws_env"].items():  # credentials from the AWS chain; endpoint from params
+        monkeypatch.setenv(k, v)
+    (t,) = load_mm_embeddings(params)
+    assert t.shape == (16, 128)
+
+
+def test_client_embeddings_refused_by_default(default_server):
+    s = default_server["server"]
+    r = s.chat([image_embeds_part(torch.randn(16, 128)), TEXT])
+    assert r.status_code != 200 or r.json()["choices"][0]["finish_reason"] == "error", r.text
+    assert "arrived as client-supplied embeddings" in s.log()
+    # the server stays up and serves the next request
+    from publisher.demo.tiny_llava import random_image
+
+    assert s.chat([image_part(random_image(22)), TEXT]).status_code == 200
+
+
+def test_client_embeddings_allowed_and_marked(allowing_server):
+    s = allowing_server["server"]
+    embeds = torch.randn(16, 128)
+    r = s.chat([image_embeds_part(embeds), TEXT], vllm_xargs={"who": "client"})
+    assert r.status_code == 200, r.text
+    params = r.json()["ec_transfer_params"]
+    assert params["mm_embeddings"][0]["source"] == "CLIENT"
+    log = s.stop()
+    assert "'published': 1" in stats_line(log, "scheduler")
+    (event,) = read_event_log(allowing_server["work"] / "events.avro")
+    assert event["embeddings"][0]["source"] == "CLIENT" and event["metadata"] == {"who": "client"}
+
+    from publisher import load_mm_embeddings
+
+    (t,) = load_mm_embeddings(params)
+    torch.testing.assert_close(t, embeds)  # what was stored is what the client sent, and says so
