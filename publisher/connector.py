@@ -6,8 +6,10 @@ One class, two halves, in two processes that share no Python state:
   copy) -> background upload to the object store under a content-addressed key.
 - scheduler half (``request_finished``): every finished request -> a plain snapshot and
   the object URIs (derivable from the key, so no I/O) -> returned to the caller as
-  ``ec_transfer_params`` and queued for the dispatcher, which publishes the event once
-  every object it names is durable.
+  ``ec_transfer_params`` and handed to the scheduler sidecar, which publishes the event
+  once every object it names is durable.
+
+Each half keeps its slow work in a sidecar process (``offload.py``), off vLLM's GIL.
 
 The object store is the meeting point. The only thing the scheduler tells the worker is
 each scheduled item's modality and origin (through the connector metadata), so the
@@ -17,9 +19,12 @@ stored object can describe itself.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
+import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +36,7 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
 
 from publisher.config import PublisherConfig
 from publisher.events import FinishedRequest, MediaItem, stringify_metadata
-from publisher.store import open_store
+from publisher.store import StoreLocation
 from publisher.tensors import object_key
 
 if TYPE_CHECKING:
@@ -50,6 +55,15 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 class PublisherMetadata(ECConnectorMetadata):
     """Scheduler -> worker, per step: mm_hash -> (modality, source) for items about to be encoded."""
     items: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - no TP group: a single worker
+        return 0
 
 
 def served_model_name(vllm_config: "VllmConfig") -> str:
@@ -80,9 +94,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
         extra = vllm_config.ec_transfer_config.ec_connector_extra_config or {}
         self.config = PublisherConfig.load(extra)
         self.model = served_model_name(vllm_config)
-        self.store, self.prefix = open_store(
-            self.config.object_store, endpoint_url=self.config.s3_endpoint_url, region=self.config.s3_region,
-            fsync=self.config.fsync, max_connections=max(10, self.config.upload_threads * 2))
+        self.location = StoreLocation.parse(self.config.object_store)  # names URIs; the sidecars do the I/O
+        self.prefix = self.location.prefix
         self._keys: dict[str, str] = {}  # mm_hash -> key, memoized (bounded below)
         if role == ECConnectorRole.SCHEDULER:
             self._init_scheduler()
@@ -102,69 +115,93 @@ class MMEmbeddingPublisher(ECConnectorBase):
     # Worker half
     # ===================================================================================
     def _init_worker(self) -> None:
-        from publisher.capture import DeviceToHostCapture, InflightBudget
-        from publisher.uploader import ObjectUploader
-
-        self.budget = InflightBudget(self.config.max_inflight_bytes)
-        self.capture = DeviceToHostCapture(self.budget, block=self.config.backpressure == "block")
-        self.uploader = ObjectUploader(self.store, self.model, self.config.storage_dtype,
-                                       threads=self.config.upload_threads)
         self.saves = 0  # save_caches calls seen: one per encoder run of an item
         self.dropped = 0
-        self._uploads_here: bool | None = None  # decided at the first save (ranks exist by then)
-
-    def _is_upload_rank(self) -> bool:
+        self._known: OrderedDict[str, None] = OrderedDict()  # keys already handed over (bounded)
         # With tensor parallelism every rank sees the same encoder output; rank 0 stores it.
-        try:
-            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+        self._uploads_here = _tp_rank() == 0
+        if not self._uploads_here:
+            return
+        from publisher.capture import DeviceToHostCapture, SharedRing
+        from publisher.offload import Sidecar
 
-            return get_tensor_model_parallel_rank() == 0
-        except Exception:  # noqa: BLE001 - no TP group: a single worker
-            return True
+        self.ring = SharedRing(self.config.max_inflight_bytes)
+        self.sidecar = Sidecar("worker", {"config": self.config.to_dict(), "model": self.model,
+                                          "ring_fd": self.ring.fd, "ring_size": self.ring.size},
+                               pass_fds=(self.ring.fd,))
+        self.capture = DeviceToHostCapture(self.ring, self.sidecar.send)
 
     def start_load_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
         return  # never a source of encoder outputs: has_cache_item() is always False
 
     def save_caches(self, encoder_cache: dict[str, "torch.Tensor"], mm_hash: str, **kwargs) -> None:
-        # In the model step: at most a launched copy and a queue put.
+        # In the model step: a memcpy (CPU) or a launched async copy (CUDA), and one small message.
         self.saves += 1
-        if self._uploads_here is None:
-            self._uploads_here = self._is_upload_rank()
         if not self._uploads_here:
             return
         key = self.key_for(mm_hash)
-        if self.uploader.known(key):
+        if key in self._known:
+            return
+        t = encoder_cache[mm_hash]
+        offset = self._alloc(t.numel() * t.element_size())
+        if offset is None:
+            self.dropped += 1
+            log.warning("mm-events: dropped %s under backpressure (%d dropped so far)", mm_hash, self.dropped)
             return
         meta = self._connector_metadata
         modality, source = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata) else None) or (
             "unknown", ENCODER)
-        copy = self.capture.capture(encoder_cache[mm_hash])
-        if copy is None:
-            self.dropped += 1
-            log.warning("mm-events: dropped %s under backpressure (%d dropped so far)", mm_hash, self.dropped)
-            return
-        from publisher.uploader import UploadJob
+        self.capture.capture(t, offset, ("item", offset, str(t.dtype).removeprefix("torch."), tuple(t.shape), key,
+                                         mm_hash, modality, source))
+        self._known[key] = None
+        if len(self._known) > 65536:
+            self._known.popitem(last=False)
 
-        self.uploader.submit(UploadJob(key, copy, mm_hash, modality, source))
+    def _alloc(self, nbytes: int) -> int | None:
+        """Ring space for one item, applying the frees the sidecar reported."""
+        ring, conn = self.ring.allocator, self.sidecar.conn
+        if nbytes > ring.size:
+            log.error("mm-events: an item of %d bytes exceeds max_inflight_bytes (%d)", nbytes, ring.size)
+            return None
+        while self.sidecar.alive:
+            try:
+                while conn.poll():
+                    self._apply(conn.recv())
+                offset = ring.alloc(nbytes)
+                if offset is not None or self.config.backpressure == "drop":
+                    return offset
+                # block: wait for a copy still in flight to land, else for the sidecar to free space
+                if not self.capture.wait_one():
+                    self._apply(conn.recv())
+            except (EOFError, OSError):
+                self.sidecar.alive = False
+                log.error("mm-events: the worker sidecar is gone; items are no longer stored")
+        return None
+
+    def _apply(self, msg: tuple) -> None:
+        if msg[0] == "free":
+            self.ring.allocator.free(msg[1])
 
     # ===================================================================================
     # Scheduler half
     # ===================================================================================
     def _init_scheduler(self) -> None:
-        from publisher.dispatcher import EventDispatcher
-        from publisher.events import AvroCodec, producer_info
-        from publisher.sinks import open_event_sink
-
         import vllm
 
+        from publisher.events import producer_info
+        from publisher.offload import Sidecar
+
         c = self.config
-        sink = open_event_sink(c.event_sink, AvroCodec(), kafka=c.kafka, registry_url=c.schema_registry_url,
-                               registry_settings=c.schema_registry, fsync=c.fsync,
-                               topic_partitions=c.topic_partitions)
-        self.dispatcher = EventDispatcher(
-            self.store, sink, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype),
-            max_pending=c.max_pending_events, block=c.backpressure == "block",
-            durability_timeout_s=c.durability_timeout_s)
+        # A shared word where the sidecar counts settled events: the drop policy reads it.
+        self._gauge_fd = os.memfd_create("vllm-mm-events-settled", os.MFD_CLOEXEC)
+        os.ftruncate(self._gauge_fd, 8)
+        self._settled = mmap.mmap(self._gauge_fd, 8)
+        self.sidecar = Sidecar("scheduler", {
+            "config": c.to_dict(), "gauge_fd": self._gauge_fd,
+            "producer": producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype)},
+            pass_fds=(self._gauge_fd,))
+        self._sent = 0
+        self.dropped_events = 0
         self._step_items: dict[str, tuple[str, str]] = {}
         self._verdicts: dict[str, str | None] = {}  # request_id -> refusal reason (None: fine)
         self._refuse: set[str] = set()
@@ -232,15 +269,30 @@ class MMEmbeddingPublisher(ECConnectorBase):
             source = classify_item(f) or CLIENT
             items.append(MediaItem(f.identifier, f.modality, i, pos.offset, pos.length, source))
             key = keys[f.identifier] = self.key_for(f.identifier)
-            refs.append({"uri": self.store.uri(key), "mm_hash": f.identifier, "modality": f.modality,
+            refs.append({"uri": self.location.uri(key), "mm_hash": f.identifier, "modality": f.modality,
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
                          "dtype": self.config.storage_dtype, "source": source})
         snapshot = self._snapshot(request, tuple(items))
         params: dict[str, Any] = {"mm_embeddings": refs, "event_id": snapshot.event_id}
         if self._endpoint:
             params["s3_endpoint_url"] = self._endpoint
-        self.dispatcher.submit(snapshot, keys)
+        self._hand_over(snapshot, keys)
         return False, params
+
+    def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str]) -> None:
+        if self.config.backpressure == "drop":
+            in_flight = self._sent - struct.unpack_from("<Q", self._settled, 0)[0]
+            if in_flight >= self.config.max_pending_events:
+                self.dropped_events += 1
+                self.sidecar.send(("dropped", 1))  # so the sidecar's report counts it too
+                log.warning("mm-events: dropped the event of %s: %d events in flight (%d dropped so far)",
+                            snapshot.request_id, in_flight, self.dropped_events)
+                return
+        # With backpressure=block this send waits while the sidecar is full (it stops reading).
+        if self.sidecar.send(("req", snapshot, keys)):
+            self._sent += 1
+        else:
+            self.dropped_events += 1
 
     def _snapshot(self, request: "Request", items: tuple[MediaItem, ...]) -> FinishedRequest:
         rid = request.request_id
@@ -271,9 +323,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
     def shutdown(self) -> None:
         t = self.config.shutdown_timeout_s
         if self.role == ECConnectorRole.SCHEDULER:
-            left = self.dispatcher.close(t)
-            log.info("mm-events scheduler side stopped: %s, undelivered=%d", self.dispatcher.stats.as_dict(), left)
+            report = self.sidecar.close(t)
+            log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
+        elif self._uploads_here:
+            report = self.sidecar.close(t)
+            log.info("mm-events worker side stopped: saves=%d %s, dropped=%d", self.saves, report, self.dropped)
         else:
-            left = self.uploader.close(t)
-            log.info("mm-events worker side stopped: saves=%d %s, dropped=%d, not uploaded=%d",
-                     self.saves, self.uploader.stats.as_dict(), self.dropped, left)
+            log.info("mm-events worker side stopped: saves=%d {'uploaded': 0} (TP rank %d; rank 0 stores)",
+                     self.saves, _tp_rank())

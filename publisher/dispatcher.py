@@ -1,13 +1,16 @@
-"""Scheduler side, off the scheduler loop: wait until a request's objects are durable, then publish.
+"""Scheduler sidecar: wait until a request's objects are durable, then publish its event.
 
-``request_finished`` only enqueues a ``FinishedRequest``. One thread here:
-1. resolves each item's object with ``store.head`` (the worker may still be uploading;
-   it retries with backoff until ``durability_timeout_s``), remembering keys already seen
-   durable, so a repeated image costs nothing;
-2. builds the event, naming only durable objects (the rest go to ``missing_embeddings``);
-3. hands it to the sink and serves delivery callbacks.
+Single-threaded by design (the sidecar's loop calls ``offer`` and ``pump``), so no locks
+and no thread hand-offs per event:
 
-A durable outbox would slot in between 2 and 3: persist the built event, then publish.
+1. ``offer``: a finished request and its object keys join a deadline heap;
+2. ``pump``: for requests that are due, ``store.head_many`` the keys not yet known durable
+   (the worker may still be uploading: retried with backoff up to ``durability_timeout_s``;
+   keys seen durable are remembered, so a repeated image costs nothing), build the event
+   naming only durable objects (the rest go to ``missing_embeddings``) and hand it to the
+   sink; then serve the sink's delivery callbacks.
+
+A durable outbox would slot in between building the event and handing it to the sink.
 """
 
 from __future__ import annotations
@@ -15,17 +18,17 @@ from __future__ import annotations
 import heapq
 import json
 import logging
-import threading
 import time
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 from publisher.events import FinishedRequest, StoredItem, build_event
 from publisher.sinks import EventSink
 from publisher.store import ObjectStore
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
+MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
 
 
 @dataclass(order=True)
@@ -43,8 +46,8 @@ class DispatcherStats:
         self.accepted = 0
         self.published = 0
         self.incomplete = 0
-        self.dropped = 0
         self.failed = 0
+        self.dropped = 0  # dropped in the engine under backpressure=drop, never accepted here
         self.store_errors = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -53,73 +56,55 @@ class DispatcherStats:
 
 class EventDispatcher:
     def __init__(self, store: ObjectStore, sink: EventSink, producer: dict[str, str], *,
-                 max_pending: int, block: bool, durability_timeout_s: float, head_threads: int = 4,
-                 remember: int = 65536):
+                 durability_timeout_s: float, remember: int = 65536,
+                 on_settled: Callable[[int], None] | None = None):
         self.store = store
         self.sink = sink
         self.producer = producer
-        self.block = block
         self.durability_timeout_s = durability_timeout_s
         self.stats = DispatcherStats()
-        self._max_pending = max_pending
-        self._inbox: list[tuple[FinishedRequest, dict[str, str]]] = []
-        self._cond = threading.Condition()
-        self._in_system = 0  # accepted and not yet delivered or failed
-        self._closing = False
-        self._force_at = float("inf")  # on close: publish with what is durable by then
+        self._on_settled = on_settled  # told the running count of settled (delivered or failed) events
+        self._settled = 0
+        self._waiting: list[_Pending] = []
+        self._seq = 0
         self._durable: OrderedDict[str, StoredItem] = OrderedDict()
         self._remember = remember
-        self._heads = ThreadPoolExecutor(head_threads, thread_name_prefix="mm-events-head")
-        self._seq = 0
-        self._thread = threading.Thread(target=self._run, name="mm-events-dispatch", daemon=True)
-        self._thread.start()
+        self._force_at = float("inf")  # on close: publish with what is durable by then
 
-    # ---- called on the scheduler loop: O(1), no I/O ----------------------------------
-    def submit(self, req: FinishedRequest, keys: dict[str, str]) -> bool:
-        with self._cond:
-            if self._in_system >= self._max_pending:
-                if not self.block:
-                    self.stats.dropped += 1
-                    return False
-                self._cond.wait_for(lambda: self._in_system < self._max_pending or self._closing)
-            if self._closing:
-                self.stats.dropped += 1
-                return False
-            self._in_system += 1
-            self.stats.accepted += 1
-            self._inbox.append((req, keys))
-            self._cond.notify_all()
-            return True
+    @property
+    def in_flight(self) -> int:
+        """Accepted and not yet delivered or failed."""
+        return self.stats.accepted - self._settled
 
-    # ---- the dispatch thread ------------------------------------------------------------
-    def _run(self) -> None:
-        waiting: list[_Pending] = []
-        while True:
-            with self._cond:
-                timeout = 0.05
-                if waiting:
-                    timeout = min(timeout, max(0.0, waiting[0].next_try - time.monotonic()))
-                if not self._inbox and timeout > 0:
-                    self._cond.wait(timeout)
-                inbox, self._inbox = self._inbox, []
-                closing = self._closing
-            now = time.monotonic()
-            for req, keys in inbox:
-                self._seq += 1
-                heapq.heappush(waiting, _Pending(now, self._seq, req, keys, now + self.durability_timeout_s))
-            due = []
-            while waiting and waiting[0].next_try <= now:
-                due.append(heapq.heappop(waiting))
-            if due:
-                self._resolve(due, waiting)
-            self.sink.poll(0)
-            if closing and not waiting and not self._inbox:
-                return
+    def offer(self, req: FinishedRequest, keys: dict[str, str]) -> None:
+        now = time.monotonic()
+        self._seq += 1
+        self.stats.accepted += 1
+        heapq.heappush(self._waiting, _Pending(now, self._seq, req, keys, now + self.durability_timeout_s))
 
-    def _resolve(self, due: list[_Pending], waiting: list[_Pending]) -> None:
-        unknown = {k for p in due for k in p.keys.values() if not self._is_durable(k)}
+    def pump(self) -> float:
+        """Do what is due; returns how long the caller may wait before the next pump."""
+        now = time.monotonic()
+        due = []
+        while self._waiting and self._waiting[0].next_try <= now:
+            due.append(heapq.heappop(self._waiting))
+        if due:
+            self._resolve(due)
+        self.sink.poll(0)
+        if self._waiting:
+            return max(0.0, min(MAX_WAIT, self._waiting[0].next_try - time.monotonic()))
+        return MAX_WAIT
+
+    def _resolve(self, due: list[_Pending]) -> None:
+        unknown = list({k for p in due for k in p.keys.values() if not self._is_durable(k)})
         if unknown:
-            for key, info in zip(unknown, self._heads.map(self._head, unknown)):
+            try:
+                infos = self.store.head_many(unknown)
+            except Exception as e:  # noqa: BLE001 - retried on the next pass
+                self.stats.store_errors += 1
+                log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
+                infos = []
+            for key, info in zip(unknown, infos):
                 if info is not None:
                     self._remember_durable(key, info)
         now = time.monotonic()
@@ -129,16 +114,8 @@ class EventDispatcher:
                 self._publish(p.req, stored)
             else:
                 p.delay = min(p.delay * 2, 0.25)
-                p.next_try = now + p.delay
-                heapq.heappush(waiting, p)
-
-    def _head(self, key: str):
-        try:
-            return self.store.head(key)
-        except Exception as e:  # noqa: BLE001 - retried on the next pass
-            self.stats.store_errors += 1
-            log.warning("mm-events: cannot check object %s: %s", key, e)
-            return None
+                p.next_try = min(now + p.delay, self._force_at)
+                heapq.heappush(self._waiting, p)
 
     def _is_durable(self, key: str) -> bool:
         if key in self._durable:
@@ -157,9 +134,8 @@ class EventDispatcher:
         event = build_event(req, stored, self.producer)
         if event["missing_embeddings"]:
             self.stats.incomplete += 1
-            log.warning("mm-events: request %s published without %d object(s) not durable in %.0fs: %s",
-                        req.request_id, len(event["missing_embeddings"]), self.durability_timeout_s,
-                        ", ".join(event["missing_embeddings"]))
+            log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
+                        req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
 
         def done(err: Exception | None) -> None:
             if err is None:
@@ -168,39 +144,28 @@ class EventDispatcher:
                 self.stats.failed += 1
                 log.error("mm-events: event %s for request %s was not delivered: %s",
                           req.event_id, req.request_id, err)
-            with self._cond:
-                self._in_system -= 1
-                self._cond.notify_all()
+            self._settled += 1
+            if self._on_settled is not None:
+                self._on_settled(self._settled)
 
         try:
             self.sink.publish(event, done)
-        except Exception as e:  # noqa: BLE001 - an encoding bug must not kill the thread
+        except Exception as e:  # noqa: BLE001 - an encoding bug must not stop the sidecar
             done(e)
-
-    # ---- shutdown -----------------------------------------------------------------------
-    def flush(self, timeout: float) -> int:
-        """Wait until every accepted event is delivered or failed; returns how many are left."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            self._cond.wait_for(lambda: self._in_system == 0, timeout)
-        self.sink.flush(max(0.0, deadline - time.monotonic()))
-        with self._cond:
-            return self._in_system
 
     def close(self, timeout: float) -> int:
         """Bounded: publish what can be, report what could not. Returns the undelivered count."""
         deadline = time.monotonic() + timeout
-        with self._cond:
-            self._closing = True
-            # Leave a third of the time for the sink to deliver what gets published.
-            self._force_at = time.monotonic() + timeout * 2 / 3
-            self._cond.notify_all()
-        self._thread.join(max(0.0, deadline - time.monotonic()))
-        left_in_sink = self.sink.flush(max(0.0, deadline - time.monotonic()))
-        self._heads.shutdown(wait=False, cancel_futures=True)
-        with self._cond:
-            left = self._in_system
-        if left or left_in_sink:
+        # Leave a third of the time for the sink to deliver what gets published.
+        self._force_at = time.monotonic() + timeout * 2 / 3
+        for p in self._waiting:
+            p.next_try = min(p.next_try, self._force_at)
+        heapq.heapify(self._waiting)
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(self.pump())
+        self.sink.flush(max(0.0, deadline - time.monotonic()))
+        left = self.in_flight
+        if left:
             log.error("mm-events: shutdown left %d event(s) undelivered", left)
         self.sink.close()
         return left
