@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import fastavro
 
+from publisher.avro_fast import compile_encoder
 from publisher.schemas import event_schema
 
 CONTENT_TYPE_SINGLE_OBJECT = "application/avro"  # Avro single-object encoding
@@ -167,21 +168,23 @@ class AvroCodec:
         self.fingerprint = crc64_avro(canonical.encode())
         self.single_object_header = SINGLE_OBJECT_MAGIC + struct.pack("<Q", self.fingerprint)
         self.schema_id: int | None = None
+        self._header = self.single_object_header
+        self._encode_body = compile_encoder(self.schema_dict)
 
     def use_registry(self, client, subject: str) -> None:
         from confluent_kafka.schema_registry import Schema
 
         self.schema_id = client.register_schema(subject, Schema(json.dumps(self.schema_dict), "AVRO"))
+        self._header = b"\x00" + struct.pack(">I", self.schema_id)
 
     @property
     def content_type(self) -> str:
         return CONTENT_TYPE_SINGLE_OBJECT if self.schema_id is None else CONTENT_TYPE_CONFLUENT
 
     def encode(self, record: Mapping[str, Any]) -> bytes:
-        buf = io.BytesIO()
-        buf.write(self.single_object_header if self.schema_id is None else b"\x00" + struct.pack(">I", self.schema_id))
-        fastavro.schemaless_writer(buf, self.parsed, record)
-        return buf.getvalue()
+        out = bytearray(self._header)
+        self._encode_body(out, record)
+        return bytes(out)
 
     def decode(self, data: bytes, writer_schema: dict | None = None) -> dict[str, Any]:
         """Either framing. A registry-framed value is read with ``writer_schema`` (or ours)."""

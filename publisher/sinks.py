@@ -119,7 +119,8 @@ class KafkaSink(EventSink):
 
             codec.use_registry(SchemaRegistryClient.new_client({"url": registry_url, **(registry_settings or {})}),
                                f"{topic}-value")
-        self._producer = Producer(conf)
+        # librdkafka's own log lines go through our logger (served by poll), not raw stderr.
+        self._producer = Producer(conf, logger=logging.getLogger("vllm_mm_events.kafka"))
         self.resends = 0
 
     @staticmethod

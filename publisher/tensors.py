@@ -9,15 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import struct
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 FORMAT = "vllm-mm-events/1"
 TENSOR_NAME = "embedding"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}  # safetensors' names
 _SAFE_HASH = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
@@ -57,17 +58,25 @@ class EncodedObject:
 
     def object_metadata(self) -> dict[str, str]:
         """What the store keeps beside the bytes, so a reader can verify without downloading."""
-        return {"sha256": self.sha256, "dtype": self.dtype, "shape": json.dumps(list(self.shape))}
+        return {"sha256": self.sha256, "dtype": self.dtype, "shape": _shape_str(self.shape)}
 
 
 def encode_embedding(tensor: torch.Tensor, *, mm_hash: str, modality: str, model: str,
                      storage_dtype: str, source: str = "ENCODER") -> EncodedObject:
-    """Serialize a host tensor. Called off the engine loop (upload thread)."""
+    """Serialize a host tensor into safetensors bytes. Runs in the worker sidecar.
+
+    The format is an 8-byte little-endian header length, a JSON header (padded to 8 bytes)
+    and the raw little-endian tensor bytes. Written directly rather than through
+    ``safetensors.torch.save``, which costs ~10x more per small tensor; the tests read
+    every object back with the safetensors library.
+    """
     if tensor.device.type != "cpu":
         raise ValueError("encode_embedding needs a host tensor; capture copies it off the device first")
     if tensor.dim() != 2:
         raise ValueError(f"embedding: expected a 2-D (num_features, hidden_size) tensor, got shape {tuple(tensor.shape)}")
     out = tensor.to(torch_dtype(storage_dtype)).contiguous()
+    shape = list(out.shape)
+    raw = out.view(torch.uint8).numpy().tobytes() if out.numel() else b""
     meta = {
         "format": FORMAT,
         "mm_hash": mm_hash,
@@ -75,11 +84,19 @@ def encode_embedding(tensor: torch.Tensor, *, mm_hash: str, modality: str, model
         "model": model,
         "dtype": storage_dtype,
         "encoder_dtype": str(tensor.dtype).removeprefix("torch."),
-        "shape": json.dumps(list(out.shape)),
+        "shape": _shape_str(shape),
         "source": source,
     }
-    data = st_save({TENSOR_NAME: out}, metadata=meta)
-    return EncodedObject(data, hashlib.sha256(data).hexdigest(), storage_dtype, tuple(out.shape))
+    header = json.dumps({"__metadata__": meta, TENSOR_NAME: {
+        "dtype": _ST_DTYPE[storage_dtype], "shape": shape, "data_offsets": [0, len(raw)]}},
+        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    data = b"".join((struct.pack("<Q", len(header)), header, raw))
+    return EncodedObject(data, hashlib.sha256(data).hexdigest(), storage_dtype, tuple(shape))
+
+
+def _shape_str(shape) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"  # == json.dumps(list(shape))
 
 
 def decode_embedding(data: bytes) -> tuple[torch.Tensor, dict[str, str]]:
