@@ -79,6 +79,9 @@ def read_event_log(path: Path) -> list[dict]:
 
 
 def stats_line(log: str, side: str) -> str:
-    lines = [ln for ln in log.splitlines() if f"mm-events {side} side stopped" in ln]
+    """The publisher's shutdown report: from the engine, or from the sidecar when vLLM killed
+    the engine before the connector's shutdown ran."""
+    lines = [ln for ln in log.splitlines()
+             if f"mm-events {side} side stopped" in ln or f"mm-events {side} sidecar stopped" in ln]
     assert lines, f"no shutdown report from the {side} side in the engine log"
     return lines[-1]

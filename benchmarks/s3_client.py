@@ -1,0 +1,66 @@
+"""CPU per S3 call: boto3 (the raw client) vs the publisher's S3Lite, against a real MinIO.
+
+    .venv/bin/python benchmarks/s3_client.py [--objects 500] [--size 8528]
+
+Both clients write the same objects (If-None-Match: *, x-amz-checksum-sha256, user
+metadata) and HEAD them back, single-threaded; CPU is this process's user+system time, so
+the server's share is not counted. Prints microseconds per call and the ratio.
+"""
+
+import argparse
+import base64
+import hashlib
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+
+
+def measure(fn, n):
+    c0, t0 = time.process_time(), time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return (time.process_time() - c0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--objects", type=int, default=500)
+    ap.add_argument("--size", type=int, default=8528, help="bytes per object (8528: one tiny-LLaVA item)")
+    args = ap.parse_args()
+    import services
+
+    from publisher.s3lite import S3Lite
+
+    minio = services.MinioServer().start()
+    os.environ.update(minio.env)
+    bucket = minio.create_bucket(f"bench-{uuid.uuid4().hex[:8]}")
+    boto = minio.client()
+    lite = S3Lite(minio.endpoint, "us-east-1")
+    data = os.urandom(args.size)
+    sha = hashlib.sha256(data).hexdigest()
+    b64 = base64.b64encode(bytes.fromhex(sha)).decode()
+    meta = {"sha256": sha, "dtype": "float32", "shape": "[16, 128]"}
+    n = args.objects
+    rows = {
+        "PUT boto3": measure(lambda i: boto.put_object(Bucket=bucket, Key=f"b/{i}", Body=data, Metadata=meta,
+                                                       IfNoneMatch="*", ChecksumSHA256=b64), n),
+        "PUT S3Lite": measure(lambda i: lite.put_if_absent(bucket, f"l/{i}", data, sha, b64, meta,
+                                                            "application/octet-stream"), n),
+        "HEAD boto3": measure(lambda i: boto.head_object(Bucket=bucket, Key=f"b/{i}"), n),
+        "HEAD S3Lite": measure(lambda i: lite.head(bucket, f"l/{i}"), n),
+    }
+    minio.stop()
+    print(f"{minio.name}, {n} objects of {args.size} bytes, one thread")
+    print(f"{'call':12s} {'CPU us/call':>12s} {'wall us/call':>13s}")
+    for k, (cpu, wall) in rows.items():
+        print(f"{k:12s} {cpu:12.0f} {wall:13.0f}")
+    for op in ("PUT", "HEAD"):
+        print(f"{op}: S3Lite uses {rows[f'{op} S3Lite'][0] / rows[f'{op} boto3'][0]:.2f}x the CPU of boto3")
+
+
+if __name__ == "__main__":
+    main()

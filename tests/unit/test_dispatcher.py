@@ -1,0 +1,68 @@
+"""The scheduler sidecar's dispatcher against a real local store and a real Avro log."""
+
+import threading
+import time
+
+import fastavro
+import torch
+
+from publisher.dispatcher import EventDispatcher
+from publisher.events import AvroCodec, FinishedRequest, MediaItem, producer_info
+from publisher.sinks import AvroFileSink
+from publisher.store import LocalDirStore
+from publisher.tensors import encode_embedding
+
+
+def req(rid, hashes):
+    return FinishedRequest(rid, rid + "-00000000", "m", "stop", None, 10, 2, {}, tuple(
+        MediaItem(h, "image", i, i * 16, 16) for i, h in enumerate(hashes)), None, None, time.time())
+
+
+def put(store, h):
+    o = encode_embedding(torch.randn(4, 8), mm_hash=h, modality="image", model="m", storage_dtype="float32")
+    store.put_if_absent(f"k/{h}", o.data, o.object_metadata())
+    return o
+
+
+def run_until(d, cond, timeout=10):
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(d.pump())
+
+
+def test_event_waits_for_a_late_object_then_names_it(tmp_path):
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=10)
+    d.offer(req("r1", ["a"]), {"a": "k/a"})
+    run_until(d, lambda: False, timeout=0.2)
+    assert d.stats.published == 0  # not yet: the object is not there
+    threading.Timer(0.1, put, (store, "a")).start()
+    run_until(d, lambda: d.stats.published == 1)
+    (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
+    assert e["missing_embeddings"] == [] and e["embeddings"][0]["uri"] == store.uri("k/a")
+    assert e["timings"]["publish_latency_ms"] >= 100
+
+
+def test_missing_object_is_listed_never_named(tmp_path):
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    o = put(store, "b")
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=0.3)
+    d.offer(req("r2", ["b", "gone"]), {"b": "k/b", "gone": "k/gone"})
+    run_until(d, lambda: d.stats.published == 1)
+    (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
+    assert [x["mm_hash"] for x in e["embeddings"]] == ["b"] and e["missing_embeddings"] == ["gone"]
+    assert e["embeddings"][0]["sha256"] == o.sha256 and d.stats.incomplete == 1
+
+
+def test_close_is_bounded_and_reports(tmp_path):
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=60)
+    d.offer(req("r3", ["never"]), {"never": "k/never"})
+    t0 = time.monotonic()
+    assert d.close(0.5) == 0  # published without the object once the close deadline came
+    assert time.monotonic() - t0 < 2
+    (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
+    assert e["missing_embeddings"] == ["never"]
