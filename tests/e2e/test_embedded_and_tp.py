@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import read_event_log, run_driver, stats_line
+from pipeline import read_event_log, run_driver
 
 pytestmark = pytest.mark.e2e
 
