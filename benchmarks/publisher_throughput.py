@@ -78,7 +78,9 @@ def cpu_by_process() -> dict[str, float]:
 
     me = psutil.Process()
     out: dict[str, float] = {}
-    for p in [me, *me.children(recursive=True)]:
+    # The sidecars detach from the engine's process tree, so find them by command line.
+    sidecars = [p for p in psutil.process_iter(["cmdline"]) if "publisher.offload" in " ".join(p.info["cmdline"] or [])]
+    for p in {q.pid: q for q in [me, *me.children(recursive=True), *sidecars]}.values():
         try:
             cmd = " ".join(p.cmdline())
             name = p.name()

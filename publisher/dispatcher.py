@@ -29,6 +29,10 @@ from publisher.store import ObjectStore
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
 MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
+# First look after this long, then back off: objects take a moment to land (the local store
+# group-commits), and polling sooner only burns CPU. Under load, events that come due
+# together are resolved with one head_many.
+FIRST_CHECK_S = 0.02
 
 
 @dataclass(order=True)
@@ -38,7 +42,7 @@ class _Pending:
     req: FinishedRequest = field(compare=False)
     keys: dict[str, str] = field(compare=False)  # mm_hash -> key
     deadline: float = field(compare=False, default=0.0)
-    delay: float = field(compare=False, default=0.002)
+    delay: float = field(compare=False, default=0.0)
 
 
 class DispatcherStats:
@@ -80,7 +84,8 @@ class EventDispatcher:
         now = time.monotonic()
         self._seq += 1
         self.stats.accepted += 1
-        heapq.heappush(self._waiting, _Pending(now, self._seq, req, keys, now + self.durability_timeout_s))
+        heapq.heappush(self._waiting, _Pending(now + FIRST_CHECK_S, self._seq, req, keys,
+                                               now + self.durability_timeout_s, FIRST_CHECK_S))
 
     def pump(self) -> float:
         """Do what is due; returns how long the caller may wait before the next pump."""
