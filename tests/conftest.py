@@ -24,11 +24,18 @@ def pytest_runtest_logreport(report):
         report.longrepr = f"skipped in CI, which counts as a failure: {report.longrepr}"
 
 
+SERVERS_RAN: list[str] = []
+
+
 def announce(config, line: str) -> None:
-    """Say in the test output which real server ran."""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"[services] {line}")
+    """Remember which real server ran; the summary prints it (see pytest_terminal_summary)."""
+    SERVERS_RAN.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.section("servers that ran")
+    for line in SERVERS_RAN or ["none (no test needed one)"]:
+        terminalreporter.write_line(f"[services] {line}")
 
 
 @pytest.fixture(scope="session")
