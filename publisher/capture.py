@@ -84,8 +84,7 @@ class SharedRing:
         self.pinned = False
 
     def view(self, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
-        nbytes = torch.Size(shape).numel() * dtype.itemsize
-        return self.tensor[offset:offset + nbytes].view(dtype).view(shape)
+        return ring_view(self.tensor, offset, dtype, shape)
 
     def pin(self) -> None:
         """Page-lock the ring for async device->host DMA (once)."""
@@ -94,6 +93,12 @@ class SharedRing:
             if int(rc) != 0:
                 raise RuntimeError(f"cudaHostRegister failed ({rc})")
             self.pinned = True
+
+
+def ring_view(ring: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
+    """The tensor of ``dtype`` and ``shape`` stored at ``offset`` of a uint8 ring (both sides use it)."""
+    nbytes = torch.Size(shape).numel() * dtype.itemsize
+    return ring[offset:offset + nbytes].view(dtype).view(shape)
 
 
 def attach_ring(fd: int, size: int) -> torch.Tensor:
@@ -122,7 +127,7 @@ class DeviceToHostCapture:
         self._sweeper: threading.Thread | None = None
 
     def capture(self, t: torch.Tensor, offset: int, message: tuple) -> None:
-        host = self.ring.tensor[offset:offset + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        host = self.ring.view(offset, t.dtype, t.shape)
         if t.device.type == "cpu":
             host.copy_(t)
             self.on_ready(message)

@@ -146,7 +146,7 @@ class _Key:
     doc: str
 
 
-# The one table of settings. Helm values, env vars and docs are all derived from it.
+# The one table of settings: parsing, defaults and env vars all come from it.
 KEYS: dict[str, _Key] = {
     "object_store": _Key(lambda: (default_data_dir() / "objects").as_uri(), _as_object_store,
                          "Where embeddings go: s3://bucket/prefix or file:///dir."),
@@ -177,7 +177,6 @@ KEYS: dict[str, _Key] = {
     "topic_partitions": _Key(lambda: 0, _number(int, 0),
                              "Create the Kafka topic with this many partitions if missing (0: leave to the broker)."),
 }
-SECRET_KEYS = frozenset()  # no top-level key holds a secret; secrets live inside kafka / schema_registry
 
 
 @dataclasses.dataclass(frozen=True)

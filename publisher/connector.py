@@ -2,8 +2,9 @@
 
 One class, two halves, in two processes that share no Python state:
 
-- worker half (``save_caches``): every encoder output -> capture (launch a device->host
-  copy) -> background upload to the object store under a content-addressed key.
+- worker half (``save_caches``): every encoder output -> copied into a shared ring (an
+  async device->host copy on GPU) -> the worker sidecar stores it under a
+  content-addressed key.
 - scheduler half (``request_finished``): every finished request -> a plain snapshot and
   the object URIs (derivable from the key, so no I/O) -> returned to the caller as
   ``ec_transfer_params`` and handed to the scheduler sidecar, which publishes the event
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger("vllm_mm_events.connector")
-CONNECTOR_NAME = "MMEmbeddingPublisher"
 ENCODER, CLIENT = "ENCODER", "CLIENT"
 _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
@@ -95,7 +95,6 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self.config = PublisherConfig.load(extra)
         self.model = served_model_name(vllm_config)
         self.location = StoreLocation.parse(self.config.object_store)  # names URIs; the sidecars do the I/O
-        self.prefix = self.location.prefix
         self._keys: dict[str, str] = {}  # mm_hash -> key, memoized (bounded below)
         if role == ECConnectorRole.SCHEDULER:
             self._init_scheduler()
@@ -108,7 +107,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         if key is None:
             if len(self._keys) > 100_000:
                 self._keys.clear()
-            key = self._keys[mm_hash] = object_key(self.prefix, self.model, mm_hash, self.config.storage_dtype)
+            key = self._keys[mm_hash] = object_key(self.location.prefix, self.model, mm_hash, self.config.storage_dtype)
         return key
 
     # ===================================================================================

@@ -55,6 +55,7 @@ class Sidecar:
         self.conn = Connection(parent.detach())
         self._send_lock = threading.Lock()
         self.alive = True
+        self.pid: int | None = None  # the sidecar's, once it reports ready
         self.conn.send(("init", init))
         kind, payload = self.conn.recv()
         if kind != "ready":
@@ -70,7 +71,7 @@ class Sidecar:
             return True
         except OSError as e:
             self.alive = False
-            log.error("mm-events %s sidecar is gone (%s); items are no longer published", self.proc.pid, e)
+            log.error("mm-events sidecar %s is gone (%s); items are no longer published", self.pid, e)
             return False
 
     def close(self, timeout: float) -> dict[str, Any]:
@@ -101,15 +102,16 @@ def _arm_watchdog(timeout: float) -> None:
 def _worker_main(conn: Connection, init: dict) -> None:
     import torch
 
-    from publisher.capture import attach_ring
+    from publisher.capture import attach_ring, ring_view
+    from publisher.config import PublisherConfig
     from publisher.store import open_store
     from publisher.uploader import ObjectUploader, UploadJob
 
-    cfg = init["config"]
-    store, _ = open_store(cfg["object_store"], endpoint_url=cfg["s3_endpoint_url"], region=cfg["s3_region"],
-                          fsync=cfg["fsync"], max_connections=max(10, cfg["upload_threads"] * 2))
+    c = PublisherConfig.from_dict(init["config"])
+    store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region,
+                          fsync=c.fsync, max_connections=max(10, c.upload_threads * 2))
     ring = attach_ring(init["ring_fd"], init["ring_size"])
-    uploader = ObjectUploader(store, init["model"], cfg["storage_dtype"], threads=cfg["upload_threads"])
+    uploader = ObjectUploader(store, init["model"], c.storage_dtype, threads=c.upload_threads)
     send_lock = threading.Lock()
     conn.send(("ready", os.getpid()))
 
@@ -122,16 +124,7 @@ def _worker_main(conn: Connection, init: dict) -> None:
                     pass  # the engine is gone; nothing to free for
         return free
 
-    class RingCopy:  # what ObjectUploader expects of a captured copy
-        def __init__(self, host, on_release):
-            self.host, self.release = host, on_release
-
-        def wait(self):
-            return self.host
-
-    dtypes = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16,
-                                                         torch.float64)}
-    timeout = cfg["shutdown_timeout_s"]
+    timeout = c.shutdown_timeout_s
     while True:
         try:
             msg = conn.recv()
@@ -141,9 +134,8 @@ def _worker_main(conn: Connection, init: dict) -> None:
             return
         if msg[0] == "item":
             _, offset, dtype, shape, key, mm_hash, modality, source = msg
-            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtypes[dtype]).element_size()
-            host = ring[offset:offset + nbytes].view(dtypes[dtype]).view(shape)
-            uploader.submit(UploadJob(key, RingCopy(host, freer(offset)), mm_hash, modality, source))
+            host = ring_view(ring, offset, getattr(torch, dtype), shape)
+            uploader.submit(UploadJob(key, host, freer(offset), mm_hash, modality, source))
         elif msg[0] == "close":
             _arm_watchdog(msg[1])
             left = uploader.close(msg[1])

@@ -12,7 +12,9 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable
+
+import torch
 
 from publisher.store import ObjectStore
 from publisher.tensors import encode_embedding
@@ -21,18 +23,11 @@ log = logging.getLogger("vllm_mm_events.uploader")
 _STOP = object()
 
 
-class HostTensor(Protocol):
-    """A tensor in host memory that the uploader reads once, then releases."""
-
-    def wait(self): ...
-
-    def release(self) -> None: ...
-
-
 @dataclass
 class UploadJob:
     key: str
-    copy: HostTensor
+    tensor: torch.Tensor  # in host memory (a view on the shared ring)
+    release: Callable[[], None]  # called once the uploader is done with ``tensor``
     mm_hash: str
     modality: str
     source: str
@@ -99,7 +94,7 @@ class ObjectUploader:
                 self._upload(jobs)
             finally:
                 for job in jobs:
-                    job.copy.release()
+                    job.release()
                 with self._lock:
                     self._pending -= len(jobs)
                     if not self._pending:
@@ -111,7 +106,7 @@ class ObjectUploader:
         encoded = []
         for job in jobs:
             try:
-                obj = encode_embedding(job.copy.wait(), mm_hash=job.mm_hash, modality=job.modality,
+                obj = encode_embedding(job.tensor, mm_hash=job.mm_hash, modality=job.modality,
                                        model=self.model, storage_dtype=self.storage_dtype, source=job.source)
                 encoded.append((job.key, obj.data, obj.object_metadata()))
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
