@@ -205,16 +205,9 @@ class PublisherConfig:
              environ: Mapping[str, str] | None = None) -> "PublisherConfig":
         environ = os.environ if environ is None else environ
         extra = dict(extra_config or {})
-        raw: dict[str, Any] = {}
         cfg_file = extra.pop("config_file", None) or environ.get(ENV_PREFIX + "CONFIG_FILE")
-        if cfg_file:
-            raw.update(_read_file(cfg_file))
-        for key in KEYS:
-            env = environ.get(ENV_PREFIX + key.upper())
-            if env is not None:
-                raw[key] = env
-        raw.update(extra)
-        return cls.from_dict(raw)
+        layers = [_read_file(cfg_file) if cfg_file else {}, env_layer(KEYS, environ), extra]
+        return cls.from_dict(merge_layers(layers))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "PublisherConfig":
@@ -242,6 +235,48 @@ class PublisherConfig:
 
     def __repr__(self) -> str:  # never leak secrets through a stray repr()
         return f"PublisherConfig({self.redacted()!r})"
+
+
+# Settings dicts merge across sources per setting, so a Kubernetes Secret can supply
+# `sasl.password` as an env var while the rest of the Kafka settings sit in extra_config.
+DICT_KEYS = ("kafka", "schema_registry")
+
+
+def env_layer(keys: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``VLLM_MM_EVENTS_<KEY>`` values, plus ``VLLM_MM_EVENTS_<DICTKEY>__<SETTING>`` entries.
+
+    ``VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD`` becomes ``kafka["sasl.password"]``: the setting
+    is lower-cased with ``_`` read as ``.`` (librdkafka and registry settings use dots only).
+    """
+    raw: dict[str, Any] = {}
+    for key in keys:
+        env = environ.get(ENV_PREFIX + key.upper())
+        if env is not None:
+            raw[key] = env
+    for key in DICT_KEYS:
+        if key not in keys:
+            continue
+        prefix = f"{ENV_PREFIX}{key.upper()}__"
+        settings = {name[len(prefix):].lower().replace("_", "."): value
+                    for name, value in environ.items() if name.startswith(prefix) and len(name) > len(prefix)}
+        if settings:
+            raw[f"{key}__settings"] = settings
+    return raw
+
+
+def merge_layers(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Later layers win; the settings dicts merge setting by setting."""
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key.endswith("__settings"):
+                key = key[: -len("__settings")]
+                raw[key] = {**_as_dict(raw.get(key) or {}, key), **value}
+            elif key in DICT_KEYS and key in raw:
+                raw[key] = {**_as_dict(raw[key], key), **_as_dict(value, key)}
+            else:
+                raw[key] = value
+    return raw
 
 
 def redact_mapping(m: Mapping[str, Any]) -> dict[str, Any]:

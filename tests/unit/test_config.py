@@ -80,3 +80,24 @@ def test_secret_in_bad_url_not_echoed():
     with pytest.raises(ConfigError) as e:
         load({"schema_registry_url": "ftp://user:topsecret@registry"})
     assert "topsecret" not in str(e.value)
+
+
+def test_settings_dicts_merge_per_setting_across_sources(tmp_path):
+    # The Helm chart puts non-secret Kafka settings in extra_config and each secret in its
+    # own env var from a Kubernetes Secret: both must survive, setting by setting.
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"kafka": {"compression.type": "zstd", "client.id": "from-file"}}))
+    env = {
+        "VLLM_MM_EVENTS_CONFIG_FILE": str(f),
+        "VLLM_MM_EVENTS_KAFKA": '{"client.id": "from-env-json", "linger.ms": 7}',
+        "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD": "s3cr3t-pw",
+        "VLLM_MM_EVENTS_KAFKA__SASL_USERNAME": "svc",
+        "VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO": "u:p-secret",
+    }
+    cfg = PublisherConfig.load({"kafka": {"security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}}, env)
+    assert cfg.kafka == {"compression.type": "zstd", "client.id": "from-env-json", "linger.ms": 7,
+                         "sasl.password": "s3cr3t-pw", "sasl.username": "svc",
+                         "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512"}
+    assert cfg.schema_registry == {"basic.auth.user.info": "u:p-secret"}
+    shown = repr(cfg)
+    assert "s3cr3t-pw" not in shown and "p-secret" not in shown and "svc" in shown
