@@ -1,23 +1,156 @@
-"""``vllm-mm-events`` command line."""
+"""``vllm-mm-events`` command line: demo, consume, search.
+
+Every ``consume``/``search`` flag is also a config key (``consumers/config.py``), settable as
+``VLLM_MM_EVENTS_<KEY>`` or in the ``--config`` file; flags win.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import signal
 import sys
+import time
+
+EXIT_CONFIG = 2
 
 
-def main(argv: list[str] | None = None) -> int:
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def setup_logging(fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("vllm_mm_events")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+def _consumer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="JSON/YAML file of config keys (env: VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE)")
+    p.add_argument("--pooling", choices=("mean", "first", "max", "none"), default=None,
+                   help="how a (num_features, hidden) embedding becomes what is indexed (default mean)")
+    p.add_argument("--normalize", action="store_const", const=True, default=None, help="L2-normalise vectors")
+    p.add_argument("--distance", choices=("cosine", "dot", "l2"), default=None,
+                   help="distance of a collection created by the consumer (default cosine)")
+    p.add_argument("--s3-endpoint-url", dest="s3_endpoint_url", default=None, help="MinIO / S3-compatible endpoint")
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-mm-events")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="run the tiny-model demo on the embedded defaults")
     demo.add_argument("--workdir", default=None, help="where the model, objects and event log go")
     demo.add_argument("--requests", type=int, default=4)
-    args = parser.parse_args(argv)
+
+    c = sub.add_parser("consume", help="index published embeddings into vector stores")
+    c.add_argument("--source", help="kafka://host:port[,host:port]/topic or file:///path/events.avro")
+    c.add_argument("--sink", dest="sinks", action="append", default=None,
+                   help="qdrant://host:port/coll, qdrant:///dir/coll, pgvector://user@host:port/db/table, "
+                        "milvus://host:port/coll, milvus:///file.db/coll, lancedb:///dir/table (repeatable)")
+    c.add_argument("--group", help="consumer group (file source: names the checkpoint)")
+    c.add_argument("--dlq", help="kafka://.../topic, file:///path.jsonl, or none (default <topic>.dlq)")
+    c.add_argument("--checkpoint", help="file source: checkpoint path (default beside the log)")
+    c.add_argument("--once", action="store_true", help="process what is there now, then exit 0")
+    c.add_argument("--batch-max-records", dest="batch_max_records", type=int, default=None)
+    c.add_argument("--batch-max-bytes", dest="batch_max_bytes", type=int, default=None)
+    c.add_argument("--batch-linger-ms", dest="batch_linger_ms", type=int, default=None)
+    c.add_argument("--metrics-port", dest="metrics_port", type=int, default=None, help="0 turns it off")
+    c.add_argument("--log-format", dest="log_format", choices=("text", "json"), default=None)
+    _consumer_flags(c)
+
+    s = sub.add_parser("search", help="print the items nearest to a stored embedding")
+    s.add_argument("--sink", dest="sinks", action="append", default=None, help="the sink URI to query")
+    s.add_argument("--like", required=True, help="an object's URI (s3://..., file://...) or a local .safetensors path")
+    s.add_argument("-k", type=int, default=5)
+    s.add_argument("--json", action="store_true", help="print hits as JSON lines")
+    _consumer_flags(s)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "demo":
         from publisher.demo.run import run_demo
 
         return run_demo(args.workdir, args.requests)
-    return 2
+
+    from consumers.config import ConfigError, ConsumerConfig
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "once", "like", "k", "json")}
+    try:
+        cfg = ConsumerConfig.load(flags, config_file=args.config,
+                                  required=("source", "sinks") if args.command == "consume" else ("sinks",))
+    except ConfigError as e:
+        print(f"vllm-mm-events {args.command}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.log_format)
+    if args.command == "search":
+        return _search(cfg, args)
+    return consume(cfg, once=args.once)
+
+
+def _search(cfg, args) -> int:
+    from consumers.search import format_hits, search_like
+
+    hits = search_like(cfg.sinks[0], args.like, args.k, cfg.pooling, cfg.normalize, cfg.distance,
+                       cfg.s3_endpoint_url, cfg.s3_region)
+    if args.json:
+        for h in hits:
+            print(json.dumps({"id": h.id, "score": h.score, **h.payload}))
+    else:
+        print(format_hits(hits))
+    return 0
+
+
+def consume(cfg, once: bool = False) -> int:
+    from consumers.dlq import open_dead_letters
+    from consumers.embeddings import ObjectFetcher
+    from consumers.indexer import EventDecoder, Indexer
+    from consumers.metrics import ConsumerMetrics, MetricsServer
+    from consumers.sinks import SinkConfigError, open_vector_sink
+    from consumers.sources import open_source
+    from publisher.schemas import event_schema
+
+    log = logging.getLogger("vllm_mm_events.consumer")
+    log.info("starting: %s", json.dumps(cfg.redacted()))
+    metrics = ConsumerMetrics()
+    server = MetricsServer(metrics, cfg.metrics_port) if cfg.metrics_port else None
+    sinks, source, dead_letters, indexer = [], None, None, None
+    try:
+        sinks = [open_vector_sink(uri, cfg.distance) for uri in cfg.sinks]
+        source = open_source(cfg.source, cfg.group, kafka=cfg.kafka, checkpoint=cfg.checkpoint,
+                             reader_schema=event_schema())
+        dead_letters = open_dead_letters(cfg.dlq, cfg.source, cfg.group, cfg.kafka)
+        indexer = Indexer(cfg, source, sinks, dead_letters, ObjectFetcher(cfg.s3_endpoint_url, cfg.s3_region),
+                          metrics, EventDecoder(cfg.schema_registry_url, cfg.schema_registry))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: indexer.request_stop())
+        totals = indexer.run(once=once)
+    except SinkConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    finally:
+        if indexer is not None:
+            indexer.close()
+        for closeable in (source, dead_letters, *sinks):
+            if closeable is not None:
+                closeable.close()
+        if server is not None:
+            server.close()
+    log.info("stopped: %s", json.dumps(totals.as_dict()))
+    print(json.dumps(totals.as_dict()), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ def minio(pytestconfig):
 
 
 @pytest.fixture(scope="session")
+def postgres(pytestconfig):
+    server = services.PostgresServer().start()
+    announce(pytestconfig, f"PostgreSQL: {server.name} at 127.0.0.1:{server.port}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
     from publisher.demo import tiny_llava
 

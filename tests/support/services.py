@@ -3,6 +3,8 @@
 - Apache Kafka (KRaft, single node): jars from Maven Central, fetched once with Maven.
 - MinIO: built once from the Go module proxy (AGPL-3.0: run unmodified as a test server,
   never shipped).
+- PostgreSQL 16 + pgvector: the binaries inside the ``pgserver`` wheel, run as a real server
+  on a TCP port with password auth (as a dedicated non-root user when we are root).
 
 Binaries are cached under ``$VLLM_MM_EVENTS_CACHE`` (default ``~/.cache/vllm-mm-events``),
 keyed by version. ``python tests/support/services.py ensure`` fetches/builds them;
@@ -221,6 +223,82 @@ class MinioServer:
 
     def stop(self) -> None:
         _stop(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# ---- PostgreSQL + pgvector ------------------------------------------------------------------
+
+PG_USER, PG_PASSWORD, PG_DB = "mmevents", "mmevents-pg-secret", "vectors"
+PG_SYSTEM_USER = "mmevents-pg"  # PostgreSQL refuses to run as root
+
+
+def postgres_bin() -> Path:
+    import pgserver  # the wheel ships PostgreSQL 16 with pgvector
+
+    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+
+
+class PostgresServer:
+    name = "PostgreSQL 16 + pgvector (pgserver wheel binaries)"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="pg-"))
+        self.port = free_port()
+        self._as_user: dict = {}
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.port}/{PG_DB}"
+
+    def uri(self, table: str) -> str:
+        """The sink URI; the password travels as PGPASSWORD, never in the URI."""
+        return f"pgvector://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}/{table}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PGPASSWORD": PG_PASSWORD}
+
+    def _run(self, *args: str) -> None:
+        r = subprocess.run([str(postgres_bin() / args[0]), *args[1:]], capture_output=True, text=True,
+                           **self._as_user)
+        if r.returncode:
+            raise RuntimeError(f"{args[0]} failed ({r.returncode}): {r.stderr[-2000:]}")
+
+    def start(self) -> "PostgresServer":
+        if os.geteuid() == 0:
+            import pwd
+
+            try:
+                pw = pwd.getpwnam(PG_SYSTEM_USER)
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                                PG_SYSTEM_USER], check=True)
+                pw = pwd.getpwnam(PG_SYSTEM_USER)
+            os.chown(self.dir, pw.pw_uid, pw.pw_gid)
+            self._as_user = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+        pwfile = self.dir / "pw"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        if self._as_user:
+            os.chown(pwfile, self._as_user["user"], self._as_user["group"])
+        data = self.dir / "data"
+        self._run("initdb", "-D", str(data), "-U", PG_USER, f"--pwfile={pwfile}", "--auth=scram-sha-256",
+                  "--encoding=UTF8", "--no-sync")
+        self._run("pg_ctl", "-D", str(data), "-l", str(self.dir / "postgres.log"), "-w", "-t", "60", "-o",
+                  f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off", "start")
+        atexit.register(self.stop)
+        import psycopg
+
+        with psycopg.connect(f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.port}/postgres",
+                             autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {PG_DB}")
+        return self
+
+    def stop(self) -> None:
+        if (self.dir / "data" / "postmaster.pid").exists():
+            try:
+                self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+            except RuntimeError:
+                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

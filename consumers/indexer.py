@@ -1,0 +1,385 @@
+"""The consume loop: events in, points out, source positions committed after the sinks.
+
+Two stages. The main thread polls the source and builds a batch (closed by count, bytes or
+linger time). One writer thread takes a closed batch: fetches and verifies the objects
+(in parallel), pools, dead-letters poison, upserts into every sink, and only then does the
+main thread commit the batch's positions. While the writer is busy and the next batch is
+full, the source is paused but still polled (group membership stays alive), so memory is
+bounded by two batches. Upserts are idempotent by point id, so anything replayed after a
+crash between write and commit rewrites the same points: at least once, no duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import struct
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import fastavro
+
+from consumers.config import ConsumerConfig
+from consumers.dlq import DeadLetters
+from consumers.embeddings import ObjectFetcher, Point, Poison, Transient, point_id, point_payload, pool, \
+    verify_and_decode
+from consumers.metrics import ConsumerMetrics
+from consumers.sinks import DimensionMismatch, SinkConfigError, VectorSink
+from consumers.sources import EventSource, SourceRecord
+from publisher.events import SINGLE_OBJECT_MAGIC, AvroCodec
+
+log = logging.getLogger("vllm_mm_events.consumer")
+
+# Fault injection for the crash/replay test: exit hard after the Nth batch is written to the
+# sinks and before its positions are committed.
+CRASH_AFTER_WRITE_ENV = "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE"
+
+
+class Abandoned(Exception):
+    """Shutdown ran out of time while a batch was still retrying: it is not committed."""
+
+
+class EventDecoder:
+    """Single-object Avro (our fingerprint) or Confluent framing (writer schema from the registry)."""
+
+    def __init__(self, registry_url: str | None = None, registry_conf: dict | None = None):
+        self.codec = AvroCodec()
+        self.registry = None
+        if registry_url:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
+            self.registry = SchemaRegistryClient({"url": registry_url, **(registry_conf or {})})
+        self._writers: dict[int, Any] = {}
+
+    def decode(self, value: bytes) -> dict:
+        if value[:2] == SINGLE_OBJECT_MAGIC and len(value) >= 10:
+            (fp,) = struct.unpack("<Q", value[2:10])
+            if fp != self.codec.fingerprint:
+                raise Poison("unknown_schema", f"schema fingerprint {fp:#018x} is not MMEmbeddingEvent's "
+                                               f"({self.codec.fingerprint:#018x})")
+            body, writer = value[10:], self.codec.parsed
+        elif value[:1] == b"\x00" and len(value) >= 5:
+            (schema_id,) = struct.unpack(">I", value[1:5])
+            body, writer = value[5:], self._writer(schema_id)
+        else:
+            raise Poison("undecodable", "neither Avro single-object encoding nor Confluent wire format "
+                                        f"(first bytes {value[:4].hex() or 'empty'})")
+        try:
+            return fastavro.schemaless_reader(io.BytesIO(body), writer, self.codec.parsed)
+        except Exception as e:  # noqa: BLE001 - any read failure means the bytes are bad
+            raise Poison("undecodable", f"Avro body does not decode: {type(e).__name__}: {e}") from None
+
+    def _writer(self, schema_id: int):
+        if schema_id in self._writers:
+            return self._writers[schema_id]
+        if self.registry is None:
+            raise Poison("unknown_schema", f"Confluent-framed value (schema id {schema_id}) and no schema registry "
+                                           "configured (--schema-registry-url)")
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            schema = self.registry.get_schema(schema_id)
+        except SchemaRegistryError as e:
+            if e.http_status_code == 404:
+                raise Poison("unknown_schema", f"schema id {schema_id} is not in the registry") from None
+            raise Transient("source", f"schema registry: {e}") from None
+        except Exception as e:  # noqa: BLE001 - network
+            raise Transient("source", f"schema registry: {e}") from None
+        try:
+            writer = fastavro.parse_schema(json.loads(schema.schema_str))
+        except Exception as e:  # noqa: BLE001
+            raise Poison("unknown_schema", f"schema id {schema_id} is not a usable Avro schema: {e}") from None
+        self._writers[schema_id] = writer
+        return writer
+
+
+def to_wire(value: Any) -> Any:
+    """A decoded event back into encodable form: fastavro reads timestamp-millis as datetimes."""
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_wire(v) for v in value]
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1000)
+    return value
+
+
+@dataclass
+class Entry:
+    record: SourceRecord
+    event: dict | None = None
+    poison: Poison | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class Inflight:
+    future: Future
+    entries: list[Entry]
+    started: float
+
+
+@dataclass
+class Totals:
+    consumed: int = 0
+    indexed: int = 0
+    committed: int = 0
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "indexed": self.indexed, "committed": self.committed,
+                "dead_lettered": dict(self.dead_lettered)}
+
+
+class Indexer:
+    def __init__(self, cfg: ConsumerConfig, source: EventSource, sinks: list[VectorSink], dead_letters: DeadLetters,
+                 fetcher: ObjectFetcher, metrics: ConsumerMetrics, decoder: EventDecoder):
+        self.cfg = cfg
+        self.source = source
+        self.sinks = sinks
+        self.dead_letters = dead_letters
+        self.fetcher = fetcher
+        self.metrics = metrics
+        self.decoder = decoder
+        self.totals = Totals()
+        self._stop = threading.Event()
+        self._abandon_at: float | None = None
+        self._fetch_pool = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="mm-events-fetch")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="mm-events-writer")
+        self._batch: list[Entry] = []
+        self._batch_bytes = 0
+        self._batch_started = 0.0
+        self._inflight: Inflight | None = None
+        self._batches_written = 0
+        self._crash_after = int(os.environ.get(CRASH_AFTER_WRITE_ENV, "0") or 0)
+        self._sinks_ready = False
+        source.before_revoke = self._before_revoke
+        if cfg.pooling == "none":
+            for s in sinks:
+                if not s.supports_multivector:
+                    raise SinkConfigError(f"{s.scheme}:// cannot store multi-vectors (pooling=none); use --pooling "
+                                          "mean, first or max, or a qdrant:// or lancedb:// sink")
+
+    # ---- control -------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """SIGTERM: stop polling; the batch in flight gets ``shutdown_timeout_s`` to finish."""
+        if not self._stop.is_set():
+            log.info("stop requested: finishing the batch in flight (up to %.0fs), then committing",
+                     self.cfg.shutdown_timeout_s)
+            self._abandon_at = time.monotonic() + self.cfg.shutdown_timeout_s
+            self._stop.set()
+
+    def run(self, once: bool = False) -> Totals:
+        cfg = self.cfg
+        next_progress = time.monotonic() + cfg.progress_interval_s
+        last_consumed, last_t = 0, time.monotonic()
+        while not self._stop.is_set():
+            self.metrics.beat()
+            self._reap()
+            caught_up = self.source.caught_up()
+            if self._batch and (self._batch_closed() or (once and caught_up)):
+                self._dispatch()
+                continue
+            if once and caught_up and not self._batch and self._inflight is None:
+                break
+            linger_left = (self._batch_started + cfg.batch_linger_ms / 1000 - time.monotonic()) if self._batch else 1e9
+            self._add(self.source.poll(cfg.batch_max_records - len(self._batch),
+                                       max(0.0, min(cfg.poll_timeout_s, linger_left))))
+            now = time.monotonic()
+            if now >= next_progress:
+                rate = (self.totals.consumed - last_consumed) / (now - last_t)
+                lag = self.source.lag()
+                if lag is not None:
+                    self.metrics.lag.set(lag)
+                log.info("progress: consumed=%d (%.0f/s) indexed=%d dead_lettered=%d committed=%d lag=%s",
+                         self.totals.consumed, rate, self.totals.indexed, sum(self.totals.dead_lettered.values()),
+                         self.totals.committed, "?" if lag is None else lag)
+                last_consumed, last_t, next_progress = self.totals.consumed, now, now + cfg.progress_interval_s
+        self._finish_inflight(wait=True)
+        if self._batch:
+            log.info("shutdown: %d polled events not written; they are not committed and will be read again",
+                     len(self._batch))
+            self._batch = []
+        return self.totals
+
+    def close(self) -> None:
+        self._fetch_pool.shutdown(wait=False, cancel_futures=True)
+        self._writer.shutdown(wait=False, cancel_futures=True)
+
+    # ---- main thread -----------------------------------------------------------------------
+
+    def _add(self, records: list[SourceRecord]) -> None:
+        for r in records:
+            if not self._batch:
+                self._batch_started = time.monotonic()
+            e = Entry(r)
+            try:
+                if r.error:
+                    raise Poison("undecodable", r.error)
+                e.event = r.event if r.event is not None else self.decoder.decode(r.value)
+                e.nbytes = sum(int(i["size_bytes"]) for i in e.event["embeddings"])
+            except Poison as p:
+                e.poison = p
+            except Transient as t:  # the registry is away: keep the record, decode it in the writer
+                self.metrics.errors.labels(t.kind).inc()
+                e.poison = None
+            self._batch.append(e)
+            self._batch_bytes += e.nbytes
+            self.totals.consumed += 1
+            self.metrics.consumed.inc()
+
+    def _batch_closed(self) -> bool:
+        cfg = self.cfg
+        return (len(self._batch) >= cfg.batch_max_records or self._batch_bytes >= cfg.batch_max_bytes
+                or time.monotonic() - self._batch_started >= cfg.batch_linger_ms / 1000)
+
+    def _dispatch(self) -> None:
+        if self._inflight is not None:
+            self._wait_paused()
+        if self._stop.is_set() or not self._batch:
+            return
+        entries, self._batch, self._batch_bytes = self._batch, [], 0
+        self._inflight = Inflight(self._writer.submit(self._write, entries), entries, self._batch_started)
+
+    def _wait_paused(self) -> None:
+        """A slow sink: pause the partitions and keep polling (heartbeats, rebalances) until the writer is free."""
+        self.source.pause()
+        try:
+            while self._inflight is not None and not self._inflight.future.done():
+                self.metrics.beat()
+                self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0.1))
+                if self._stop.is_set():
+                    break
+        finally:
+            self.source.resume()
+        self._reap()
+
+    def _reap(self) -> None:
+        if self._inflight is not None and self._inflight.future.done():
+            self._finish_inflight(wait=False)
+
+    def _finish_inflight(self, wait: bool) -> None:
+        inflight = self._inflight
+        if inflight is None:
+            return
+        try:
+            if wait:
+                timeout = None if self._abandon_at is None else max(1.0, self._abandon_at - time.monotonic() + 5)
+                inflight.future.result(timeout=timeout)
+            else:
+                inflight.future.result()
+        except Abandoned:
+            log.warning("shutdown: abandoned a batch of %d events still retrying; not committed",
+                        len(inflight.entries))
+            self._inflight = None
+            return
+        except TimeoutError:
+            log.warning("shutdown: a batch of %d events did not finish in time; not committed", len(inflight.entries))
+            self._inflight = None
+            return
+        self._inflight = None
+        records = [e.record for e in inflight.entries]
+        self.source.commit(records)
+        self.totals.committed += len(records)
+        self.metrics.batch_seconds.observe(time.monotonic() - inflight.started)
+        self.metrics.batch_records.observe(len(records))
+        self.metrics.last_commit.set_to_current_time()
+
+    def _before_revoke(self, gone: set) -> None:
+        """Partitions are moving to another consumer: finish and commit what we wrote of them first."""
+        if self._inflight is not None:
+            self._finish_inflight(wait=True)
+        kept = [e for e in self._batch if self.source.owns(e.record) and e.record.position[0] not in gone]
+        if len(kept) != len(self._batch):
+            log.info("rebalance: dropping %d polled, unwritten events of revoked partitions (their new owner "
+                     "reads them)", len(self._batch) - len(kept))
+            self._batch = kept
+            self._batch_bytes = sum(e.nbytes for e in kept)
+
+    # ---- writer thread ---------------------------------------------------------------------
+
+    def _retry(self, kind: str, fn: Callable[[], Any]) -> Any:
+        delay = 0.2
+        while True:
+            try:
+                return fn()
+            except Transient as t:
+                self.metrics.errors.labels(t.kind or kind).inc()
+                if self._abandon_at is not None and time.monotonic() + delay > self._abandon_at:
+                    raise Abandoned(str(t)) from None
+                log.warning("%s (retrying in %.1fs)", t, delay)
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 30.0)
+
+    def _write(self, entries: list[Entry]) -> None:
+        cfg = self.cfg
+        for e in entries:  # values left undecoded while the registry was away
+            if e.event is None and e.poison is None:
+                try:
+                    e.event = self._retry("source", lambda e=e: self.decoder.decode(e.record.value))
+                except Poison as p:
+                    e.poison = p
+        fetches = {}
+        for ei, e in enumerate(entries):
+            if e.event is not None:
+                self.metrics.missing.inc(len(e.event.get("missing_embeddings") or ()))
+                for item in e.event["embeddings"]:
+                    fetches[(ei, item["item_index"])] = self._fetch_pool.submit(
+                        self._retry, "object_store", lambda uri=item["uri"]: self.fetcher.get(uri))
+        points: list[Point] = []
+        for ei, e in enumerate(entries):
+            if e.event is None:
+                continue
+            try:
+                mine = []
+                for item in e.event["embeddings"]:
+                    data = fetches[(ei, item["item_index"])].result()
+                    vec = pool(verify_and_decode(item, data), cfg.pooling, cfg.normalize)
+                    self._ensure_sinks(vec)
+                    for s in self.sinks:
+                        s.check_dimension(vec)
+                    mine.append(Point(point_id(e.event["event_id"], item["item_index"]), vec,
+                                      point_payload(e.event, item, cfg.pooling)))
+                points.extend(mine)
+            except Poison as p:
+                e.poison = p
+            except DimensionMismatch as d:
+                e.poison = Poison("dimension_mismatch", str(d))
+        poison = [e for e in entries if e.poison is not None]
+        for e in poison:
+            r = e.record
+            value = r.value or (self.decoder.codec.encode(to_wire(e.event)) if e.event is not None else b"")
+            self.dead_letters.send(value, r.key, r.headers, e.poison.kind, str(e.poison), r.coords)
+            log.warning("dead-lettered %s: %s (%s)", e.poison.kind, e.poison, r.coords)
+        if poison:
+            self._retry("dlq", self.dead_letters.flush)
+            for e in poison:
+                self.totals.dead_lettered[e.poison.kind] = self.totals.dead_lettered.get(e.poison.kind, 0) + 1
+                self.metrics.dead_lettered.labels(e.poison.kind).inc()
+        for s in self.sinks:
+            for i in range(0, len(points), 512):
+                chunk = points[i:i + 512]
+                self._retry("sink", lambda s=s, chunk=chunk: s.upsert(chunk))
+            self.metrics.indexed.labels(s.name).inc(len(points))
+        self.totals.indexed += len(points)
+        self._batches_written += 1
+        if self._crash_after and self._batches_written >= self._crash_after:
+            log.error("fault injection: exiting after writing batch %d, before its commit", self._batches_written)
+            logging.shutdown()
+            os._exit(86)
+
+    def _ensure_sinks(self, vec) -> None:
+        if self._sinks_ready:
+            return
+        for s in self.sinks:
+            dim = self._retry("sink", lambda s=s: s.ensure(int(vec.shape[-1]), vec.ndim == 2))
+            log.info("sink %s: %d-d %s, distance %s", s.name, dim, "multi-vectors" if vec.ndim == 2 else "vectors",
+                     s.distance)
+        self._sinks_ready = True

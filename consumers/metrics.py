@@ -1,0 +1,79 @@
+"""Prometheus metrics and a liveness endpoint, on one small HTTP server.
+
+``/metrics``: the counters below. ``/healthz``: 200 while the consume loop has turned
+within ``stale_after_s`` (a wedged consumer gets restarted by Kubernetes), else 503.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+NS = "vllm_mm_events_consumer"
+
+
+class ConsumerMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.consumed = Counter(f"{NS}_events_consumed", "Events read from the source.", registry=r)
+        self.indexed = Counter(f"{NS}_points_indexed", "Points upserted, by sink.", ["sink"], registry=r)
+        self.dead_lettered = Counter(f"{NS}_dead_lettered", "Records sent to the dead-letter queue, by reason.",
+                                     ["reason"], registry=r)
+        self.errors = Counter(f"{NS}_errors", "Retried failures, by kind (object_store, sink, dlq, source).",
+                              ["kind"], registry=r)
+        self.missing = Counter(f"{NS}_embeddings_missing", "Items the publisher reported missing in events.",
+                               registry=r)
+        self.batch_seconds = Histogram(f"{NS}_batch_seconds", "From a batch's first record to its commit.",
+                                       buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60), registry=r)
+        self.batch_records = Histogram(f"{NS}_batch_records", "Records per committed batch.",
+                                       buckets=(1, 4, 16, 64, 256, 1024, 4096), registry=r)
+        self.lag = Gauge(f"{NS}_lag_events", "Events not yet consumed on the assigned partitions.", registry=r)
+        self.last_commit = Gauge(f"{NS}_last_commit_timestamp_seconds", "When offsets were last committed.",
+                                 registry=r)
+        self.heartbeat = time.monotonic()
+
+    def beat(self) -> None:
+        self.heartbeat = time.monotonic()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsServer:
+    def __init__(self, metrics: ConsumerMetrics, port: int, host: str = "0.0.0.0", stale_after_s: float = 120.0):
+        m = metrics
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server's name
+                if self.path.startswith("/metrics"):
+                    body, status, ctype = m.render(), 200, CONTENT_TYPE_LATEST
+                elif self.path.startswith("/healthz"):
+                    age = time.monotonic() - m.heartbeat
+                    status = 200 if age < stale_after_s else 503
+                    body, ctype = json.dumps({"loop_age_s": round(age, 1)}).encode(), "application/json"
+                else:
+                    body, status, ctype = b"not found\n", 404, "text/plain"
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):  # scrapes every few seconds would flood the log
+                pass
+
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="mm-events-metrics", daemon=True)
+        self.thread.start()
+        logging.getLogger("vllm_mm_events.consumer").info("metrics on :%d (/metrics, /healthz)", self.port)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

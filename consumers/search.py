@@ -1,0 +1,38 @@
+"""``vllm-mm-events search``: the nearest indexed items to a stored embedding."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from consumers.embeddings import ObjectFetcher, decode_safetensors, pool
+from consumers.sinks import Hit, open_vector_sink
+
+
+def search_like(sink_uri: str, like: str, k: int, pooling: str, normalize: bool, distance: str,
+                endpoint_url: str | None = None, region: str | None = None) -> list[Hit]:
+    """Fetch the object at ``like`` (s3://, file:// or a path), pool it as indexed, query the sink."""
+    if not urlsplit(like).scheme:
+        from pathlib import Path
+
+        like = Path(like).resolve().as_uri()
+    fetcher = ObjectFetcher(endpoint_url, region)
+    try:
+        features, _meta, _dtype = decode_safetensors(fetcher.get(like))
+    finally:
+        fetcher.close()
+    sink = open_vector_sink(sink_uri, distance)
+    try:
+        if sink.describe() is None:
+            raise SystemExit(f"search: {sink.name} does not exist yet; nothing has been indexed there")
+        return sink.search(pool(features, pooling, normalize), k)
+    finally:
+        sink.close()
+
+
+def format_hits(hits: list[Hit]) -> str:
+    lines = [f"{'rank':>4}  {'score':>8}  {'request_id':<24} {'modality':<8} {'mm_hash':<16} uri"]
+    for i, h in enumerate(hits, 1):
+        p = h.payload
+        lines.append(f"{i:>4}  {h.score:>8.4f}  {str(p.get('request_id')):<24} {str(p.get('modality')):<8} "
+                     f"{str(p.get('mm_hash'))[:16]:<16} {p.get('uri')}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""PostgreSQL with pgvector: ``pgvector://user@host:port/database/table``.
+
+The password comes from libpq's usual places (``PGPASSWORD``, ``~/.pgpass``), never the
+URI. One row per point, keyed by a uuid; an upsert is one transaction of
+``INSERT ... ON CONFLICT (id) DO UPDATE``, durable once committed. An HNSW index is
+created with the table (pgvector indexes at most 2,000 dimensions; wider tables are
+searched exactly).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import numpy as np
+
+from consumers.embeddings import Point, Transient
+from consumers.sinks import Hit, VectorSink
+
+_OPS = {"cosine": ("<=>", "vector_cosine_ops"), "dot": ("<#>", "vector_ip_ops"), "l2": ("<->", "vector_l2_ops")}
+HNSW_MAX_DIM = 2000
+_COLUMNS = ("id", "embedding", "request_id", "event_id", "item_index", "mm_hash", "modality", "model", "uri",
+            "event_time", "pooling", "metadata")
+
+
+def _vector_literal(v: np.ndarray) -> str:
+    return "[" + ",".join(repr(float(x)) for x in v) + "]"
+
+
+class PgvectorSink(VectorSink):
+    scheme = "pgvector"
+
+    def __init__(self, uri: str, distance: str = "cosine"):
+        super().__init__(uri, distance)
+        u = urlsplit(uri)
+        self.database, self.table = [p for p in unquote(u.path).split("/") if p]
+        self._conninfo = {"host": u.hostname, "port": u.port or 5432, "dbname": self.database,
+                          "user": unquote(u.username) if u.username else None, "connect_timeout": 10,
+                          "application_name": "vllm-mm-events"}
+        self._conn = None
+
+    def _connect(self):
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            try:
+                self._conn = psycopg.connect(**{k: v for k, v in self._conninfo.items() if v is not None})
+            except psycopg.OperationalError as e:
+                raise Transient("sink", f"{self.name}: cannot connect: {str(e).strip().splitlines()[0]}") from None
+        return self._conn
+
+    def _run(self, fn):
+        """Run ``fn(conn)`` in one transaction; connection-level failures are Transient."""
+        import psycopg
+
+        conn = self._connect()
+        try:
+            with conn.transaction():
+                return fn(conn)
+        except psycopg.OperationalError as e:
+            conn.close()
+            raise Transient("sink", f"{self.name}: {str(e).strip().splitlines()[0]}") from None
+
+    def _ident(self):
+        from psycopg import sql
+
+        return sql.Identifier(self.table)
+
+    def describe(self) -> tuple[int, bool] | None:
+        def q(conn):
+            row = conn.execute(
+                "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
+                (self.table,)).fetchone()
+            return None if row is None else (int(row[0]), False)
+        return self._run(q)
+
+    def create(self, dim: int, multivector: bool) -> None:
+        from psycopg import sql
+
+        op_class = _OPS[self.distance][1]
+
+        def ddl(conn):
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            conn.execute(sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {t} (id uuid PRIMARY KEY, embedding vector({d}) NOT NULL, "
+                "request_id text NOT NULL, event_id text NOT NULL, item_index integer NOT NULL, "
+                "mm_hash text NOT NULL, modality text NOT NULL, model text NOT NULL, uri text NOT NULL, "
+                "event_time timestamptz NOT NULL, pooling text NOT NULL, metadata jsonb NOT NULL)"
+            ).format(t=self._ident(), d=sql.Literal(dim)))
+            conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} (request_id)").format(
+                i=sql.Identifier(f"{self.table}_request_id"), t=self._ident()))
+            if dim <= HNSW_MAX_DIM:
+                conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {i} ON {t} USING hnsw (embedding {ops})").format(
+                    i=sql.Identifier(f"{self.table}_embedding_hnsw"), t=self._ident(), ops=sql.SQL(op_class)))
+        self._run(ddl)
+
+    def upsert(self, points: list[Point]) -> None:
+        from psycopg import sql
+
+        cols = sql.SQL(", ").join(sql.Identifier(c) for c in _COLUMNS)
+        values = sql.SQL("%s, %s::vector, %s, %s, %s, %s, %s, %s, %s, to_timestamp(%s / 1000.0), %s, %s::jsonb")
+        updates = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _COLUMNS[1:])
+        stmt = sql.SQL("INSERT INTO {t} ({cols}) VALUES ({v}) ON CONFLICT (id) DO UPDATE SET {u}").format(
+            t=self._ident(), cols=cols, v=values, u=updates)
+        rows = [(p.id, _vector_literal(p.vector), p.payload["request_id"], p.payload["event_id"],
+                 p.payload["item_index"], p.payload["mm_hash"], p.payload["modality"], p.payload["model"],
+                 p.payload["uri"], p.payload["event_time"], p.payload["pooling"], json.dumps(p.payload["metadata"]))
+                for p in points]
+
+        def write(conn):
+            with conn.cursor() as cur:
+                cur.executemany(stmt, rows)
+        self._run(write)
+
+    def search(self, vector: np.ndarray, k: int) -> list[Hit]:
+        from psycopg import sql
+
+        op = _OPS[self.distance][0]
+        stmt = sql.SQL("SELECT id::text, embedding {op} %s::vector AS d, request_id, event_id, item_index, mm_hash, "
+                       "modality, model, uri, (extract(epoch FROM event_time) * 1000)::bigint, pooling, metadata "
+                       "FROM {t} ORDER BY d LIMIT %s").format(op=sql.SQL(op), t=self._ident())
+        rows = self._run(lambda conn: conn.execute(stmt, (_vector_literal(vector), k)).fetchall())
+        hits = []
+        for r in rows:
+            score = 1.0 - r[1] if self.distance == "cosine" else -r[1]  # <#> is the negative inner product
+            hits.append(Hit(r[0], float(score), self._payload(r[2:])))
+        return hits
+
+    @staticmethod
+    def _payload(r) -> dict[str, Any]:
+        keys = ("request_id", "event_id", "item_index", "mm_hash", "modality", "model", "uri", "event_time",
+                "pooling", "metadata")
+        return dict(zip(keys, r))
+
+    def count(self) -> int:
+        from psycopg import sql
+
+        return self._run(lambda conn: conn.execute(sql.SQL("SELECT count(*) FROM {t}").format(t=self._ident()))
+                         .fetchone()[0])
+
+    def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        from psycopg import sql
+
+        stmt = sql.SQL("SELECT id::text, request_id, event_id, item_index, mm_hash, modality, model, uri, "
+                       "(extract(epoch FROM event_time) * 1000)::bigint, pooling, metadata FROM {t} "
+                       "WHERE id = ANY(%s::uuid[])").format(t=self._ident())
+        rows = self._run(lambda conn: conn.execute(stmt, (list(ids),)).fetchall())
+        return {r[0]: self._payload(r[1:]) for r in rows}
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+
+from consumers.config import ConfigError, ConsumerConfig
+
+
+def load(flags=None, env=None, config_file=None, required=("source", "sinks")):
+    return ConsumerConfig.load(flags or {}, environ=env or {}, config_file=config_file, required=required)
+
+
+def test_flags_beat_env_beat_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("pooling: max\nbatch_max_records: 7\ngroup: from-file\nsinks: [lancedb:///d/t]\n")
+    env = {"VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE": str(f), "VLLM_MM_EVENTS_SOURCE": "kafka://k:9092/topic",
+           "VLLM_MM_EVENTS_GROUP": "from-env", "VLLM_MM_EVENTS_NORMALIZE": "true",
+           "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD": "pw-secret", "VLLM_MM_EVENTS_KAFKA": '{"security.protocol": "SASL_SSL"}'}
+    c = load({"pooling": "first"}, env)
+    assert c.pooling == "first" and c.batch_max_records == 7 and c.group == "from-env" and c.normalize is True
+    assert c.sinks == ("lancedb:///d/t",) and c.source == "kafka://k:9092/topic"
+    assert c.kafka == {"security.protocol": "SASL_SSL", "sasl.password": "pw-secret"}
+    assert "pw-secret" not in repr(c) and "pw-secret" not in json.dumps(c.redacted())
+
+
+def test_defaults():
+    c = load({"source": "file:///var/log/events.avro", "sinks": ["qdrant://q:6333/images"]})
+    assert (c.pooling, c.normalize, c.distance, c.group) == ("mean", False, "cosine", "vllm-mm-events-indexer")
+    assert c.dlq is None and c.metrics_port == 9400 and c.batch_max_records == 256
+
+
+def test_sinks_from_env_are_comma_separated():
+    c = load(env={"VLLM_MM_EVENTS_SOURCE": "kafka://a:1,b:2/t",
+                  "VLLM_MM_EVENTS_SINKS": "qdrant://q:6333/c, pgvector://u@pg:5432/db/tbl"})
+    assert c.sinks == ("qdrant://q:6333/c", "pgvector://u@pg:5432/db/tbl")
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ({"sinks": ["x"]}, "source: required; pass --source or set VLLM_MM_EVENTS_SOURCE"),
+    ({"source": "kafka://k:9092/t"}, "sinks: required; pass --sink or set VLLM_MM_EVENTS_SINKS"),
+    ({"source": "kafka://k:9092/t", "sinks": ["chroma://h:1/c"]},
+     "sinks[0]: unknown sink 'chroma://'; expected one of qdrant://, pgvector://, milvus://, lancedb://"),
+    ({"source": "kafka://k:9092/t", "sinks": ["pgvector://u:hunter2@h:5432/db/t"]},
+     "sinks[0]: put no password in the sink URI"),
+    ({"source": "kafka://k:9092/t", "sinks": ["pgvector://u@h:5432/db"]},
+     "sinks[0]: expected pgvector://user@host:port/database/table"),
+    ({"source": "kafka://k:9092/t", "sinks": ["lancedb://relative/t"]}, "sinks[0]: expected lancedb:///absolute/dir/table"),
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/bad-name"]}, "collection/table name 'bad-name'"),
+    ({"source": "http://k:9092/t", "sinks": ["qdrant://q:6333/c"]}, "source: expected kafka://host:port/topic"),
+    ({"source": "kafka://k/t", "sinks": ["qdrant://q:6333/c"]}, "source: expected host:port in the broker list"),
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "pooling": "avg"},
+     "pooling: expected one of mean, first, max, none; got 'avg'"),
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "batch_max_records": "many"},
+     "batch_max_records: expected a int >= 1"),
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "metrics_port": 70000},
+     "metrics_port: expected a TCP port 0-65535"),
+])
+def test_errors_name_the_field_and_the_expectation(flags, needle):
+    with pytest.raises(ConfigError) as e:
+        load(flags)
+    assert needle in str(e.value)
+    assert "hunter2" not in str(e.value)
+
+
+def test_unknown_file_key_is_named(tmp_path):
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "polling": "mean"}))
+    with pytest.raises(ConfigError, match="polling: unknown key"):
+        load(config_file=str(f))
+
+
+def test_cli_exits_2_with_the_message(capsys):
+    from consumers.cli import main
+
+    assert main(["consume", "--source", "kafka://k:9092/t", "--sink", "faiss:///x/y"]) == 2
+    assert "unknown sink 'faiss://'" in capsys.readouterr().err
