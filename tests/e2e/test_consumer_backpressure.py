@@ -1,0 +1,67 @@
+"""A slow sink: the consumer pauses its partitions instead of reading ahead, so what it holds
+stays bounded by about two batches, and everything is still indexed and committed once."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+import consumer_run as cr
+import synth
+from consumers.config import ConsumerConfig
+from consumers.dlq import LoggedDeadLetters
+from consumers.embeddings import ObjectFetcher
+from consumers.indexer import EventDecoder, Indexer
+from consumers.metrics import ConsumerMetrics
+from consumers.sinks.lancedb import LanceDBSink
+from consumers.sources import KafkaSource
+from publisher.events import AvroCodec
+from publisher.store import LocalDirStore
+
+pytestmark = pytest.mark.e2e
+N, BATCH = 60, 5
+
+
+class SlowLance(LanceDBSink):
+    def upsert(self, points):
+        time.sleep(0.25)
+        super().upsert(points)
+
+
+def test_slow_sink_pauses_partitions_and_bounds_memory(kafka, tmp_path):
+    store, codec = LocalDirStore(tmp_path / "objects"), AvroCodec()
+    topic = f"slow.{uuid.uuid4().hex[:6]}"
+    cr.create_topic(kafka.bootstrap, topic, 3)
+    events = [synth.make_event(store, "p", f"r{i}", [synth.features(i)])[0] for i in range(N)]
+    cr.produce(kafka.bootstrap, topic, [(e["request_id"].encode(), codec.encode(e), i % 3)
+                                        for i, e in enumerate(events)])
+
+    cfg = ConsumerConfig.load({"source": f"kafka://{kafka.bootstrap}/{topic}", "sinks": [f"lancedb://{tmp_path}/l/t"],
+                               "batch_max_records": BATCH, "batch_linger_ms": 2000, "metrics_port": 0}, environ={})
+    source = KafkaSource(cfg.source, "slow-" + uuid.uuid4().hex[:6], {})
+    sink = SlowLance(cfg.sinks[0])
+    indexer = Indexer(cfg, source, [sink], LoggedDeadLetters(), ObjectFetcher(), ConsumerMetrics(), EventDecoder())
+
+    pauses, held = [], []
+    real_pause, real_add = source.pause, indexer._add
+
+    def pause():
+        pauses.append(time.monotonic())
+        real_pause()
+
+    def add(records):
+        real_add(records)
+        held.append(len(indexer._batch) + (len(indexer._inflight.entries) if indexer._inflight else 0))
+
+    source.pause, indexer._add = pause, add
+    try:
+        totals = indexer.run(once=True)
+    finally:
+        indexer.close()
+        source.close()
+    assert totals.consumed == totals.committed == N and totals.indexed == N
+    assert sink.count() == N
+    assert len(pauses) >= N // BATCH // 2  # paused whenever a full batch waited for the writer
+    assert max(held) <= 2 * BATCH, max(held)  # never read ahead of the slow sink
