@@ -1,0 +1,366 @@
+{{/* ---------------------------------------------------------------- names */}}
+
+{{- define "vmme.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmme.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "vmme.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmme.vllm.fullname" -}}
+{{- printf "%s-vllm" (include "vmme.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Name of a consumer's objects; args: (dict "root" $ "name" <consumer name>) */}}
+{{- define "vmme.consumer.fullname" -}}
+{{- printf "%s-consumer-%s" (include "vmme.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "vmme.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "vmme.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- labels
+Kubernetes recommended labels. Selector labels are the stable subset. */}}
+
+{{- define "vmme.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "vmme.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "vmme.labels" -}}
+helm.sh/chart: {{ include "vmme.chart" . }}
+{{ include "vmme.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: vllm-mm-events
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "vmme.vllm.selectorLabels" -}}
+{{ include "vmme.selectorLabels" . }}
+app.kubernetes.io/component: vllm
+{{- end }}
+
+{{- define "vmme.vllm.labels" -}}
+{{ include "vmme.labels" . }}
+app.kubernetes.io/component: vllm
+{{- end }}
+
+{{/* args: (dict "root" $ "name" <consumer name>) */}}
+{{- define "vmme.consumer.selectorLabels" -}}
+{{ include "vmme.selectorLabels" .root }}
+app.kubernetes.io/component: consumer
+vllm-mm-events/consumer: {{ .name }}
+{{- end }}
+
+{{- define "vmme.consumer.labels" -}}
+{{ include "vmme.labels" .root }}
+app.kubernetes.io/component: consumer
+vllm-mm-events/consumer: {{ .name }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- images */}}
+
+{{/* args: (dict "image" <image values> "root" $) */}}
+{{- define "vmme.image" -}}
+{{- printf "%s:%s" .image.repository (default .root.Chart.AppVersion .image.tag) }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- Kafka */}}
+
+{{- define "vmme.kafka.bootstrap" -}}
+{{- join "," .Values.kafka.bootstrapServers }}
+{{- end }}
+
+{{- define "vmme.kafka.sourceUri" -}}
+{{- printf "kafka://%s/%s" (include "vmme.kafka.bootstrap" .) .Values.kafka.topic }}
+{{- end }}
+
+{{- define "vmme.kafka.sasl" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.securityProtocol }}true{{ end }}
+{{- end }}
+
+{{- define "vmme.kafka.tls" -}}
+{{- if has .Values.kafka.securityProtocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{- define "vmme.mounts.kafkaCa" -}}/etc/vllm-mm-events/kafka/ca{{- end }}
+{{- define "vmme.mounts.kafkaClient" -}}/etc/vllm-mm-events/kafka/client{{- end }}
+{{- define "vmme.mounts.registryCa" -}}/etc/vllm-mm-events/schema-registry/ca{{- end }}
+
+{{/* Non-secret librdkafka settings, as JSON (templates return strings; callers use fromJson).
+Secret ones reach the pods as VLLM_MM_EVENTS_KAFKA__<SETTING> env vars from Secrets. */}}
+{{- define "vmme.kafka.clientConfig" -}}
+{{- $k := .Values.kafka }}
+{{- $c := dict "security.protocol" $k.securityProtocol }}
+{{- if include "vmme.kafka.sasl" . }}
+{{- $_ := set $c "sasl.mechanism" $k.sasl.mechanism }}
+{{- end }}
+{{- if include "vmme.kafka.tls" . }}
+{{- if $k.tls.caSecret.secretName }}
+{{- $_ := set $c "ssl.ca.location" (printf "%s/ca.crt" (include "vmme.mounts.kafkaCa" .)) }}
+{{- end }}
+{{- if $k.tls.clientCertSecret.secretName }}
+{{- $_ := set $c "ssl.certificate.location" (printf "%s/tls.crt" (include "vmme.mounts.kafkaClient" .)) }}
+{{- $_ := set $c "ssl.key.location" (printf "%s/tls.key" (include "vmme.mounts.kafkaClient" .)) }}
+{{- end }}
+{{- end }}
+{{- range $key, $value := $k.config }}
+{{- $_ := set $c $key $value }}
+{{- end }}
+{{- toJson $c }}
+{{- end }}
+
+{{/* Non-secret Schema Registry client settings, as JSON. */}}
+{{- define "vmme.schemaRegistry.clientConfig" -}}
+{{- $r := .Values.kafka.schemaRegistry }}
+{{- $c := dict }}
+{{- if $r.caSecret.secretName }}
+{{- $_ := set $c "ssl.ca.location" (printf "%s/ca.crt" (include "vmme.mounts.registryCa" .)) }}
+{{- end }}
+{{- range $key, $value := $r.config }}
+{{- $_ := set $c $key $value }}
+{{- end }}
+{{- toJson $c }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- object store */}}
+
+{{- define "vmme.objectStoreUri" -}}
+{{- $o := .Values.objectStore }}
+{{- if $o.prefix }}
+{{- printf "s3://%s/%s" $o.bucket $o.prefix }}
+{{- else }}
+{{- printf "s3://%s" $o.bucket }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- publisher config
+The --ec-transfer-config of vLLM, built as a dict and serialized with toJson: never
+hand-written, never holding a secret. Keys of ec_connector_extra_config are exactly those of
+publisher.config.KEYS; unset optional ones are left out so the publisher's own defaults
+(AWS_ENDPOINT_URL, AWS_REGION, ...) apply. */}}
+{{- define "vmme.ecTransferConfig" -}}
+{{- $p := .Values.publisher }}
+{{- $extra := dict
+      "object_store" (include "vmme.objectStoreUri" .)
+      "event_sink" (include "vmme.kafka.sourceUri" .)
+      "kafka" (include "vmme.kafka.clientConfig" . | fromJson)
+      "storage_dtype" $p.storageDtype
+      "backpressure" $p.backpressure
+      "max_inflight_bytes" (int64 $p.maxInflightBytes)
+      "max_pending_events" (int64 $p.maxPendingEvents)
+      "upload_threads" (int64 $p.uploadThreads)
+      "durability_timeout_s" $p.durabilityTimeoutS
+      "shutdown_timeout_s" $p.shutdownTimeoutS
+      "publish_text_only" $p.publishTextOnly
+      "allow_client_embeddings" $p.allowClientEmbeddings
+      "fsync" $p.fsync
+      "topic_partitions" (int64 $p.topicPartitions) }}
+{{- with .Values.objectStore.endpointUrl }}
+{{- $_ := set $extra "s3_endpoint_url" . }}
+{{- end }}
+{{- with .Values.objectStore.region }}
+{{- $_ := set $extra "s3_region" . }}
+{{- end }}
+{{- with .Values.kafka.schemaRegistry.url }}
+{{- $_ := set $extra "schema_registry_url" . }}
+{{- $_ := set $extra "schema_registry" (include "vmme.schemaRegistry.clientConfig" $ | fromJson) }}
+{{- end }}
+{{- toJson (dict
+      "ec_connector" "MMEmbeddingPublisher"
+      "ec_role" "ec_both"
+      "ec_connector_extra_config" $extra) }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- secret env
+Every credential is an env var from a secretKeyRef. Shared by vLLM and the consumers. */}}
+
+{{- define "vmme.secretEnv" -}}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ .secretName }}
+      key: {{ .secretKey }}
+{{- end }}
+
+{{- define "vmme.env.credentials" -}}
+{{- $o := .Values.objectStore.credentials }}
+{{- if eq $o.source "static" }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_ACCESS_KEY_ID" "secretName" $o.existingSecret "secretKey" $o.accessKeyIdKey) }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_SECRET_ACCESS_KEY" "secretName" $o.existingSecret "secretKey" $o.secretAccessKeyKey) }}
+{{- if $o.sessionTokenKey }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_SESSION_TOKEN" "secretName" $o.existingSecret "secretKey" $o.sessionTokenKey) }}
+{{- end }}
+{{- end }}
+{{- $k := .Values.kafka }}
+{{- if include "vmme.kafka.sasl" . }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_USERNAME" "secretName" $k.sasl.existingSecret "secretKey" $k.sasl.usernameKey) }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD" "secretName" $k.sasl.existingSecret "secretKey" $k.sasl.passwordKey) }}
+{{- end }}
+{{- if and (include "vmme.kafka.tls" .) $k.tls.keyPassword.secretName }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SSL_KEY_PASSWORD" "secretName" $k.tls.keyPassword.secretName "secretKey" $k.tls.keyPassword.secretKey) }}
+{{- end }}
+{{- if and $k.schemaRegistry.url $k.schemaRegistry.basicAuth.secretName }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO" "secretName" $k.schemaRegistry.basicAuth.secretName "secretKey" $k.schemaRegistry.basicAuth.secretKey) }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- TLS volumes */}}
+
+{{- define "vmme.tlsVolumes" -}}
+{{- $k := .Values.kafka }}
+{{- if include "vmme.kafka.tls" . }}
+{{- if $k.tls.caSecret.secretName }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $k.tls.caSecret.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ $k.tls.caSecret.secretKey }}
+        path: ca.crt
+{{- end }}
+{{- if $k.tls.clientCertSecret.secretName }}
+- name: kafka-client-cert
+  secret:
+    secretName: {{ $k.tls.clientCertSecret.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ $k.tls.clientCertSecret.certKey }}
+        path: tls.crt
+      - key: {{ $k.tls.clientCertSecret.keyKey }}
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- if and $k.schemaRegistry.url $k.schemaRegistry.caSecret.secretName }}
+- name: schema-registry-ca
+  secret:
+    secretName: {{ $k.schemaRegistry.caSecret.secretName }}
+    defaultMode: 0440
+    items:
+      - key: {{ $k.schemaRegistry.caSecret.secretKey }}
+        path: ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "vmme.tlsVolumeMounts" -}}
+{{- $k := .Values.kafka }}
+{{- if include "vmme.kafka.tls" . }}
+{{- if $k.tls.caSecret.secretName }}
+- name: kafka-ca
+  mountPath: {{ include "vmme.mounts.kafkaCa" . }}
+  readOnly: true
+{{- end }}
+{{- if $k.tls.clientCertSecret.secretName }}
+- name: kafka-client-cert
+  mountPath: {{ include "vmme.mounts.kafkaClient" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- if and $k.schemaRegistry.url $k.schemaRegistry.caSecret.secretName }}
+- name: schema-registry-ca
+  mountPath: {{ include "vmme.mounts.registryCa" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- consumers
+A consumer entry merged over the shared `consumer` settings, as JSON (use with fromJson).
+Keys of the entry replace the shared ones; `keda`, `dlq` and `pdb` merge one level deeper.
+`set` is used rather than mergeOverwrite so that false and 0 in an entry win. */}}
+{{- define "vmme.consumer.merged" -}}
+{{- $shared := omit .root.Values.consumer "image" "metricsPort" "logFormat" "terminationGracePeriodSeconds" "tmpSizeLimit" "podSecurityContext" "securityContext" "probes" }}
+{{- $m := deepCopy $shared }}
+{{- range $key, $value := .entry }}
+{{- if and (has $key (list "keda" "dlq" "pdb")) (kindIs "map" $value) }}
+{{- $inner := deepCopy (get $shared $key) }}
+{{- range $k2, $v2 := $value }}
+{{- $_ := set $inner $k2 $v2 }}
+{{- end }}
+{{- $_ := set $m $key $inner }}
+{{- else }}
+{{- $_ := set $m $key $value }}
+{{- end }}
+{{- end }}
+{{- if not (hasKey $m "enabled") }}
+{{- $_ := set $m "enabled" true }}
+{{- end }}
+{{- if not $m.group }}
+{{- $_ := set $m "group" (printf "%s-%s" (include "vmme.fullname" .root) $m.name) }}
+{{- end }}
+{{- toJson $m }}
+{{- end }}
+
+{{/* Cross-field checks the schema cannot express; a failure names the entry and the fix. */}}
+{{- define "vmme.validate" -}}
+{{- $names := list }}
+{{- range $i, $e := .Values.consumers }}
+{{- if has $e.name $names }}
+{{- fail (printf "consumers[%d].name: %q is used twice; consumer names must be unique" $i $e.name) }}
+{{- end }}
+{{- $names = append $names $e.name }}
+{{- $c := include "vmme.consumer.merged" (dict "root" $ "entry" $e) | fromJson }}
+{{- if eq $c.sink.type "lancedb" }}
+{{- if or (gt (int $c.replicas) 1) $c.keda.enabled }}
+{{- fail (printf "consumers[%d] (%s): a lancedb sink writes one local directory; run 1 replica (replicas: 1, keda.enabled: false)" $i $e.name) }}
+{{- end }}
+{{- $mount := trimSuffix "/" (dig "storage" "mountPath" "/data/lancedb" $c.sink) }}
+{{- if not (hasPrefix (printf "lancedb://%s/" $mount) $c.sink.uri) }}
+{{- fail (printf "consumers[%d].sink.uri: %q must be a table under sink.storage.mountPath (lancedb://%s/<table>)" $i $c.sink.uri $mount) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (eq .Values.objectStore.credentials.source "irsa") (not .Values.serviceAccount.create) }}
+{{- fail "objectStore.credentials.source=irsa: the chart annotates the ServiceAccount it creates, so serviceAccount.create must be true (or use source=chain and annotate your own ServiceAccount)" }}
+{{- end }}
+{{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
+{{- $needed := add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) }}
+{{- if and (not (kindIs "invalid" $tgp)) (le (int $tgp) $needed) }}
+{{- fail (printf "vllm.terminationGracePeriodSeconds: %d must be larger than vllm.shutdownTimeoutSeconds + publisher.shutdownTimeoutS = %d, or the publisher's flush is cut short" (int $tgp) $needed) }}
+{{- end }}
+{{- end }}
+
+{{- define "vmme.vllm.terminationGracePeriodSeconds" -}}
+{{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
+{{- if kindIs "invalid" $tgp }}
+{{- add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) 15 }}
+{{- else }}
+{{- int $tgp }}
+{{- end }}
+{{- end }}
+
+{{/* The consumers' non-secret settings (env through envFrom); their checksum rolls the pods. */}}
+{{- define "vmme.consumer.configData" -}}
+VLLM_MM_EVENTS_KAFKA: {{ include "vmme.kafka.clientConfig" . | quote }}
+{{- with .Values.objectStore.endpointUrl }}
+VLLM_MM_EVENTS_S3_ENDPOINT_URL: {{ . | quote }}
+{{- end }}
+{{- with .Values.objectStore.region }}
+VLLM_MM_EVENTS_S3_REGION: {{ . | quote }}
+{{- end }}
+{{- with .Values.kafka.schemaRegistry.url }}
+VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL: {{ . | quote }}
+VLLM_MM_EVENTS_SCHEMA_REGISTRY: {{ include "vmme.schemaRegistry.clientConfig" $ | quote }}
+{{- end }}
+{{- end }}

@@ -1,0 +1,673 @@
+"""The Helm chart in helm/vllm-mm-events, checked with the real helm CLI and kubeconform.
+
+helm and kubeconform are built from the Go module proxy on first use and cached
+(tests/support/k8s_tools.py); the Kubernetes schemas come from the kubernetes-validate
+package, the CRD schemas from the prometheus-operator and KEDA Go modules.
+
+- `helm lint --strict` for the defaults and every ci/*-values.yaml;
+- `helm template` for each of them, and kubeconform -strict over everything rendered
+  (Kubernetes KUBERNETES_VERSION schemas; no schema may be missing);
+- what matters in the output: the --ec-transfer-config parses with the publisher's own
+  PublisherConfig and holds the values given; credentials only through secretKeyRef and no
+  Secret rendered; probes, security contexts and resources everywhere; one consumer
+  Deployment per sink with the right arguments; IRSA, MinIO and SASL_SSL wiring;
+- values.schema.json and the chart's own checks reject bad values with a message that names
+  the field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import k8s_tools
+from publisher.config import KEYS, PublisherConfig, redact_mapping
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "vllm-mm-events"
+CI_VALUES = {p.name[: -len("-values.yaml")]: p for p in sorted((CHART / "ci").glob("*-values.yaml"))}
+VALUE_SETS = ["default", *CI_VALUES]
+RELEASE = "mme"
+SINKS = ("qdrant", "pgvector", "milvus", "lancedb")
+SINK_SECRET_ENV = {"qdrant": ("apiKey", "QDRANT_API_KEY"), "pgvector": ("password", "PGPASSWORD"),
+                   "milvus": ("token", "MILVUS_TOKEN")}
+# Env vars that carry credentials: they must come from a Secret.
+SECRET_ENV = re.compile(r"PASSWORD|SECRET|TOKEN|USER_INFO|USERNAME|API_KEY|^AWS_(ACCESS|SECRET|SESSION)")
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+def run_helm(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(k8s_tools.helm_binary()), *args], capture_output=True, text=True, timeout=120)
+
+
+def merge_values(base, override):
+    """Helm's coalescing: maps merge, anything else replaces, null deletes."""
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_values(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def values_for(name: str) -> dict:
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    if name == "default":
+        return defaults
+    return merge_values(defaults, yaml.safe_load(CI_VALUES[name].read_text()))
+
+
+def value_args(name: str) -> list[str]:
+    return [] if name == "default" else ["-f", str(CI_VALUES[name])]
+
+
+class Rendered:
+    def __init__(self, name: str, text: str):
+        self.name, self.text = name, text
+        self.docs = [d for d in yaml.safe_load_all(text) if d]
+        self.values = values_for(name)
+
+    def kind(self, kind: str) -> list[dict]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+    def one(self, kind: str, name: str) -> dict:
+        found = [d for d in self.kind(kind) if d["metadata"]["name"] == name]
+        assert len(found) == 1, f"{self.name}: expected one {kind} {name}, got {len(found)}"
+        return found[0]
+
+    def deployments(self, component: str) -> list[dict]:
+        return [d for d in self.kind("Deployment")
+                if d["metadata"]["labels"]["app.kubernetes.io/component"] == component]
+
+    def vllm(self) -> dict:
+        (d,) = self.deployments("vllm")
+        return d
+
+    def consumer(self, name: str) -> dict:
+        return self.one("Deployment", f"{RELEASE}-vllm-mm-events-consumer-{name}")
+
+
+def container(deployment: dict) -> dict:
+    (c,) = deployment["spec"]["template"]["spec"]["containers"]
+    return c
+
+
+def argv(c: dict) -> list[str]:
+    return [*c.get("command", []), *c.get("args", [])]
+
+
+def arg_after(args: list[str], flag: str) -> str:
+    assert args.count(flag) == 1, f"{flag} should appear once in {args}"
+    return args[args.index(flag) + 1]
+
+
+def env_of(c: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in c.get("env", [])}
+
+
+def secret_ref(c: dict, name: str) -> tuple[str, str]:
+    e = env_of(c).get(name)
+    assert e is not None, f"env {name} missing in container {c['name']}"
+    assert "value" not in e, f"env {name} has a literal value"
+    ref = e["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def ec_transfer_config(r: Rendered) -> dict:
+    return json.loads(arg_after(argv(container(r.vllm())), "--ec-transfer-config"))
+
+
+def pod_volumes(d: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in d["spec"]["template"]["spec"].get("volumes", [])}
+
+
+def mounts(c: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in c.get("volumeMounts", [])}
+
+
+# ---- fixtures -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def rendered() -> dict[str, Rendered]:
+    out = {}
+    for name in VALUE_SETS:
+        res = run_helm("template", RELEASE, str(CHART), "--namespace", "mm", *value_args(name))
+        assert res.returncode == 0, f"helm template ({name}) failed:\n{res.stderr}"
+        out[name] = Rendered(name, res.stdout)
+    return out
+
+
+# ---- lint and schema validation of the output ----------------------------------------------
+
+def test_ci_value_sets_cover_the_issue():
+    assert {"minio-static", "aws-irsa", "kafka-sasl-ssl", *(f"sink-{s}" for s in SINKS)} <= set(CI_VALUES)
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_helm_lint_strict(name):
+    res = run_helm("lint", "--strict", str(CHART), *value_args(name))
+    assert res.returncode == 0 and "0 chart(s) failed" in res.stdout, res.stdout + res.stderr
+    assert "[WARNING]" not in res.stdout and "[ERROR]" not in res.stdout, res.stdout
+
+
+def test_kubeconform_strict_on_everything_rendered(rendered, tmp_path):
+    files = []
+    for name, r in rendered.items():
+        f = tmp_path / f"{name}.yaml"
+        f.write_text(r.text)
+        files.append(f)
+    res = subprocess.run(k8s_tools.kubeconform_command(*files), capture_output=True, text=True, timeout=300)
+    report = json.loads(res.stdout)
+    problems = [f"{x['filename']}: {x['kind']} {x['name']}: {x['status']} {x.get('msg', '')}"
+                for x in report["resources"]]
+    summary = report["summary"]
+    assert res.returncode == 0 and summary["invalid"] == 0 and summary["errors"] == 0, "\n".join(problems)
+    assert summary["skipped"] == 0, "\n".join(problems)
+    total = sum(len(r.docs) for r in rendered.values())
+    assert summary["valid"] == total, summary
+    kinds = {d["kind"] for r in rendered.values() for d in r.docs}
+    # Every kind the chart can render was rendered by some value set, so all were validated.
+    assert kinds == {"ServiceAccount", "Service", "Deployment", "PodDisruptionBudget", "ConfigMap", "Ingress",
+                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+
+
+def test_kubeconform_rejects_an_invalid_manifest(tmp_path):
+    """The validation is real: a typo in a Deployment and in a ScaledObject are caught offline."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all([
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+         "spec": {"replicas": "two", "selector": {"matchLabels": {"a": "b"}},
+                  "template": {"metadata": {"labels": {"a": "b"}},
+                               "spec": {"containers": [{"name": "c", "image": "i", "imagePullPolicy": "Sometimes",
+                                                        "resourcez": {}}]}}}},
+        {"apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
+         "spec": {"scaleTargetRef": {"name": "x"}, "maxReplicaCount": "many", "triggers": []}},
+    ]))
+    res = subprocess.run(k8s_tools.kubeconform_command(bad), capture_output=True, text=True, timeout=120)
+    report = json.loads(res.stdout)
+    assert res.returncode != 0 and report["summary"]["invalid"] == 2, res.stdout
+
+
+# ---- the publisher's configuration -----------------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in VALUE_SETS if values_for(n)["vllm"]["enabled"]])
+def test_ec_transfer_config_parses_with_the_publisher_config(rendered, name):
+    r = rendered[name]
+    v = r.values
+    cfg = ec_transfer_config(r)
+    assert cfg["ec_connector"] == "MMEmbeddingPublisher" and cfg["ec_role"] == "ec_both"
+    extra = cfg["ec_connector_extra_config"]
+    assert set(extra) <= set(KEYS)
+    parsed = PublisherConfig.from_dict(extra)
+
+    o, k, p = v["objectStore"], v["kafka"], v["publisher"]
+    assert parsed.object_store == (f"s3://{o['bucket']}/{o['prefix']}" if o["prefix"] else f"s3://{o['bucket']}")
+    assert parsed.event_sink == f"kafka://{','.join(k['bootstrapServers'])}/{k['topic']}"
+    assert extra.get("s3_endpoint_url") == (o["endpointUrl"] or None)
+    assert extra.get("s3_region") == (o["region"] or None)
+    assert parsed.kafka["security.protocol"] == k["securityProtocol"]
+    for key, value in k["config"].items():
+        assert parsed.kafka[key] == value
+    if k["securityProtocol"].startswith("SASL_"):
+        assert parsed.kafka["sasl.mechanism"] == k["sasl"]["mechanism"]
+    assert extra.get("schema_registry_url") == (k["schemaRegistry"]["url"] or None)
+    assert parsed.storage_dtype == p["storageDtype"]
+    assert parsed.backpressure == p["backpressure"]
+    assert parsed.max_inflight_bytes == p["maxInflightBytes"]
+    assert parsed.max_pending_events == p["maxPendingEvents"]
+    assert parsed.upload_threads == p["uploadThreads"]
+    assert parsed.durability_timeout_s == p["durabilityTimeoutS"]
+    assert parsed.shutdown_timeout_s == p["shutdownTimeoutS"]
+    assert parsed.publish_text_only == p["publishTextOnly"]
+    assert parsed.allow_client_embeddings == p["allowClientEmbeddings"]
+    assert parsed.fsync == p["fsync"]
+    assert parsed.topic_partitions == p["topicPartitions"]
+    # Nothing the publisher itself would mask as a secret is in the JSON (anyone who can read
+    # the Deployment sees it).
+    assert redact_mapping(parsed.kafka) == parsed.kafka
+    assert redact_mapping(parsed.schema_registry) == parsed.schema_registry
+
+
+@pytest.mark.parametrize("name", [n for n in VALUE_SETS if values_for(n)["vllm"]["enabled"]])
+def test_vllm_command_line(rendered, name):
+    r, v = rendered[name], rendered[name].values["vllm"]
+    c = container(r.vllm())
+    args = argv(c)
+    assert args[:3] == ["vllm", "serve", v["model"]]
+    assert arg_after(args, "--served-model-name") == (v["servedModelName"] or v["model"])
+    assert arg_after(args, "--tensor-parallel-size") == str(v["tensorParallelSize"])
+    assert arg_after(args, "--port") == str(v["port"])
+    shutdown = int(arg_after(args, "--shutdown-timeout"))
+    assert shutdown == v["shutdownTimeoutSeconds"]
+    for extra in v["extraArgs"]:
+        assert extra in args
+    grace = r.vllm()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > shutdown + r.values["publisher"]["shutdownTimeoutS"]
+    # GPUs: tensorParallelSize by default, in requests and limits alike.
+    gpus = v["gpu"]["count"] or v["tensorParallelSize"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus == c["resources"]["requests"]["nvidia.com/gpu"]
+    # /dev/shm in memory, sized; writable HOME/caches so the root filesystem can be read-only.
+    dshm = pod_volumes(r.vllm())[mounts(c)["/dev/shm"]["name"]]
+    assert dshm["emptyDir"] == {"medium": "Memory", "sizeLimit": v["shm"]["sizeLimit"]}
+    env = env_of(c)
+    for var in ("HOME", "HF_HOME", "VLLM_CACHE_ROOT", "XDG_CACHE_HOME"):
+        path = env[var]["value"]
+        assert any(path == m or path.startswith(m.rstrip("/") + "/") for m in mounts(c)), f"{var}={path} not on a mount"
+    cache = pod_volumes(r.vllm())["model-cache"]
+    if v["modelCache"]["existingClaim"]:
+        assert cache["persistentVolumeClaim"]["claimName"] == v["modelCache"]["existingClaim"]
+    else:
+        assert cache["emptyDir"]["sizeLimit"] == v["modelCache"]["sizeLimit"]
+
+
+# ---- secrets -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_secrets_are_referenced_never_inlined(rendered, name):
+    r = rendered[name]
+    assert not r.kind("Secret"), "the chart must not render Secrets"
+    for d in r.kind("Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            for e in c.get("env", []):
+                if SECRET_ENV.search(e["name"]):
+                    assert "value" not in e and set(e["valueFrom"]) == {"secretKeyRef"}, e
+            for src in c.get("envFrom", []):
+                assert "secretRef" not in src
+    # The non-secret client settings the consumers get hold no secret either.
+    for cm in r.kind("ConfigMap"):
+        for key, value in cm["data"].items():
+            assert not SECRET_ENV.search(key), key
+            if value.startswith("{"):
+                settings = json.loads(value)
+                assert not [k for k in settings if re.search(r"password|secret|user\.info|username", k)], settings
+    # No credential-looking userinfo in any URI anywhere.
+    assert not re.search(r"://[^/\s\"]*:[^/\s\"]*@", r.text)
+
+
+# ---- probes, security, resources ----------------------------------------------------------
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_probes_security_and_resources(rendered, name):
+    r = rendered[name]
+    assert r.kind("Deployment")
+    for d in r.kind("Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and isinstance(psc["runAsUser"], int) and psc["runAsUser"] > 0
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault"
+        assert spec["automountServiceAccountToken"] is False
+        for c in spec["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False
+            assert sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"]["drop"] == ["ALL"]
+            assert "/tmp" in mounts(c), "a read-only root filesystem needs a writable /tmp"
+            for kind in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][kind]), (d["metadata"]["name"], c["resources"])
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        c = spec["containers"][0]
+        if component == "vllm":
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+        else:
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert c[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}, probe
+            assert spec["terminationGracePeriodSeconds"] == 30
+            assert "checksum/config" in d["spec"]["template"]["metadata"]["annotations"]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_services_and_disruption_budgets_select_pods(rendered, name):
+    r = rendered[name]
+    pod_labels = [d["spec"]["template"]["metadata"]["labels"] for d in r.kind("Deployment")]
+    for obj in [*r.kind("Service"), *r.kind("PodDisruptionBudget")]:
+        selector = obj["spec"]["selector"]
+        selector = selector.get("matchLabels", selector)
+        matched = [lbl for lbl in pod_labels if selector.items() <= lbl.items()]
+        assert len(matched) == 1, f"{obj['kind']} {obj['metadata']['name']} selects {len(matched)} Deployments"
+    for d in r.kind("Deployment"):
+        assert d["spec"]["selector"]["matchLabels"].items() <= d["spec"]["template"]["metadata"]["labels"].items()
+
+
+# ---- consumers -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sink", SINKS)
+def test_one_consumer_deployment_per_sink(rendered, sink):
+    r = rendered[f"sink-{sink}"]
+    (entry,) = r.values["consumers"]
+    shared = r.values["consumer"]
+    (d,) = r.deployments("consumer")
+    assert d is r.consumer(entry["name"])
+    assert d["spec"]["replicas"] == entry.get("replicas", shared["replicas"])
+    c = container(d)
+    args = argv(c)
+    assert args[:2] == ["vllm-mm-events", "consume"]
+    k = r.values["kafka"]
+    assert arg_after(args, "--source") == f"kafka://{','.join(k['bootstrapServers'])}/{k['topic']}"
+    assert arg_after(args, "--group") == (entry.get("group") or f"{RELEASE}-vllm-mm-events-{entry['name']}")
+    assert arg_after(args, "--sink") == entry["sink"]["uri"]
+    assert arg_after(args, "--pooling") == entry.get("pooling", shared["pooling"])
+    assert ("--normalize" in args) == entry.get("normalize", shared["normalize"])
+    assert arg_after(args, "--metrics-port") == str(shared["metricsPort"])
+    assert arg_after(args, "--distance") == entry.get("distance", shared["distance"])
+    assert arg_after(args, "--log-format") == shared["logFormat"]
+    dlq = merge_values(shared["dlq"], entry.get("dlq"))
+    if dlq["enabled"]:
+        assert arg_after(args, "--dlq") == f"kafka://{','.join(k['bootstrapServers'])}/" + (
+            dlq["topic"] or f"{k['topic']}.dlq")
+    else:
+        assert arg_after(args, "--dlq") == "none"
+    assert c["ports"] == [{"name": "metrics", "containerPort": shared["metricsPort"], "protocol": "TCP"}]
+    assert c["envFrom"] == [{"configMapRef": {"name": f"{RELEASE}-vllm-mm-events-consumer"}}]
+    if sink in SINK_SECRET_ENV:
+        field, env_name = SINK_SECRET_ENV[sink]
+        ref = entry["sink"][field]
+        assert secret_ref(c, env_name) == (ref["secretName"], ref["secretKey"])
+    else:  # lancedb: the table lives on the mounted volume
+        storage = entry["sink"]["storage"]
+        mount = mounts(c)[storage["mountPath"]]
+        assert entry["sink"]["uri"].startswith(f"lancedb://{storage['mountPath']}/")
+        assert pod_volumes(d)[mount["name"]]["persistentVolumeClaim"]["claimName"] == storage["existingClaim"]
+    for e in entry.get("extraEnv", []):
+        assert env_of(c)[e["name"]] == e
+    if "resources" in entry:
+        assert c["resources"] == entry["resources"]
+    # The metrics Service and the consumers' ConfigMap.
+    svc = r.one("Service", d["metadata"]["name"])
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    cm = r.one("ConfigMap", f"{RELEASE}-vllm-mm-events-consumer")
+    assert json.loads(cm["data"]["VLLM_MM_EVENTS_KAFKA"]) == {"security.protocol": k["securityProtocol"]}
+
+
+def pod_environ(r: Rendered, d: dict) -> dict[str, str]:
+    """The environment a container would see: its ConfigMap, literal env, and a stand-in
+    value ("<Secret name/key>") for each secretKeyRef."""
+    c = container(d)
+    environ = {}
+    for src in c.get("envFrom", []):
+        environ.update(r.one("ConfigMap", src["configMapRef"]["name"])["data"])
+    for e in c.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        environ[e["name"]] = f"<{ref['name']}/{ref['key']}>" if ref else e["value"]
+    return environ
+
+
+@pytest.mark.parametrize("name", [n for n in VALUE_SETS if values_for(n)["consumers"]])
+def test_consumer_command_line_parses_with_the_consumer_config(rendered, name):
+    """Each consumer's args and env go through the consumer's own parser and ConsumerConfig."""
+    from consumers.cli import build_parser
+    from consumers.config import KEYS as CONSUMER_KEYS, ConsumerConfig
+
+    r = rendered[name]
+    for d in r.deployments("consumer"):
+        args = argv(container(d))
+        assert args[0] == "vllm-mm-events"
+        ns = build_parser().parse_args(args[1:])
+        assert ns.command == "consume"
+        flags = {k: v for k, v in vars(ns).items() if k in CONSUMER_KEYS}
+        cfg = ConsumerConfig.load(flags, environ=pod_environ(r, d))
+        assert cfg.sinks == (arg_after(args, "--sink"),) and cfg.group == arg_after(args, "--group")
+        assert cfg.metrics_port == r.values["consumer"]["metricsPort"]
+        assert cfg.s3_endpoint_url == (r.values["objectStore"]["endpointUrl"] or None)
+        k = r.values["kafka"]
+        assert cfg.kafka["security.protocol"] == k["securityProtocol"]
+        if k["securityProtocol"].startswith("SASL_"):
+            secret = k["sasl"]["existingSecret"]
+            assert cfg.kafka["sasl.username"] == f"<{secret}/{k['sasl']['usernameKey']}>"
+            assert cfg.kafka["sasl.password"] == f"<{secret}/{k['sasl']['passwordKey']}>"
+        if k["schemaRegistry"]["url"]:
+            assert cfg.schema_registry_url == k["schemaRegistry"]["url"]
+        # The consumer finishes its batch within its shutdown timeout, inside the grace period.
+        assert cfg.shutdown_timeout_s < d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+
+
+def test_publisher_merges_secret_env_into_the_generated_config(rendered):
+    """vLLM's --ec-transfer-config plus its env (Secrets) is what the publisher loads."""
+    r = rendered["kafka-sasl-ssl"]
+    extra = ec_transfer_config(r)["ec_connector_extra_config"]
+    cfg = PublisherConfig.load(extra, environ=pod_environ(r, r.vllm()))
+    assert cfg.kafka["sasl.username"] == "<kafka-user-vllm/username>"
+    assert cfg.kafka["sasl.password"] == "<kafka-user-vllm/password>"
+    assert cfg.kafka["ssl.key.password"] == "<kafka-client-tls-pass/password>"
+    assert cfg.kafka["ssl.ca.location"] == "/etc/vllm-mm-events/kafka/ca/ca.crt"
+    assert cfg.schema_registry["basic.auth.user.info"] == "<schema-registry-auth/user-info>"
+
+
+def test_consumers_only_release_has_no_vllm(rendered):
+    r = rendered["sink-milvus"]
+    assert not r.deployments("vllm")
+    assert not [o for o in r.docs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "vllm"]
+
+
+# ---- the deployment scenarios ----------------------------------------------------------------
+
+def test_minio_with_static_credentials(rendered):
+    r = rendered["minio-static"]
+    creds = r.values["objectStore"]["credentials"]
+    for d in r.kind("Deployment"):
+        c = container(d)
+        assert secret_ref(c, "AWS_ACCESS_KEY_ID") == ("minio-credentials", creds["accessKeyIdKey"])
+        assert secret_ref(c, "AWS_SECRET_ACCESS_KEY") == ("minio-credentials", creds["secretAccessKeyKey"])
+        assert "AWS_SESSION_TOKEN" not in env_of(c)
+    extra = ec_transfer_config(r)["ec_connector_extra_config"]
+    assert extra["s3_endpoint_url"] == "http://minio.minio.svc.cluster.local:9000"
+    assert extra["object_store"] == "s3://mm-embeddings/prod/vllm"
+    cm = r.one("ConfigMap", f"{RELEASE}-vllm-mm-events-consumer")["data"]
+    assert cm["VLLM_MM_EVENTS_S3_ENDPOINT_URL"] == "http://minio.minio.svc.cluster.local:9000"
+    assert cm["VLLM_MM_EVENTS_S3_REGION"] == "us-east-1"
+    sa = r.one("ServiceAccount", f"{RELEASE}-vllm-mm-events")
+    assert "eks.amazonaws.com/role-arn" not in (sa["metadata"].get("annotations") or {})
+
+
+def test_aws_s3_with_irsa(rendered):
+    r = rendered["aws-irsa"]
+    sa = r.one("ServiceAccount", f"{RELEASE}-vllm-mm-events")
+    role = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+    assert role == "arn:aws:iam::123456789012:role/vllm-mm-events"
+    for d in r.kind("Deployment"):
+        spec = d["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == sa["metadata"]["name"]
+        assert not [n for n in env_of(spec["containers"][0]) if n.startswith("AWS_")], "IRSA needs no keys"
+    extra = ec_transfer_config(r)["ec_connector_extra_config"]
+    assert "s3_endpoint_url" not in extra and extra["s3_region"] == "eu-west-1"
+    v = r.vllm()["spec"]["template"]["spec"]
+    assert v["tolerations"][0]["key"] == "nvidia.com/gpu" and v["priorityClassName"] == "high-priority"
+    assert v["nodeSelector"] == {"node.kubernetes.io/instance-type": "g6e.12xlarge"}
+    assert container(r.vllm())["resources"]["limits"]["nvidia.com/gpu"] == 2
+
+
+def test_kafka_sasl_ssl_with_schema_registry(rendered):
+    r = rendered["kafka-sasl-ssl"]
+    deployments = r.kind("Deployment")
+    assert len(deployments) == 3
+    for d in deployments:
+        c = container(d)
+        assert secret_ref(c, "VLLM_MM_EVENTS_KAFKA__SASL_USERNAME") == ("kafka-user-vllm", "username")
+        assert secret_ref(c, "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD") == ("kafka-user-vllm", "password")
+        assert secret_ref(c, "VLLM_MM_EVENTS_KAFKA__SSL_KEY_PASSWORD") == ("kafka-client-tls-pass", "password")
+        assert secret_ref(c, "VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO") == (
+            "schema-registry-auth", "user-info")
+        assert secret_ref(c, "AWS_SESSION_TOKEN") == ("s3-credentials", "AWS_SESSION_TOKEN")
+        vols, mnt = pod_volumes(d), mounts(c)
+        ca = mnt["/etc/vllm-mm-events/kafka/ca"]
+        assert ca["readOnly"] and vols[ca["name"]]["secret"]["secretName"] == "kafka-cluster-ca"
+        assert vols[ca["name"]]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+        client = vols[mnt["/etc/vllm-mm-events/kafka/client"]["name"]]["secret"]
+        assert client["secretName"] == "kafka-client-tls"
+        reg = vols[mnt["/etc/vllm-mm-events/schema-registry/ca"]["name"]]["secret"]
+        assert reg["secretName"] == "schema-registry-ca"
+    settings = {
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+        "ssl.ca.location": "/etc/vllm-mm-events/kafka/ca/ca.crt",
+        "ssl.certificate.location": "/etc/vllm-mm-events/kafka/client/tls.crt",
+        "ssl.key.location": "/etc/vllm-mm-events/kafka/client/tls.key",
+        "compression.type": "zstd", "client.dns.lookup": "use_all_dns_ips"}
+    parsed = PublisherConfig.from_dict(ec_transfer_config(r)["ec_connector_extra_config"])
+    assert parsed.kafka == settings
+    assert parsed.schema_registry_url == "https://schema-registry.kafka.svc:8081"
+    assert parsed.schema_registry == {"ssl.ca.location": "/etc/vllm-mm-events/schema-registry/ca/ca.crt"}
+    assert parsed.backpressure == "drop" and parsed.topic_partitions == 12
+    cm = r.one("ConfigMap", f"{RELEASE}-vllm-mm-events-consumer")["data"]
+    assert json.loads(cm["VLLM_MM_EVENTS_KAFKA"]) == settings
+    assert cm["VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL"] == "https://schema-registry.kafka.svc:8081"
+    assert json.loads(cm["VLLM_MM_EVENTS_SCHEMA_REGISTRY"]) == parsed.schema_registry
+    assert r.vllm()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert secret_ref(container(r.vllm()), "HF_TOKEN") == ("hf-token", "token")
+
+    # KEDA: the qdrant consumer scales on lag (no replicas field), milvus has fixed replicas.
+    qdrant, milvus = r.consumer("qdrant"), r.consumer("milvus")
+    assert "replicas" not in qdrant["spec"] and milvus["spec"]["replicas"] == 3
+    assert arg_after(argv(container(milvus)), "--group") == "milvus-indexer"
+    assert arg_after(argv(container(milvus)), "--pooling") == "first"
+    (so,) = r.kind("ScaledObject")
+    assert so["spec"]["scaleTargetRef"]["name"] == qdrant["metadata"]["name"]
+    assert so["spec"]["maxReplicaCount"] == 12
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] == "kafka"
+    assert trigger["metadata"] == {
+        "bootstrapServers": "kafka-0.kafka:9093,kafka-1.kafka:9093,kafka-2.kafka:9093",
+        "consumerGroup": arg_after(argv(container(qdrant)), "--group"), "topic": "prod.vllm.mm-embeddings",
+        "lagThreshold": "200", "activationLagThreshold": "0", "offsetResetPolicy": "earliest",
+        "allowIdleConsumers": "false", "sasl": "scram_sha512", "tls": "enable"}
+    (auth,) = r.kind("TriggerAuthentication")
+    assert trigger["authenticationRef"]["name"] == auth["metadata"]["name"]
+    refs = {t["parameter"]: (t["name"], t["key"]) for t in auth["spec"]["secretTargetRef"]}
+    assert refs == {"username": ("kafka-user-vllm", "username"), "password": ("kafka-user-vllm", "password"),
+                    "ca": ("kafka-cluster-ca", "ca.crt"), "cert": ("kafka-client-tls", "tls.crt"),
+                    "key": ("kafka-client-tls", "tls.key"), "keyPassword": ("kafka-client-tls-pass", "password")}
+
+    # ServiceMonitors for vLLM and the consumers, an Ingress, the PDB with minAvailable.
+    monitors = {m["metadata"]["name"]: m for m in r.kind("ServiceMonitor")}
+    assert set(monitors) == {f"{RELEASE}-vllm-mm-events-vllm", f"{RELEASE}-vllm-mm-events-consumers"}
+    for m in monitors.values():
+        assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+        (ep,) = m["spec"]["endpoints"]
+        assert ep["path"] == "/metrics" and ep["port"] in ("http", "metrics")
+        selected = [s for s in r.kind("Service")
+                    if m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+        assert selected and all(ep["port"] in [p["name"] for p in s["spec"]["ports"]] for s in selected)
+    (ing,) = r.kind("Ingress")
+    backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": r.vllm()["metadata"]["name"], "port": {"number": 8000}}
+    pdb = r.one("PodDisruptionBudget", r.vllm()["metadata"]["name"])
+    assert pdb["spec"] == {"minAvailable": 1, "selector": pdb["spec"]["selector"]}
+
+
+def test_readme_examples_are_the_tested_values():
+    """The minimal values.yaml shown in the chart README (and the top-level README section) is
+    ci/minimal-values.yaml, which every test above renders and validates."""
+    minimal = (CHART / "ci" / "minimal-values.yaml").read_text()
+    assert minimal in (CHART / "README.md").read_text()
+    body = "".join(line for line in minimal.splitlines(keepends=True) if not line.startswith("#"))
+    for doc in (REPO / "README.md", REPO / "helm" / "DEPLOY-SECTION.md"):
+        if doc.exists() and "## Deploy on Kubernetes" in doc.read_text():
+            assert body in doc.read_text(), f"{doc.name}: its Deploy on Kubernetes values differ from the tested ones"
+
+
+# ---- NOTES.txt ------------------------------------------------------------------------------
+
+def render_notes(tmp_path: Path, *args: str) -> str:
+    """NOTES.txt as `helm install` would print it (which needs a cluster): in a copy of the
+    chart its text is defined as a named template and rendered into a ConfigMap."""
+    import shutil
+
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    notes = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_probe.tpl").write_text('{{- define "notes.probe" -}}' + notes + "{{- end }}")
+    (chart / "templates" / "notes-probe.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+        '  notes: {{ include "notes.probe" . | toJson }}\n')
+    res = run_helm("template", RELEASE, str(chart), "--show-only", "templates/notes-probe.yaml", *args)
+    assert res.returncode == 0, res.stderr
+    return yaml.safe_load(res.stdout)["data"]["notes"]
+
+
+def test_notes(tmp_path):
+    text = render_notes(tmp_path)
+    assert "No consumers are configured" in text and "source=chain sets no credentials" in text
+    assert "port-forward svc/mme-vllm-mm-events-vllm 8000:8000" in text
+    text = render_notes(tmp_path / "2", "-f", str(CI_VALUES["kafka-sasl-ssl"]),
+                        "--set", "consumers[1].replicas=20", "--set", "publisher.topicPartitions=12")
+    assert "curl -s https://vllm.example.com/v1/chat/completions" in text
+    assert "mme-vllm-mm-events-consumer-milvus: milvus-indexer -> milvus://" in text
+    assert "20 replicas for 12 partitions: 8 would sit idle" in text
+    assert "Replicas above the topic's partition count sit idle" in text
+
+
+# ---- rejected values --------------------------------------------------------------------------
+
+QDRANT = {"name": "q", "sink": {"type": "qdrant", "uri": "qdrant://qdrant:6333/c"}}
+
+REJECTED = {
+    # name: (values, [substrings the error must contain])
+    "replicas-string": ({"consumers": [{**QDRANT, "replicas": "2"}]},
+                        ["/consumers/0/replicas", "got string, want integer"]),
+    "vllm-replicas-string": ({"vllm": {"replicaCount": "one"}}, ["/vllm/replicaCount", "want integer"]),
+    "missing-bucket": ({"objectStore": {"bucket": None}}, ["/objectStore", "missing property 'bucket'"]),
+    "empty-bucket": ({"objectStore": {"bucket": ""}}, ["/objectStore/bucket"]),
+    "unknown-sink": ({"consumers": [{"name": "r", "sink": {"type": "redis", "uri": "redis://r:6379/0"}}]},
+                     ["/consumers/0/sink/type", "value must be one of 'qdrant', 'pgvector', 'milvus', 'lancedb'"]),
+    "consumer-without-sink": ({"consumers": [{"name": "q"}]}, ["/consumers/0", "missing property 'sink'"]),
+    "password-in-sink-uri": ({"consumers": [{"name": "p", "sink": {
+        "type": "pgvector", "uri": "pgvector://user:hunter2@pg:5432/db/t"}}]}, ["/consumers/0/sink/uri"]),
+    "wrong-secret-for-sink": ({"consumers": [{**QDRANT, "sink": {**QDRANT["sink"], "password": {
+        "secretName": "s", "secretKey": "k"}}}]}, ["/consumers/0/sink", "additional properties 'password'"]),
+    "bad-consumer-name": ({"consumers": [{**QDRANT, "name": "Qdrant_1"}]}, ["/consumers/0/name"]),
+    "unknown-pooling": ({"consumers": [{**QDRANT, "pooling": "avg"}]}, ["/consumers/0/pooling", "'mean'"]),
+    "sasl-without-secret": ({"kafka": {"securityProtocol": "SASL_SSL"}}, ["/kafka/sasl/existingSecret"]),
+    "secret-in-kafka-config": ({"kafka": {"config": {"sasl.password": "hunter2"}}},
+                               ["/kafka/config/sasl.password", "Secret reference"]),
+    "static-without-secret": ({"objectStore": {"credentials": {"source": "static"}}},
+                              ["/objectStore/credentials/existingSecret"]),
+    "irsa-without-role": ({"objectStore": {"credentials": {"source": "irsa"}}},
+                          ["/objectStore/credentials/irsaRoleArn"]),
+    "bad-bootstrap": ({"kafka": {"bootstrapServers": ["kafka"]}}, ["/kafka/bootstrapServers/0"]),
+    "bad-dtype": ({"publisher": {"storageDtype": "int8"}}, ["/publisher/storageDtype", "'bfloat16'"]),
+    "typo-top-level": ({"vlm": {"model": "x"}}, ["additional properties 'vlm' not allowed"]),
+    "no-limits": ({"vllm": {"resources": {"limits": None}}}, ["/vllm/resources", "missing property 'limits'"]),
+    "root": ({"consumer": {"podSecurityContext": {"runAsNonRoot": False}}},
+             ["/consumer/podSecurityContext/runAsNonRoot"]),
+    "privilege-escalation": ({"vllm": {"securityContext": {"allowPrivilegeEscalation": True}}},
+                             ["/vllm/securityContext/allowPrivilegeEscalation"]),
+    # Checks of the templates (cross-field).
+    "grace-too-short": ({"vllm": {"terminationGracePeriodSeconds": 40}},
+                        ["vllm.terminationGracePeriodSeconds", "must be larger than"]),
+    "duplicate-consumer": ({"consumers": [QDRANT, QDRANT]}, ["consumers[1].name", "used twice"]),
+    "lancedb-two-replicas": ({"consumers": [{"name": "l", "replicas": 2, "sink": {
+        "type": "lancedb", "uri": "lancedb:///data/lancedb/t"}}]}, ["consumers[0] (l)", "1 replica"]),
+    "lancedb-off-volume": ({"consumers": [{"name": "l", "sink": {
+        "type": "lancedb", "uri": "lancedb:///elsewhere/t"}}]}, ["consumers[0].sink.uri", "mountPath"]),
+    "irsa-without-serviceaccount": ({"serviceAccount": {"create": False}, "objectStore": {"credentials": {
+        "source": "irsa", "irsaRoleArn": "arn:aws:iam::123456789012:role/r"}}}, ["serviceAccount.create"]),
+}
+
+
+@pytest.mark.parametrize("case", REJECTED)
+def test_bad_values_are_rejected_with_a_clear_message(case, tmp_path):
+    values, expected = REJECTED[case]
+    f = tmp_path / "values.yaml"
+    f.write_text(yaml.safe_dump(values))
+    res = run_helm("template", RELEASE, str(CHART), "-f", str(f))
+    assert res.returncode != 0, f"{case} was accepted"
+    for text in expected:
+        assert text in res.stderr, f"{case}: {text!r} not in:\n{res.stderr}"
+
+
+def test_replicas_string_from_the_command_line():
+    res = run_helm("template", RELEASE, str(CHART), "--set", "consumers[0].name=q",
+                   "--set", "consumers[0].sink.type=qdrant", "--set", "consumers[0].sink.uri=qdrant://q:6333/c",
+                   "--set", "consumers[0].replicas=abc")
+    assert res.returncode != 0
+    assert "at '/consumers/0/replicas': got string, want integer" in res.stderr, res.stderr
