@@ -54,7 +54,7 @@ class EventDecoder:
         if registry_url:
             from confluent_kafka.schema_registry import SchemaRegistryClient
 
-            self.registry = SchemaRegistryClient({"url": registry_url, **(registry_conf or {})})
+            self.registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_conf or {})})
         self._writers: dict[int, Any] = {}
 
     def decode(self, value: bytes) -> dict:

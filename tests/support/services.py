@@ -233,9 +233,29 @@ PG_SYSTEM_USER = "mmevents-pg"  # PostgreSQL refuses to run as root
 
 
 def postgres_bin() -> Path:
-    import pgserver  # the wheel ships PostgreSQL 16 with pgvector
+    """The wheel's PostgreSQL 16 + pgvector. As root, a copy in a world-readable directory:
+    the server runs as another user, who may not traverse into a private checkout's .venv."""
+    import pgserver
+    from importlib.metadata import version
 
-    return Path(pgserver.__file__).parent / "pginstall" / "bin"
+    install = Path(pgserver.__file__).parent / "pginstall"
+    if os.geteuid() != 0:
+        return install / "bin"
+    shared = Path(tempfile.gettempdir()) / f"vllm-mm-events-pgserver-{version('pgserver')}"
+    if not (shared / ".complete").exists():
+        # Same layout as site-packages: the binaries find their libraries through
+        # RPATH $ORIGIN/../../../pgserver.libs.
+        staging = Path(tempfile.mkdtemp(prefix="pgserver-copy-", dir=shared.parent))
+        shutil.copytree(install, staging / "pgserver" / "pginstall", symlinks=True)
+        shutil.copytree(install.parent.parent / "pgserver.libs", staging / "pgserver.libs", symlinks=True)
+        (staging / ".complete").touch()
+        for root, dirs, _files in os.walk(staging):
+            os.chmod(root, 0o755)
+        try:
+            os.rename(staging, shared)
+        except OSError:  # another process got there first
+            shutil.rmtree(staging, ignore_errors=True)
+    return shared / "pgserver" / "pginstall" / "bin"
 
 
 class PostgresServer:

@@ -1,0 +1,63 @@
+"""The consumer's decoder: both framings the publisher writes, and poison for anything else."""
+
+import struct
+
+import pytest
+
+import synth
+from consumers.embeddings import Poison
+from consumers.indexer import EventDecoder, to_wire
+from publisher.events import AvroCodec
+from publisher.store import LocalDirStore
+
+
+@pytest.fixture
+def event(tmp_path):
+    return synth.make_event(LocalDirStore(tmp_path), "p", "req-1", [synth.features(1)], {"k": "v"})[0]
+
+
+def test_single_object_round_trip(event):
+    got = EventDecoder().decode(AvroCodec().encode(event))
+    assert to_wire(got) == event
+
+
+def test_confluent_framing_resolves_the_writer_schema_from_the_registry(event):
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    registry = SchemaRegistryClient.new_client({"url": "mock://decoder-test"})
+    codec = AvroCodec()
+    codec.use_registry(registry, "events-value")
+    value = codec.encode(event)
+    assert value[:1] == b"\x00" and struct.unpack(">I", value[1:5])[0] == codec.schema_id
+    decoder = EventDecoder()
+    decoder.registry = registry  # the same (mock) registry the producer used
+    assert to_wire(decoder.decode(value)) == event
+    with pytest.raises(Poison) as e:
+        decoder.decode(b"\x00" + struct.pack(">I", 4242) + value[5:])
+    assert e.value.kind == "unknown_schema" and "4242" in str(e.value)
+
+
+def test_confluent_framing_without_a_registry_is_unknown_schema(event):
+    codec = AvroCodec()
+    value = b"\x00\x00\x00\x00\x07" + codec.encode(event)[10:]
+    with pytest.raises(Poison, match="no schema registry configured") as e:
+        EventDecoder().decode(value)
+    assert e.value.kind == "unknown_schema"
+
+
+@pytest.mark.parametrize("value,kind", [
+    (b"", "undecodable"),
+    (b"{\"json\": true}", "undecodable"),
+    (b"\xc3\x01" + b"\x00" * 8 + b"body", "unknown_schema"),
+])
+def test_other_bytes_are_poison(value, kind):
+    with pytest.raises(Poison) as e:
+        EventDecoder().decode(value)
+    assert e.value.kind == kind
+
+
+def test_truncated_body_is_undecodable(event):
+    value = AvroCodec().encode(event)
+    with pytest.raises(Poison) as e:
+        EventDecoder().decode(value[: len(value) // 2])
+    assert e.value.kind == "undecodable"
