@@ -4,8 +4,9 @@
 
 Events and objects are made with the publisher's own code (local directory store, so the
 object store is not what is measured), produced to a real Kafka broker, then:
-- raw: the same points (ids, pooled vectors, payloads precomputed, outside the timing)
-  written with the sink's raw client in batches of 256: the floor for that store;
+- store alone: the same points (ids, pooled vectors, payloads precomputed, outside the
+  timing) written in batches of 256 by the store's own client, through the sink's thin
+  ``upsert`` (one merge_insert / upsert / executemany call): what the store itself costs;
 - consumer: the full ``Indexer`` from an empty group to "caught up and committed": Kafka
   reads, Avro decoding, object reads, SHA-256 and shape checks, pooling, upserts, commits.
 Prints points/s for both and the ratio, and the consumer's peak RSS growth.
@@ -69,7 +70,7 @@ def main() -> None:
     obj_mb = args.events * args.features * args.hidden * 4 / 1e6
     print(f"{args.events} events, one {args.features}x{args.hidden} float32 object each ({obj_mb:.0f} MB), "
           f"Kafka {services.KAFKA_VERSION}, 3 partitions\n")
-    print(f"{'sink':<10} {'raw client pts/s':>17} {'consumer pts/s':>15} {'ratio':>6} {'consumer RSS +MB':>17}")
+    print(f"{'sink':<10} {'store alone pts/s':>17} {'consumer pts/s':>15} {'ratio':>6} {'consumer RSS +MB':>17} {'batch size':>10}")
 
     def uri(kind, name):
         return {"lancedb": f"lancedb://{work}/lance/{name}", "qdrant": f"qdrant://{work}/qdrant-{name}/{name}",
@@ -97,11 +98,13 @@ def main() -> None:
         totals = idx.run(once=True)
         rate = totals.indexed / (time.perf_counter() - assigned_at[0])
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
+        n_batches = idx.metrics.batch_records._sum.get() and sum(b.get() for b in idx.metrics.batch_records._buckets)
         assert totals.committed == args.events and sink.count() == args.events
         idx.close()
         source.close()
         sink.close()
-        print(f"{kind:<10} {raw_rate:>17,.0f} {rate:>15,.0f} {rate / raw_rate:>6.2f} {rss:>17.0f}")
+        print(f"{kind:<10} {raw_rate:>17,.0f} {rate:>15,.0f} {rate / raw_rate:>6.2f} {rss:>17.0f} "
+              f"{totals.committed / n_batches:>10.0f}")
     kafka.stop()
     if pg:
         pg.stop()

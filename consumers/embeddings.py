@@ -105,7 +105,7 @@ def verify_and_decode(item: Mapping[str, Any], data: bytes) -> np.ndarray:
 def pool(features: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
     """(num_features, hidden) -> (hidden,) for mean/first/max, or (num_features, hidden) for none."""
     if pooling == "mean":
-        v = features.mean(axis=0, dtype=np.float64).astype(np.float32)
+        v = features.mean(axis=0)
     elif pooling == "first":
         v = features[0].copy()
     elif pooling == "max":

@@ -331,8 +331,7 @@ class Indexer:
             if e.event is not None:
                 self.metrics.missing.inc(len(e.event.get("missing_embeddings") or ()))
                 for item in e.event["embeddings"]:
-                    fetches[(ei, item["item_index"])] = self._fetch_pool.submit(
-                        self._retry, "object_store", lambda uri=item["uri"]: self.fetcher.get(uri))
+                    fetches[(ei, item["item_index"])] = self._fetch_pool.submit(self._vector, item)
         points: list[Point] = []
         for ei, e in enumerate(entries):
             if e.event is None:
@@ -340,8 +339,7 @@ class Indexer:
             try:
                 mine = []
                 for item in e.event["embeddings"]:
-                    data = fetches[(ei, item["item_index"])].result()
-                    vec = pool(verify_and_decode(item, data), cfg.pooling, cfg.normalize)
+                    vec = fetches[(ei, item["item_index"])].result()  # raises the item's Poison
                     self._ensure_sinks(vec)
                     for s in self.sinks:
                         s.check_dimension(vec)
@@ -374,6 +372,11 @@ class Indexer:
             log.error("fault injection: exiting after writing batch %d, before its commit", self._batches_written)
             logging.shutdown()
             os._exit(86)
+
+    def _vector(self, item: dict):
+        """Fetch, verify and pool one item: on the fetch pool, so hashing and numpy run in parallel."""
+        data = self._retry("object_store", lambda: self.fetcher.get(item["uri"]))
+        return pool(verify_and_decode(item, data), self.cfg.pooling, self.cfg.normalize)
 
     def _ensure_sinks(self, vec) -> None:
         if self._sinks_ready:

@@ -117,8 +117,16 @@ class KafkaSource(EventSource):
     def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
         from confluent_kafka import KafkaError, KafkaException
 
+        # Drain what is buffered without waiting; if nothing is, wait for the first record only
+        # (consume(n, timeout) would hold out for all n until the timeout).
+        msgs = self.consumer.consume(num_messages=max_records, timeout=0)
+        if not msgs:
+            first = self.consumer.poll(timeout)
+            msgs = [first] if first is not None else []
+            if first is not None and max_records > 1:
+                msgs += self.consumer.consume(num_messages=max_records - 1, timeout=0)
         out = []
-        for m in self.consumer.consume(num_messages=max_records, timeout=timeout):
+        for m in msgs:
             err = m.error()
             tp = (m.topic(), m.partition())
             if err is not None:
