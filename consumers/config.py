@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from publisher.config import KEYS as PUBLISHER_KEYS
 from publisher.config import (
-    ConfigError, _as_bool, _as_dict, _as_http_url, _as_opt_str, _as_str, _choice, _number, _read_file,
-    env_layer, merge_layers, redact_mapping, redact_url,
+    ConfigError, Key, _as_bool, _as_opt_str, _as_str, _choice, _number, _read_file, as_event_uri, env_layer,
+    merge_layers, parse_keys, redact_mapping, redact_url,
 )
 
 ENV_CONFIG_FILE = "VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE"
@@ -28,24 +29,6 @@ SINK_SCHEMES = ("qdrant", "pgvector", "milvus", "lancedb")
 LOG_FORMATS = ("text", "json")
 
 __all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SINK_SCHEMES"]
-
-
-def _as_source(v: Any, key: str) -> str:
-    v = _as_str(v, key)
-    u = urlsplit(v)
-    if u.scheme == "kafka":
-        topic = u.path.lstrip("/")
-        if not u.netloc or not topic or "/" in topic:
-            raise ConfigError(f"{key}: expected kafka://host:port[,host:port]/topic, got {redact_url(v)!r}")
-        for hostport in u.netloc.split(","):
-            if not re.fullmatch(r"[^:@/\s]+:\d{1,5}", hostport):
-                raise ConfigError(f"{key}: expected host:port in the broker list, got {hostport!r}")
-        return v
-    if u.scheme == "file":
-        if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.path.endswith("/"):
-            raise ConfigError(f"{key}: expected file:///path/events.avro, got {v!r}")
-        return v
-    raise ConfigError(f"{key}: expected kafka://host:port/topic or file:///path/events.avro, got {redact_url(v)!r}")
 
 
 def _as_sink(v: Any, key: str) -> str:
@@ -89,7 +72,7 @@ def _as_dlq(v: Any, key: str) -> str | None:
     v = _as_opt_str(v, key)
     if v is None or v == "none":
         return v
-    return _as_source(v, key)
+    return as_event_uri(v, key)
 
 
 def _as_port(v: Any, key: str) -> int:
@@ -99,44 +82,32 @@ def _as_port(v: Any, key: str) -> int:
     return n
 
 
-@dataclasses.dataclass(frozen=True)
-class _Key:
-    default: Callable[[], Any]
-    parse: Callable[[Any, str], Any]
-    doc: str
-
-
 # The one table of settings: flags, env vars, file keys, defaults and docs all come from it.
-KEYS: dict[str, _Key] = {
-    "source": _Key(lambda: None, _as_source, "kafka://host:port[,host:port]/topic or file:///path/events.avro."),
-    "sinks": _Key(lambda: None, _as_sinks, "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb://."),
-    "group": _Key(lambda: "vllm-mm-events-indexer", _as_str,
-                  "Kafka consumer group; for a file source, names its checkpoint."),
-    "pooling": _Key(lambda: "mean", _choice(POOLINGS),
-                    "(num_features, hidden) -> indexed vector: mean, first, max, or none (multi-vector)."),
-    "normalize": _Key(lambda: False, _as_bool, "L2-normalise vectors before indexing (and searching)."),
-    "distance": _Key(lambda: "cosine", _choice(DISTANCES), "Distance of a collection the consumer creates."),
-    "dlq": _Key(lambda: None, _as_dlq,
-                "Dead letters: kafka://.../topic or file:///path.jsonl (default: <topic>.dlq, or <events>.dlq.jsonl)."),
-    "checkpoint": _Key(lambda: None, _as_opt_str,
-                       "File source: where the committed position is kept (default: next to the log)."),
-    "batch_max_records": _Key(lambda: 256, _number(int, 1), "A batch closes at this many events..."),
-    "batch_max_bytes": _Key(lambda: 64 << 20, _number(int, 1 << 10), "...or this many embedding bytes..."),
-    "batch_linger_ms": _Key(lambda: 200, _number(int, 0), "...or when its first event is this old."),
-    "fetch_threads": _Key(lambda: 8, _number(int, 1), "Parallel object fetches."),
-    "poll_timeout_s": _Key(lambda: 1.0, _number(float, 0.01), "How long one poll waits for new events."),
-    "shutdown_timeout_s": _Key(lambda: 25.0, _number(float, 0.0), "SIGTERM: time to finish the batch in flight."),
-    "metrics_port": _Key(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off)."),
-    "progress_interval_s": _Key(lambda: 10.0, _number(float, 0.1), "How often a progress line is logged."),
-    "log_format": _Key(lambda: "text", _choice(LOG_FORMATS), "text, or json (one object per line)."),
-    "s3_endpoint_url": _Key(lambda: os.environ.get("AWS_ENDPOINT_URL") or None, _as_http_url,
-                            "S3 endpoint for MinIO and other S3-compatible stores."),
-    "s3_region": _Key(lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-                      _as_opt_str, "S3 region."),
-    "kafka": _Key(dict, _as_dict, "librdkafka settings for the source and DLQ clients (security, SASL, TLS)."),
-    "schema_registry_url": _Key(lambda: None, _as_http_url,
-                                "Resolve Confluent-framed values' writer schemas here."),
-    "schema_registry": _Key(dict, _as_dict, "Extra Schema Registry client settings."),
+KEYS: dict[str, Key] = {
+    "source": Key(lambda: None, as_event_uri, "kafka://host:port[,host:port]/topic or file:///path/events.avro."),
+    "sinks": Key(lambda: None, _as_sinks, "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb://."),
+    "group": Key(lambda: "vllm-mm-events-indexer", _as_str,
+                 "Kafka consumer group; for a file source, names its checkpoint."),
+    "pooling": Key(lambda: "mean", _choice(POOLINGS),
+                   "(num_features, hidden) -> indexed vector: mean, first, max, or none (multi-vector)."),
+    "normalize": Key(lambda: False, _as_bool, "L2-normalise vectors before indexing (and searching)."),
+    "distance": Key(lambda: "cosine", _choice(DISTANCES), "Distance of a collection the consumer creates."),
+    "dlq": Key(lambda: None, _as_dlq,
+               "Dead letters: kafka://.../topic or file:///path.jsonl (default: <topic>.dlq, or <events>.dlq.jsonl)."),
+    "checkpoint": Key(lambda: None, _as_opt_str,
+                      "File source: where the committed position is kept (default: next to the log)."),
+    "batch_max_records": Key(lambda: 256, _number(int, 1), "A batch closes at this many events..."),
+    "batch_max_bytes": Key(lambda: 64 << 20, _number(int, 1 << 10), "...or this many embedding bytes..."),
+    "batch_linger_ms": Key(lambda: 200, _number(int, 0), "...or when its first event is this old."),
+    "fetch_threads": Key(lambda: 8, _number(int, 1), "Parallel object fetches."),
+    "poll_timeout_s": Key(lambda: 1.0, _number(float, 0.01), "How long one poll waits for new events."),
+    "shutdown_timeout_s": Key(lambda: 25.0, _number(float, 0.0), "SIGTERM: time to finish the batch in flight."),
+    "metrics_port": Key(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off)."),
+    "progress_interval_s": Key(lambda: 10.0, _number(float, 0.1), "How often a progress line is logged."),
+    "log_format": Key(lambda: "text", _choice(LOG_FORMATS), "text, or json (one object per line)."),
+    # Connections: the publisher's own entries (same env vars, same defaults).
+    **{k: PUBLISHER_KEYS[k] for k in ("s3_endpoint_url", "s3_region", "kafka", "schema_registry_url",
+                                      "schema_registry")},
 }
 
 
@@ -180,18 +151,7 @@ class ConsumerConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ConsumerConfig":
-        unknown = sorted(set(raw) - set(KEYS))
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown key; expected one of {', '.join(KEYS)}")
-        values = {}
-        for key, spec in KEYS.items():
-            value = raw[key] if key in raw else spec.default()
-            values[key] = None if value is None else spec.parse(value, key)
-        return cls(**values)
-
-    @property
-    def source_scheme(self) -> str:
-        return urlsplit(self.source).scheme
+        return cls(**parse_keys(KEYS, raw))
 
     def redacted(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -229,7 +229,6 @@ class Indexer:
                 e.poison = p
             except Transient as t:  # the registry is away: keep the record, decode it in the writer
                 self.metrics.errors.labels(t.kind).inc()
-                e.poison = None
             self._batch.append(e)
             self._batch_bytes += e.nbytes
             self.totals.consumed += 1

@@ -34,10 +34,6 @@ class SourceRecord:
     event: dict | None = None  # already decoded (the file log holds records, not framed values)
     error: str | None = None  # the file log: this block could not be read
 
-    @property
-    def size(self) -> int:
-        return len(self.value)
-
 
 class EventSource(ABC):
     # Called by the source, from poll(), before partitions are taken away, so the caller can

@@ -109,7 +109,8 @@ def _as_object_store(v: Any, key: str) -> str:
     raise ConfigError(f"{key}: expected s3://bucket/prefix or file:///dir, got {v!r}")
 
 
-def _as_event_sink(v: Any, key: str) -> str:
+def as_event_uri(v: Any, key: str) -> str:
+    """An event stream: where the publisher writes and the consumer reads."""
     v = _as_str(v, key)
     u = urlsplit(v)
     if u.scheme == "kafka":
@@ -140,42 +141,42 @@ def _as_http_url(v: Any, key: str) -> str | None:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Key:
+class Key:
     default: Callable[[], Any]
     parse: Callable[[Any, str], Any]
     doc: str
 
 
 # The one table of settings: parsing, defaults and env vars all come from it.
-KEYS: dict[str, _Key] = {
-    "object_store": _Key(lambda: (default_data_dir() / "objects").as_uri(), _as_object_store,
-                         "Where embeddings go: s3://bucket/prefix or file:///dir."),
-    "s3_endpoint_url": _Key(lambda: os.environ.get("AWS_ENDPOINT_URL") or None, _as_http_url,
-                            "S3 endpoint for MinIO and other S3-compatible stores."),
-    "s3_region": _Key(lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-                      _as_opt_str, "S3 region."),
-    "event_sink": _Key(lambda: (default_data_dir() / "events.avro").as_uri(), _as_event_sink,
-                       "Where events go: kafka://host:port[,host:port]/topic or file:///path/events.avro."),
-    "kafka": _Key(dict, _as_dict, "librdkafka settings passed through (security, SASL, TLS, compression)."),
-    "schema_registry_url": _Key(lambda: None, _as_http_url,
-                                "Confluent-compatible Schema Registry; when set values use its wire format."),
-    "schema_registry": _Key(dict, _as_dict, "Extra Schema Registry client settings (basic.auth.user.info, ssl.*)."),
-    "storage_dtype": _Key(lambda: "float32", _choice(STORAGE_DTYPES), "dtype of the stored tensors."),
-    "publish_text_only": _Key(lambda: False, _as_bool, "Also publish events for requests without media."),
-    "allow_client_embeddings": _Key(lambda: False, _as_bool,
-                                    "Accept media sent as client-computed embeddings (events mark them CLIENT)."),
-    "backpressure": _Key(lambda: "block", _choice(BACKPRESSURE_POLICIES),
-                         "When in-flight limits are hit: block the engine until there is room, or drop and count."),
-    "max_inflight_bytes": _Key(lambda: 512 << 20, _number(int, 1 << 20),
-                               "Worker: bytes of captured tensors waiting for upload."),
-    "max_pending_events": _Key(lambda: 10000, _number(int, 1), "Scheduler: events waiting for objects or the sink."),
-    "upload_threads": _Key(lambda: 2, _number(int, 1), "Worker: parallel object uploads."),
-    "durability_timeout_s": _Key(lambda: 60.0, _number(float, 0.1),
-                                 "How long an event waits for its objects before it is published without them."),
-    "shutdown_timeout_s": _Key(lambda: 15.0, _number(float, 0.0), "Bounded flush on engine shutdown."),
-    "fsync": _Key(lambda: True, _as_bool, "Local store and event log: fsync before calling an object durable."),
-    "topic_partitions": _Key(lambda: 0, _number(int, 0),
-                             "Create the Kafka topic with this many partitions if missing (0: leave to the broker)."),
+KEYS: dict[str, Key] = {
+    "object_store": Key(lambda: (default_data_dir() / "objects").as_uri(), _as_object_store,
+                        "Where embeddings go: s3://bucket/prefix or file:///dir."),
+    "s3_endpoint_url": Key(lambda: os.environ.get("AWS_ENDPOINT_URL") or None, _as_http_url,
+                           "S3 endpoint for MinIO and other S3-compatible stores."),
+    "s3_region": Key(lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+                     _as_opt_str, "S3 region."),
+    "event_sink": Key(lambda: (default_data_dir() / "events.avro").as_uri(), as_event_uri,
+                      "Where events go: kafka://host:port[,host:port]/topic or file:///path/events.avro."),
+    "kafka": Key(dict, _as_dict, "librdkafka settings passed through (security, SASL, TLS, compression)."),
+    "schema_registry_url": Key(lambda: None, _as_http_url,
+                               "Confluent-compatible Schema Registry; when set values use its wire format."),
+    "schema_registry": Key(dict, _as_dict, "Extra Schema Registry client settings (basic.auth.user.info, ssl.*)."),
+    "storage_dtype": Key(lambda: "float32", _choice(STORAGE_DTYPES), "dtype of the stored tensors."),
+    "publish_text_only": Key(lambda: False, _as_bool, "Also publish events for requests without media."),
+    "allow_client_embeddings": Key(lambda: False, _as_bool,
+                                   "Accept media sent as client-computed embeddings (events mark them CLIENT)."),
+    "backpressure": Key(lambda: "block", _choice(BACKPRESSURE_POLICIES),
+                        "When in-flight limits are hit: block the engine until there is room, or drop and count."),
+    "max_inflight_bytes": Key(lambda: 512 << 20, _number(int, 1 << 20),
+                              "Worker: bytes of captured tensors waiting for upload."),
+    "max_pending_events": Key(lambda: 10000, _number(int, 1), "Scheduler: events waiting for objects or the sink."),
+    "upload_threads": Key(lambda: 2, _number(int, 1), "Worker: parallel object uploads."),
+    "durability_timeout_s": Key(lambda: 60.0, _number(float, 0.1),
+                                "How long an event waits for its objects before it is published without them."),
+    "shutdown_timeout_s": Key(lambda: 15.0, _number(float, 0.0), "Bounded flush on engine shutdown."),
+    "fsync": Key(lambda: True, _as_bool, "Local store and event log: fsync before calling an object durable."),
+    "topic_partitions": Key(lambda: 0, _number(int, 0),
+                            "Create the Kafka topic with this many partitions if missing (0: leave to the broker)."),
 }
 
 
@@ -211,14 +212,7 @@ class PublisherConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "PublisherConfig":
-        unknown = sorted(set(raw) - set(KEYS))
-        if unknown:
-            raise ConfigError(f"{unknown[0]}: unknown key; expected one of {', '.join(KEYS)}")
-        values = {}
-        for key, spec in KEYS.items():
-            value = raw[key] if key in raw else spec.default()
-            values[key] = None if value is None else spec.parse(value, key)
-        return cls(**values)
+        return cls(**parse_keys(KEYS, raw))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,6 +229,18 @@ class PublisherConfig:
 
     def __repr__(self) -> str:  # never leak secrets through a stray repr()
         return f"PublisherConfig({self.redacted()!r})"
+
+
+def parse_keys(keys: Mapping[str, Key], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` against a key table: unknown keys and bad values raise, naming the key."""
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key; expected one of {', '.join(keys)}")
+    values = {}
+    for key, spec in keys.items():
+        value = raw[key] if key in raw else spec.default()
+        values[key] = None if value is None else spec.parse(value, key)
+    return values
 
 
 # Settings dicts merge across sources per setting, so a Kubernetes Secret can supply

@@ -16,11 +16,9 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from consumers.embeddings import Point, Transient
-from consumers.sinks import Hit, VectorSink, split_collection
+from consumers.sinks import PAYLOAD_FIELDS, Hit, VectorSink, split_collection
 
 _METRIC = {"cosine": "COSINE", "dot": "IP", "l2": "L2"}
-_FIELDS = ("request_id", "event_id", "item_index", "mm_hash", "modality", "model", "uri", "event_time", "pooling",
-           "metadata")
 
 
 class MilvusSink(VectorSink):
@@ -85,12 +83,12 @@ class MilvusSink(VectorSink):
                    consistency_level="Strong")
 
     def upsert(self, points: list[Point]) -> None:
-        rows = [{"id": p.id, "vector": p.vector.tolist(), **{k: p.payload[k] for k in _FIELDS}} for p in points]
+        rows = [{"id": p.id, "vector": p.vector.tolist(), **{k: p.payload[k] for k in PAYLOAD_FIELDS}} for p in points]
         self._call(self.client.upsert, self.collection, data=rows)
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         res = self._call(self.client.search, self.collection, data=[vector.tolist()], limit=k,
-                         output_fields=list(_FIELDS), search_params={"metric_type": _METRIC[self.distance]})
+                         output_fields=list(PAYLOAD_FIELDS), search_params={"metric_type": _METRIC[self.distance]})
         hits = []
         for h in res[0]:
             entity = h.get("entity", {})
@@ -100,7 +98,7 @@ class MilvusSink(VectorSink):
 
     @staticmethod
     def _payload(entity: dict) -> dict[str, Any]:
-        p = {k: entity.get(k) for k in _FIELDS}
+        p = {k: entity.get(k) for k in PAYLOAD_FIELDS}
         if isinstance(p["metadata"], str):
             p["metadata"] = json.loads(p["metadata"])
         return p
@@ -110,7 +108,7 @@ class MilvusSink(VectorSink):
         return int(res[0]["count(*)"])
 
     def retrieve(self, ids: list[str]) -> dict[str, dict[str, Any]]:
-        res = self._call(self.client.get, self.collection, ids=list(ids), output_fields=list(_FIELDS))
+        res = self._call(self.client.get, self.collection, ids=list(ids), output_fields=list(PAYLOAD_FIELDS))
         return {str(r["id"]): self._payload(r) for r in res}
 
     def close(self) -> None:

@@ -16,12 +16,11 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from consumers.embeddings import Point, Transient
-from consumers.sinks import Hit, VectorSink
+from consumers.sinks import PAYLOAD_FIELDS, Hit, VectorSink
 
 _OPS = {"cosine": ("<=>", "vector_cosine_ops"), "dot": ("<#>", "vector_ip_ops"), "l2": ("<->", "vector_l2_ops")}
 HNSW_MAX_DIM = 2000
-_COLUMNS = ("id", "embedding", "request_id", "event_id", "item_index", "mm_hash", "modality", "model", "uri",
-            "event_time", "pooling", "metadata")
+_COLUMNS = ("id", "embedding", *PAYLOAD_FIELDS)
 
 
 def _vector_literal(v: np.ndarray) -> str:
@@ -129,9 +128,7 @@ class PgvectorSink(VectorSink):
 
     @staticmethod
     def _payload(r) -> dict[str, Any]:
-        keys = ("request_id", "event_id", "item_index", "mm_hash", "modality", "model", "uri", "event_time",
-                "pooling", "metadata")
-        return dict(zip(keys, r))
+        return dict(zip(PAYLOAD_FIELDS, r))  # the SELECTs list the columns in this order
 
     def count(self) -> int:
         from psycopg import sql
