@@ -7,7 +7,7 @@ produced by the step is captured to host memory:
 
 - ``none``: no capture (the ceiling);
 - ``cpu()``: a synchronous ``t.cpu()``, as the original design did;
-- ``publisher``: ``publisher.capture.DeviceToHostCapture`` into the shared, page-locked
+- ``publisher``: ``publisher.vllm.capture.DeviceToHostCapture`` into the shared, page-locked
   ring (side stream, stream-ordered async copy, ``record_stream``; landed copies are
   noticed by polling their events and handed on; regions are freed as the sidecar would).
 
@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from publisher.capture import DeviceToHostCapture, SharedRing  # noqa: E402
+from publisher.sidecar.ring import SharedRing
+from publisher.vllm.capture import DeviceToHostCapture  # noqa: E402
 
 
 def run(method: str, n: int, shape: tuple[int, int], steps: int, ring_bytes: int) -> dict:

@@ -35,18 +35,21 @@ def main() -> None:
 
     import numpy as np
 
+    from consumers.config import ConsumerConfig
+    from consumers.dead_letters import LoggedDeadLetters
+    from consumers.decoder import EventDecoder
+    from consumers.indexer import Indexer
+    from consumers.metrics import ConsumerMetrics
+    from consumers.objects import ObjectFetcher
+    from consumers.sinks import open_vector_sink
+    from consumers.sources.kafka import KafkaSource
+    from consumers.vectors import Point, point_id, point_payload, pool
+    from publisher.stores.local import LocalDirStore
+    from schemas.codec import AvroCodec
+
     import consumer_run as cr
     import services
     import synth
-    from consumers.config import ConsumerConfig
-    from consumers.dlq import LoggedDeadLetters
-    from consumers.embeddings import ObjectFetcher, Point, point_id, point_payload, pool
-    from consumers.indexer import EventDecoder, Indexer
-    from consumers.metrics import ConsumerMetrics
-    from consumers.sinks import open_vector_sink
-    from consumers.sources import KafkaSource
-    from publisher.events import AvroCodec
-    from publisher.store import LocalDirStore
 
     work = Path(tempfile.mkdtemp(prefix="consumer-bench-"))
     kafka = services.KafkaBroker().start()
@@ -70,7 +73,8 @@ def main() -> None:
     obj_mb = args.events * args.features * args.hidden * 4 / 1e6
     print(f"{args.events} events, one {args.features}x{args.hidden} float32 object each ({obj_mb:.0f} MB), "
           f"Kafka {services.KAFKA_VERSION}, 3 partitions\n")
-    print(f"{'sink':<10} {'store alone pts/s':>17} {'consumer pts/s':>15} {'ratio':>6} {'consumer RSS +MB':>17} {'batch size':>10}")
+    print(f"{'sink':<10} {'store alone pts/s':>17} {'consumer pts/s':>15} {'ratio':>6} "
+          f"{'consumer RSS +MB':>17} {'batch size':>10}")
 
     def uri(kind, name):
         return {"lancedb": f"lancedb://{work}/lance/{name}", "qdrant": f"qdrant://{work}/qdrant-{name}/{name}",

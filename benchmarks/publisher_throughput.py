@@ -39,7 +39,7 @@ def worker(spec: dict) -> None:
     from vllm import LLM, SamplingParams
     from vllm.config import ECTransferConfig
 
-    from publisher.demo import tiny_llava
+    from publisher.vllm.demo import tiny_llava
 
     ec = None
     if spec["connector"] == "noop":
@@ -79,7 +79,8 @@ def cpu_by_process() -> dict[str, float]:
     me = psutil.Process()
     out: dict[str, float] = {}
     # The sidecars detach from the engine's process tree, so find them by command line.
-    sidecars = [p for p in psutil.process_iter(["cmdline"]) if "publisher.offload" in " ".join(p.info["cmdline"] or [])]
+    sidecars = [p for p in psutil.process_iter(["cmdline"])
+                if "publisher.sidecar.process" in " ".join(p.info["cmdline"] or [])]
     for p in {q.pid: q for q in [me, *me.children(recursive=True), *sidecars]}.values():
         try:
             cmd = " ".join(p.cmdline())
@@ -89,9 +90,9 @@ def cpu_by_process() -> dict[str, float]:
             continue
         if p.pid == me.pid:
             role = "client (LLM.generate)"
-        elif "publisher.offload worker" in cmd:
+        elif "publisher.sidecar.process worker" in cmd:
             role = "sidecar: worker"
-        elif "publisher.offload scheduler" in cmd:
+        elif "publisher.sidecar.process scheduler" in cmd:
             role = "sidecar: scheduler"
         elif "EngineCore" in name or "EngineCore" in cmd:
             role = "EngineCore (scheduler)"
@@ -130,8 +131,9 @@ def main() -> None:
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
 
+    from publisher.vllm.demo import tiny_llava
+
     import services
-    from publisher.demo import tiny_llava
 
     work = Path(tempfile.mkdtemp(prefix="mm-bench-"))
     model = str(tiny_llava.build(Path.home() / ".cache" / "vllm-mm-events" / "models" / "tiny-llava"))

@@ -1,4 +1,4 @@
-"""CPU per S3 call: boto3 (the raw client) vs the publisher's S3Lite, against a real MinIO.
+"""CPU per S3 call: boto3 (the raw client) vs the publisher's S3PutHeadClient, against a real MinIO.
 
     .venv/bin/python benchmarks/s3_client.py [--objects 500] [--size 8528]
 
@@ -31,15 +31,15 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=500)
     ap.add_argument("--size", type=int, default=8528, help="bytes per object (8528: one tiny-LLaVA item)")
     args = ap.parse_args()
-    import services
+    from publisher.stores.s3_put_head import S3PutHeadClient
 
-    from publisher.s3lite import S3Lite
+    import services
 
     minio = services.MinioServer().start()
     os.environ.update(minio.env)
     bucket = minio.create_bucket(f"bench-{uuid.uuid4().hex[:8]}")
     boto = minio.client()
-    lite = S3Lite(minio.endpoint, "us-east-1")
+    lite = S3PutHeadClient(minio.endpoint, "us-east-1")
     data = os.urandom(args.size)
     sha = hashlib.sha256(data).hexdigest()
     b64 = base64.b64encode(bytes.fromhex(sha)).decode()
@@ -48,10 +48,10 @@ def main() -> None:
     rows = {
         "PUT boto3": measure(lambda i: boto.put_object(Bucket=bucket, Key=f"b/{i}", Body=data, Metadata=meta,
                                                        IfNoneMatch="*", ChecksumSHA256=b64), n),
-        "PUT S3Lite": measure(lambda i: lite.put_if_absent(bucket, f"l/{i}", data, sha, b64, meta,
+        "PUT S3PutHeadClient": measure(lambda i: lite.put_if_absent(bucket, f"l/{i}", data, sha, b64, meta,
                                                             "application/octet-stream"), n),
         "HEAD boto3": measure(lambda i: boto.head_object(Bucket=bucket, Key=f"b/{i}"), n),
-        "HEAD S3Lite": measure(lambda i: lite.head(bucket, f"l/{i}"), n),
+        "HEAD S3PutHeadClient": measure(lambda i: lite.head(bucket, f"l/{i}"), n),
     }
     minio.stop()
     print(f"{minio.name}, {n} objects of {args.size} bytes, one thread")
@@ -59,7 +59,8 @@ def main() -> None:
     for k, (cpu, wall) in rows.items():
         print(f"{k:12s} {cpu:12.0f} {wall:13.0f}")
     for op in ("PUT", "HEAD"):
-        print(f"{op}: S3Lite uses {rows[f'{op} S3Lite'][0] / rows[f'{op} boto3'][0]:.2f}x the CPU of boto3")
+        ratio = rows[f"{op} S3PutHeadClient"][0] / rows[f"{op} boto3"][0]
+        print(f"{op}: S3PutHeadClient uses {ratio:.2f}x the CPU of boto3")
 
 
 if __name__ == "__main__":

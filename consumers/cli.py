@@ -1,4 +1,4 @@
-"""``vllm-mm-events`` command line: demo, consume, search.
+"""``vllm-mm-events`` command line: consume, search. (The demo is ``vllm-mm-events-demo``: it needs vLLM.)
 
 Every ``consume``/``search`` flag is also a config key (``consumers/config.py``), settable as
 ``VLLM_MM_EVENTS_<KEY>`` or in the ``--config`` file; flags win.
@@ -7,32 +7,13 @@ Every ``consume``/``search`` flag is also a config key (``consumers/config.py``)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
-import time
 
 EXIT_CONFIG = 2
-
-
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-               "level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
-def setup_logging(fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("vllm_mm_events")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO)
-    root.propagate = False
 
 
 def _consumer_flags(p: argparse.ArgumentParser) -> None:
@@ -48,10 +29,6 @@ def _consumer_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vllm-mm-events")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("demo", help="run the tiny-model demo on the embedded defaults")
-    demo.add_argument("--workdir", default=None, help="where the model, objects and event log go")
-    demo.add_argument("--requests", type=int, default=4)
 
     c = sub.add_parser("consume", help="index published embeddings into vector stores")
     c.add_argument("--source", help="kafka://host:port[,host:port]/topic or file:///path/events.avro")
@@ -80,12 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from publisher.demo.run import run_demo
-
-        return run_demo(args.workdir, args.requests)
-
     from consumers.config import ConfigError, ConsumerConfig
+    from publisher.logs import setup_logging
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "once", "like", "k", "json")}
     try:
@@ -94,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"vllm-mm-events {args.command}: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(cfg.log_format)
+    setup_logging(cfg.log_format, replace=True)
     if args.command == "search":
         return _search(cfg, args)
     return consume(cfg, once=args.once)
@@ -114,40 +87,35 @@ def _search(cfg, args) -> int:
 
 
 def consume(cfg, once: bool = False) -> int:
-    from consumers.dlq import open_dead_letters
-    from consumers.embeddings import ObjectFetcher
-    from consumers.indexer import EventDecoder, Indexer
+    from consumers.dead_letters import open_dead_letters
+    from consumers.decoder import EventDecoder
+    from consumers.indexer import Indexer
     from consumers.metrics import ConsumerMetrics, MetricsServer
+    from consumers.objects import ObjectFetcher
     from consumers.sinks import SinkConfigError, open_vector_sink
     from consumers.sources import open_source
-    from publisher.schemas import event_schema
+    from schemas import event_schema
 
     log = logging.getLogger("vllm_mm_events.consumer")
     log.info("starting: %s", json.dumps(cfg.redacted()))
     metrics = ConsumerMetrics()
-    server = MetricsServer(metrics, cfg.metrics_port) if cfg.metrics_port else None
-    sinks, source, dead_letters, indexer = [], None, None, None
     try:
-        sinks = [open_vector_sink(uri, cfg.distance) for uri in cfg.sinks]
-        source = open_source(cfg.source, cfg.group, kafka=cfg.kafka, checkpoint=cfg.checkpoint,
-                             reader_schema=event_schema())
-        dead_letters = open_dead_letters(cfg.dlq, cfg.source, cfg.group, cfg.kafka)
-        indexer = Indexer(cfg, source, sinks, dead_letters, ObjectFetcher(cfg.s3_endpoint_url, cfg.s3_region),
-                          metrics, EventDecoder(cfg.schema_registry_url, cfg.schema_registry))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: indexer.request_stop())
-        totals = indexer.run(once=once)
+        with contextlib.ExitStack() as stack:
+            if cfg.metrics_port:
+                stack.enter_context(MetricsServer(metrics, cfg.metrics_port))
+            sinks = [stack.enter_context(open_vector_sink(uri, cfg.distance)) for uri in cfg.sinks]
+            source = stack.enter_context(open_source(cfg.source, cfg.group, kafka=cfg.kafka,
+                                                     checkpoint=cfg.checkpoint, reader_schema=event_schema()))
+            dead_letters = stack.enter_context(open_dead_letters(cfg.dlq, cfg.source, cfg.group, cfg.kafka))
+            fetcher = stack.enter_context(ObjectFetcher(cfg.s3_endpoint_url, cfg.s3_region))
+            indexer = stack.enter_context(Indexer(cfg, source, sinks, dead_letters, fetcher, metrics,
+                                                  EventDecoder(cfg.schema_registry_url, cfg.schema_registry)))
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: indexer.request_stop())
+            totals = indexer.run(once=once)
     except SinkConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
-    finally:
-        if indexer is not None:
-            indexer.close()
-        for closeable in (source, dead_letters, *sinks):
-            if closeable is not None:
-                closeable.close()
-        if server is not None:
-            server.close()
     log.info("stopped: %s", json.dumps(totals.as_dict()))
     print(json.dumps(totals.as_dict()), flush=True)
     return 0

@@ -1,38 +1,48 @@
-"""One typed configuration for the consumer (``vllm-mm-events consume``).
+"""The consumer's typed configuration (``vllm-mm-events consume|search``).
 
-Sources, later ones winning: defaults < a JSON/YAML file (``--config`` or
+Layers, later ones winning: defaults < a JSON/YAML file (``--config`` or
 ``VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE``) < ``VLLM_MM_EVENTS_<KEY>`` env vars < command-line
-flags. The connection keys (``kafka``, ``s3_endpoint_url``, ``schema_registry*``) read the
-same env vars as the publisher, including ``VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD``-style
-secrets, so one Kubernetes Secret serves both. Errors name the key; ``redacted()`` is the
-only form that may be logged.
+flags. The connection keys (``kafka``, ``s3_endpoint_url``, ``schema_registry*``) are the
+publisher's own, read from the same env vars, including
+``VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD``-style secrets, so one Kubernetes Secret serves both.
+The framework is ``publisher.settings``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 from typing import Any, Mapping
 from urllib.parse import unquote, urlsplit
 
+from consumers.vectors import POOLINGS
 from publisher.config import KEYS as PUBLISHER_KEYS
-from publisher.config import (
-    ConfigError, Key, _as_bool, _as_opt_str, _as_str, _choice, _number, _read_file, as_event_uri, env_layer,
-    merge_layers, parse_keys, redact_mapping, redact_url,
+from publisher.settings import (
+    ENV_PREFIX,
+    ConfigError,
+    Key,
+    Settings,
+    as_bool,
+    as_event_uri,
+    as_opt_str,
+    as_str,
+    choice,
+    number,
+    redact_url,
+    setting,
+    setting_from,
 )
 
 ENV_CONFIG_FILE = "VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE"
-POOLINGS = ("mean", "first", "max", "none")
 DISTANCES = ("cosine", "dot", "l2")
 SINK_SCHEMES = ("qdrant", "pgvector", "milvus", "lancedb")
 LOG_FORMATS = ("text", "json")
 
-__all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SINK_SCHEMES"]
+__all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SINK_SCHEMES", "Key"]
 
 
 def _as_sink(v: Any, key: str) -> str:
-    v = _as_str(v, key)
+    v = as_str(v, key)
     u = urlsplit(v)
     if u.scheme not in SINK_SCHEMES:
         raise ConfigError(f"{key}: unknown sink {u.scheme + '://' if u.scheme else redact_url(v)!r}; expected one of "
@@ -69,100 +79,65 @@ def _as_sinks(v: Any, key: str) -> tuple[str, ...]:
 
 
 def _as_dlq(v: Any, key: str) -> str | None:
-    v = _as_opt_str(v, key)
+    v = as_opt_str(v, key)
     if v is None or v == "none":
         return v
     return as_event_uri(v, key)
 
 
 def _as_port(v: Any, key: str) -> int:
-    n = _number(int, 0)(v, key)
+    n = number(int, 0)(v, key)
     if n > 65535:
         raise ConfigError(f"{key}: expected a TCP port 0-65535 (0: no metrics server), got {n}")
     return n
 
 
-# The one table of settings: flags, env vars, file keys, defaults and docs all come from it.
-KEYS: dict[str, Key] = {
-    "source": Key(lambda: None, as_event_uri, "kafka://host:port[,host:port]/topic or file:///path/events.avro."),
-    "sinks": Key(lambda: None, _as_sinks, "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb://."),
-    "group": Key(lambda: "vllm-mm-events-indexer", _as_str,
-                 "Kafka consumer group; for a file source, names its checkpoint."),
-    "pooling": Key(lambda: "mean", _choice(POOLINGS),
-                   "(num_features, hidden) -> indexed vector: mean, first, max, or none (multi-vector)."),
-    "normalize": Key(lambda: False, _as_bool, "L2-normalise vectors before indexing (and searching)."),
-    "distance": Key(lambda: "cosine", _choice(DISTANCES), "Distance of a collection the consumer creates."),
-    "dlq": Key(lambda: None, _as_dlq,
-               "Dead letters: kafka://.../topic or file:///path.jsonl (default: <topic>.dlq, or <events>.dlq.jsonl)."),
-    "checkpoint": Key(lambda: None, _as_opt_str,
-                      "File source: where the committed position is kept (default: next to the log)."),
-    "batch_max_records": Key(lambda: 256, _number(int, 1), "A batch closes at this many events..."),
-    "batch_max_bytes": Key(lambda: 64 << 20, _number(int, 1 << 10), "...or this many embedding bytes..."),
-    "batch_linger_ms": Key(lambda: 200, _number(int, 0), "...or when its first event is this old."),
-    "fetch_threads": Key(lambda: 8, _number(int, 1), "Parallel object fetches."),
-    "poll_timeout_s": Key(lambda: 1.0, _number(float, 0.01), "How long one poll waits for new events."),
-    "shutdown_timeout_s": Key(lambda: 25.0, _number(float, 0.0), "SIGTERM: time to finish the batch in flight."),
-    "metrics_port": Key(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off)."),
-    "progress_interval_s": Key(lambda: 10.0, _number(float, 0.1), "How often a progress line is logged."),
-    "log_format": Key(lambda: "text", _choice(LOG_FORMATS), "text, or json (one object per line)."),
-    # Connections: the publisher's own entries (same env vars, same defaults).
-    **{k: PUBLISHER_KEYS[k] for k in ("s3_endpoint_url", "s3_region", "kafka", "schema_registry_url",
-                                      "schema_registry")},
-}
+@dataclasses.dataclass(frozen=True, repr=False)
+class ConsumerConfig(Settings):
+    CONFIG_FILE_ENV = ENV_PREFIX + "CONSUMER_CONFIG_FILE"
 
-
-@dataclasses.dataclass(frozen=True)
-class ConsumerConfig:
-    source: str
-    sinks: tuple[str, ...]
-    group: str
-    pooling: str
-    normalize: bool
-    distance: str
-    dlq: str | None
-    checkpoint: str | None
-    batch_max_records: int
-    batch_max_bytes: int
-    batch_linger_ms: int
-    fetch_threads: int
-    poll_timeout_s: float
-    shutdown_timeout_s: float
-    metrics_port: int
-    progress_interval_s: float
-    log_format: str
-    s3_endpoint_url: str | None
-    s3_region: str | None
-    kafka: dict
-    schema_registry_url: str | None
-    schema_registry: dict
+    source: str = setting(lambda: None, as_event_uri, "kafka://host:port[,host:port]/topic or file:///path/events.avro.")
+    sinks: tuple[str, ...] = setting(lambda: None, _as_sinks,
+                                     "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb://.")
+    group: str = setting(lambda: "vllm-mm-events-indexer", as_str,
+                         "Kafka consumer group; for a file source, names its checkpoint.")
+    pooling: str = setting(lambda: "mean", choice(POOLINGS),
+                           "(num_features, hidden) -> indexed vector: mean, first, max, or none (multi-vector).")
+    normalize: bool = setting(lambda: False, as_bool, "L2-normalise vectors before indexing (and searching).")
+    distance: str = setting(lambda: "cosine", choice(DISTANCES), "Distance of a collection the consumer creates.")
+    dlq: str | None = setting(
+        lambda: None, _as_dlq,
+        "Dead letters: kafka://.../topic or file:///path.jsonl (default: <topic>.dlq, or <events>.dlq.jsonl).")
+    checkpoint: str | None = setting(lambda: None, as_opt_str,
+                                     "File source: where the committed position is kept (default: next to the log).")
+    batch_max_records: int = setting(lambda: 256, number(int, 1), "A batch closes at this many events...")
+    batch_max_bytes: int = setting(lambda: 64 << 20, number(int, 1 << 10), "...or this many embedding bytes...")
+    batch_linger_ms: int = setting(lambda: 200, number(int, 0), "...or when its first event is this old.")
+    fetch_threads: int = setting(lambda: 8, number(int, 1), "Parallel object fetches.")
+    poll_timeout_s: float = setting(lambda: 1.0, number(float, 0.01), "How long one poll waits for new events.")
+    shutdown_timeout_s: float = setting(lambda: 25.0, number(float, 0.0),
+                                        "SIGTERM: time to finish the batch in flight.")
+    metrics_port: int = setting(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off).")
+    progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1), "How often a progress line is logged.")
+    log_format: str = setting(lambda: "text", choice(LOG_FORMATS), "text, or json (one object per line).")
+    # Connections: the publisher's own keys (same env vars, same defaults).
+    s3_endpoint_url: str | None = setting_from(PUBLISHER_KEYS["s3_endpoint_url"])
+    s3_region: str | None = setting_from(PUBLISHER_KEYS["s3_region"])
+    kafka: dict = setting_from(PUBLISHER_KEYS["kafka"])
+    schema_registry_url: str | None = setting_from(PUBLISHER_KEYS["schema_registry_url"])
+    schema_registry: dict = setting_from(PUBLISHER_KEYS["schema_registry"])
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
              config_file: str | None = None, required: tuple[str, ...] = ("source", "sinks")) -> "ConsumerConfig":
-        environ = os.environ if environ is None else environ
-        config_file = config_file or environ.get(ENV_CONFIG_FILE)
+        """All layers; ``flags`` are the command line's (None values are not given)."""
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
-        raw = merge_layers([_read_file(config_file) if config_file else {}, env_layer(KEYS, environ), flags])
+        raw = cls.merged(flags, environ, config_file)
         for key in required:
             if raw.get(key) in (None, "", [], ()):
-                env = "VLLM_MM_EVENTS_" + key.upper()
+                env = ENV_PREFIX + key.upper()
                 raise ConfigError(f"{key}: required; pass --{key.rstrip('s').replace('_', '-')} or set {env}")
         return cls.from_dict(raw)
 
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "ConsumerConfig":
-        return cls(**parse_keys(KEYS, raw))
 
-    def redacted(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["kafka"] = redact_mapping(self.kafka)
-        d["schema_registry"] = redact_mapping(self.schema_registry)
-        d["source"] = redact_url(self.source) if self.source else None
-        d["sinks"] = [redact_url(s) for s in self.sinks or ()]
-        d["dlq"] = redact_url(self.dlq) if self.dlq else None
-        if self.schema_registry_url:
-            d["schema_registry_url"] = redact_url(self.schema_registry_url)
-        return d
-
-    def __repr__(self) -> str:
-        return f"ConsumerConfig({self.redacted()!r})"
+KEYS: dict[str, Key] = ConsumerConfig.keys()

@@ -11,28 +11,24 @@ crash between write and commit rewrites the same points: at least once, no dupli
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import random
-import struct
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import fastavro
-
 from consumers.config import ConsumerConfig
-from consumers.dlq import DeadLetters
-from consumers.embeddings import ObjectFetcher, Point, Poison, Transient, point_id, point_payload, pool, \
-    verify_and_decode
+from consumers.dead_letters import DeadLetters
+from consumers.decoder import EventDecoder
+from consumers.errors import DimensionMismatchPoison, Poison, Transient, Undecodable
 from consumers.metrics import ConsumerMetrics
-from consumers.sinks import DimensionMismatch, SinkConfigError, VectorSink
-from consumers.sources import EventSource, SourceRecord
-from publisher.events import SINGLE_OBJECT_MAGIC, AvroCodec
+from consumers.objects import ObjectFetcher, verify_and_decode
+from consumers.sinks.base import DimensionMismatch, SinkConfigError, VectorSink
+from consumers.sources.base import EventSource, SourceRecord
+from consumers.vectors import Point, point_id, point_payload, pool
 
 log = logging.getLogger("vllm_mm_events.consumer")
 
@@ -43,71 +39,6 @@ CRASH_AFTER_WRITE_ENV = "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE"
 
 class Abandoned(Exception):
     """Shutdown ran out of time while a batch was still retrying: it is not committed."""
-
-
-class EventDecoder:
-    """Single-object Avro (our fingerprint) or Confluent framing (writer schema from the registry)."""
-
-    def __init__(self, registry_url: str | None = None, registry_conf: dict | None = None):
-        self.codec = AvroCodec()
-        self.registry = None
-        if registry_url:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-
-            self.registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_conf or {})})
-        self._writers: dict[int, Any] = {}
-
-    def decode(self, value: bytes) -> dict:
-        if value[:2] == SINGLE_OBJECT_MAGIC and len(value) >= 10:
-            (fp,) = struct.unpack("<Q", value[2:10])
-            if fp != self.codec.fingerprint:
-                raise Poison("unknown_schema", f"schema fingerprint {fp:#018x} is not MMEmbeddingEvent's "
-                                               f"({self.codec.fingerprint:#018x})")
-            body, writer = value[10:], self.codec.parsed
-        elif value[:1] == b"\x00" and len(value) >= 5:
-            (schema_id,) = struct.unpack(">I", value[1:5])
-            body, writer = value[5:], self._writer(schema_id)
-        else:
-            raise Poison("undecodable", "neither Avro single-object encoding nor Confluent wire format "
-                                        f"(first bytes {value[:4].hex() or 'empty'})")
-        try:
-            return fastavro.schemaless_reader(io.BytesIO(body), writer, self.codec.parsed)
-        except Exception as e:  # noqa: BLE001 - any read failure means the bytes are bad
-            raise Poison("undecodable", f"Avro body does not decode: {type(e).__name__}: {e}") from None
-
-    def _writer(self, schema_id: int):
-        if schema_id in self._writers:
-            return self._writers[schema_id]
-        if self.registry is None:
-            raise Poison("unknown_schema", f"Confluent-framed value (schema id {schema_id}) and no schema registry "
-                                           "configured (--schema-registry-url)")
-        from confluent_kafka.schema_registry.error import SchemaRegistryError
-
-        try:
-            schema = self.registry.get_schema(schema_id)
-        except SchemaRegistryError as e:
-            if e.http_status_code == 404:
-                raise Poison("unknown_schema", f"schema id {schema_id} is not in the registry") from None
-            raise Transient("source", f"schema registry: {e}") from None
-        except Exception as e:  # noqa: BLE001 - network
-            raise Transient("source", f"schema registry: {e}") from None
-        try:
-            writer = fastavro.parse_schema(json.loads(schema.schema_str))
-        except Exception as e:  # noqa: BLE001
-            raise Poison("unknown_schema", f"schema id {schema_id} is not a usable Avro schema: {e}") from None
-        self._writers[schema_id] = writer
-        return writer
-
-
-def to_wire(value: Any) -> Any:
-    """A decoded event back into encodable form: fastavro reads timestamp-millis as datetimes."""
-    if isinstance(value, dict):
-        return {k: to_wire(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [to_wire(v) for v in value]
-    if hasattr(value, "timestamp"):
-        return int(value.timestamp() * 1000)
-    return value
 
 
 @dataclass
@@ -213,6 +144,12 @@ class Indexer:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
         self._writer.shutdown(wait=False, cancel_futures=True)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     # ---- main thread -----------------------------------------------------------------------
 
     def _add(self, records: list[SourceRecord]) -> None:
@@ -222,7 +159,7 @@ class Indexer:
             e = Entry(r)
             try:
                 if r.error:
-                    raise Poison("undecodable", r.error)
+                    raise Undecodable(r.error)
                 e.event = r.event if r.event is not None else self.decoder.decode(r.value)
                 e.nbytes = sum(int(i["size_bytes"]) for i in e.event["embeddings"])
             except Poison as p:
@@ -348,11 +285,11 @@ class Indexer:
             except Poison as p:
                 e.poison = p
             except DimensionMismatch as d:
-                e.poison = Poison("dimension_mismatch", str(d))
+                e.poison = DimensionMismatchPoison(str(d))
         poison = [e for e in entries if e.poison is not None]
         for e in poison:
             r = e.record
-            value = r.value or (self.decoder.codec.encode(to_wire(e.event)) if e.event is not None else b"")
+            value = r.value or (self.decoder.encode(e.event) if e.event is not None else b"")
             self.dead_letters.send(value, r.key, r.headers, e.poison.kind, str(e.poison), r.coords)
             log.warning("dead-lettered %s: %s (%s)", e.poison.kind, e.poison, r.coords)
         if poison:

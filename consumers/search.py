@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from consumers.embeddings import ObjectFetcher, decode_safetensors, pool
+from consumers.objects import ObjectFetcher
 from consumers.sinks import Hit, open_vector_sink
+from consumers.vectors import pool
+from schemas.objects import read_object
 
 
 def search_like(sink_uri: str, like: str, k: int, pooling: str, normalize: bool, distance: str,
@@ -15,18 +17,12 @@ def search_like(sink_uri: str, like: str, k: int, pooling: str, normalize: bool,
         from pathlib import Path
 
         like = Path(like).resolve().as_uri()
-    fetcher = ObjectFetcher(endpoint_url, region)
-    try:
-        features, _meta, _dtype = decode_safetensors(fetcher.get(like))
-    finally:
-        fetcher.close()
-    sink = open_vector_sink(sink_uri, distance)
-    try:
+    with ObjectFetcher(endpoint_url, region) as fetcher:
+        features = read_object(fetcher.get(like)).to_float32()
+    with open_vector_sink(sink_uri, distance) as sink:
         if sink.describe() is None:
             raise SystemExit(f"search: {sink.name} does not exist yet; nothing has been indexed there")
         return sink.search(pool(features, pooling, normalize), k)
-    finally:
-        sink.close()
 
 
 def format_hits(hits: list[Hit]) -> str:

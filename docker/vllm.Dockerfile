@@ -21,7 +21,7 @@ COPY publisher/ publisher/
 COPY schemas/ schemas/
 COPY consumers/ consumers/
 RUN python3 -m pip install --no-cache-dir . \
- && python3 -c "import publisher.plugin as p; p.register()"
+ && python3 -c "import publisher.vllm.plugin as p; p.register()"
 
 # A numeric non-root user (the chart sets runAsNonRoot with uid 2000). HOME and the caches
 # are mounted writable by the chart, so the root filesystem can be read-only.

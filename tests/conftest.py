@@ -1,6 +1,11 @@
-"""Shared fixtures: real servers, the tiny model, and CI strictness.
+"""Shared fixtures: real servers, the tiny model, markers, and CI strictness.
 
 In CI (``CI=true``) a skipped test is a failure: end-to-end tests must run, not skip.
+
+The servers run natively or in containers (``$VLLM_MM_EVENTS_SERVICES``, see tests/support/services.py).
+Every test is marked with what it needs (``kafka``, ``minio``, ``postgres``, ``vllm``, ``helm``), from
+the fixtures it uses, so ``pytest -m "not (kafka or minio or postgres or vllm or helm)"`` runs the
+tests that need none of them.
 """
 
 from __future__ import annotations
@@ -17,6 +22,71 @@ import services  # noqa: E402
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+# ---- markers --------------------------------------------------------------------------------
+
+MARKERS = {
+    "kafka": "needs the Kafka broker (fixture kafka; native or container)",
+    "minio": "needs the MinIO S3 server (fixture minio; native or container)",
+    "postgres": "needs PostgreSQL + pgvector (fixture postgres; native or container)",
+    "vllm": "runs the real vLLM engine on the tiny model (fixture tiny_llava)",
+    "helm": "runs the helm and kubeconform CLIs (tests/helm)",
+}
+# Fixture -> marker; item.fixturenames includes fixtures used through other fixtures.
+FIXTURE_MARKERS = {"kafka": "kafka", "minio": "minio", "postgres": "postgres", "tiny_llava": "vllm"}
+# Parametrized fixtures that reach a server through request.getfixturevalue() for one param only,
+# which item.fixturenames cannot see: (fixture, param) -> marker. A test that uses a server fixture
+# without its marker fails at teardown (see _markers_cover_the_servers_used), so a gap here shows.
+DYNAMIC_FIXTURE_MARKERS = {
+    ("sink_and_reader", "kafka"): "kafka",  # tests/contract/test_event_sink.py
+    ("store", "s3"): "minio",  # tests/contract/test_object_store.py
+    ("sink_uri", "pgvector"): "postgres",  # tests/contract/test_vector_sink.py
+    ("stream", "kafka"): "kafka",  # tests/contract/test_event_source.py
+    ("dlq", "kafka"): "kafka",  # tests/contract/test_dead_letters.py
+}
+PATH_MARKERS = {Path(__file__).parent / "helm": "helm"}
+
+
+def markers_for(fixturenames, params: dict, path: Path) -> set[str]:
+    """The markers a test gets from its fixtures, its fixtures' params and its path."""
+    marks = {FIXTURE_MARKERS[f] for f in fixturenames if f in FIXTURE_MARKERS}
+    marks |= {m for (fixture, param), m in DYNAMIC_FIXTURE_MARKERS.items()
+              if fixture in fixturenames and params.get(fixture) == param}
+    marks |= {m for directory, m in PATH_MARKERS.items() if Path(path).is_relative_to(directory)}
+    return marks
+
+
+def pytest_configure(config):
+    # Also registered here, so the markers work whatever pyproject.toml says (once: `pytest --markers`).
+    registered = {line.split(":", 1)[0].strip() for line in config.getini("markers")}
+    for name, help_text in MARKERS.items():
+        if name not in registered:
+            config.addinivalue_line("markers", f"{name}: {help_text}")
+    try:
+        services.services_choice()  # a typo fails the run at once, not in the first server fixture
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        for name in sorted(markers_for(item.fixturenames, callspec.params if callspec else {}, item.path)):
+            item.add_marker(name)
+
+
+@pytest.fixture(autouse=True)
+def _markers_cover_the_servers_used(request):
+    """After each test, request.fixturenames also lists fixtures fetched with getfixturevalue(); one
+    that needs a server its markers do not name would make ``-m "not kafka"`` start Kafka anyway."""
+    yield
+    needed = {FIXTURE_MARKERS[f] for f in request.fixturenames if f in FIXTURE_MARKERS}
+    missing = needed - {m.name for m in request.node.iter_markers()}
+    if missing:
+        pytest.fail(f"{request.node.nodeid} uses a fixture that needs {sorted(missing)} but is not marked so; "
+                    f"add its (fixture, param) to DYNAMIC_FIXTURE_MARKERS in tests/conftest.py", pytrace=False)
+
+
+# ---- CI strictness, summary -------------------------------------------------------------------
 
 def pytest_runtest_logreport(report):
     if IN_CI and report.skipped:
@@ -38,32 +108,42 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(f"[services] {line}")
 
 
+# ---- servers ----------------------------------------------------------------------------------
+
 @pytest.fixture(scope="session")
-def kafka(pytestconfig):
-    broker = services.KafkaBroker().start()
-    announce(pytestconfig, f"Kafka: {broker.name} at {broker.bootstrap}")
+def services_backend(pytestconfig) -> services.Backend:
+    """Native servers or containers, resolved once (a Docker ping at most)."""
+    backend = services.resolve_backend()
+    announce(pytestconfig, f"backend {backend.kind}: {backend.reason}")
+    return backend
+
+
+@pytest.fixture(scope="session")
+def kafka(pytestconfig, services_backend):
+    broker = services.make("kafka", services_backend).start()
+    announce(pytestconfig, f"Kafka ({broker.backend}): {broker.name} at {broker.bootstrap}")
     yield broker
     broker.stop()
 
 
 @pytest.fixture(scope="session")
-def minio(pytestconfig):
-    server = services.MinioServer().start()
-    announce(pytestconfig, f"S3: {server.name} at {server.endpoint}")
+def minio(pytestconfig, services_backend):
+    server = services.make("minio", services_backend).start()
+    announce(pytestconfig, f"S3 ({server.backend}): {server.name} at {server.endpoint}")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres(pytestconfig):
-    server = services.PostgresServer().start()
-    announce(pytestconfig, f"PostgreSQL: {server.name} at 127.0.0.1:{server.port}")
+def postgres(pytestconfig, services_backend):
+    server = services.make("postgres", services_backend).start()
+    announce(pytestconfig, f"PostgreSQL ({server.backend}): {server.name} at {server.host}:{server.port}")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory) -> Path:
-    from publisher.demo import tiny_llava
+    from publisher.vllm.demo import tiny_llava
 
     return tiny_llava.build(tmp_path_factory.mktemp("models") / "tiny-llava")

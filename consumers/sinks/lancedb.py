@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from consumers.embeddings import Point
-from consumers.sinks import Hit, VectorSink, split_collection
+from consumers.sinks.base import Hit, VectorSink, split_collection
+from consumers.vectors import Point
 
 OPTIMIZE_EVERY = 200
 _STR_FIELDS = ("request_id", "event_id", "mm_hash", "modality", "model", "uri", "pooling")

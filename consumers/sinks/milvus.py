@@ -15,8 +15,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from consumers.embeddings import Point, Transient
-from consumers.sinks import PAYLOAD_FIELDS, Hit, VectorSink, split_collection
+from consumers.errors import Transient
+from consumers.sinks.base import PAYLOAD_FIELDS, Hit, VectorSink, split_collection
+from consumers.vectors import Point
 
 _METRIC = {"cosine": "COSINE", "dot": "IP", "l2": "L2"}
 

@@ -15,8 +15,9 @@ from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
-from consumers.embeddings import Point, Transient
-from consumers.sinks import PAYLOAD_FIELDS, Hit, VectorSink
+from consumers.errors import Transient
+from consumers.sinks.base import PAYLOAD_FIELDS, Hit, VectorSink
+from consumers.vectors import Point
 
 _OPS = {"cosine": ("<=>", "vector_cosine_ops"), "dot": ("<#>", "vector_ip_ops"), "l2": ("<->", "vector_l2_ops")}
 HNSW_MAX_DIM = 2000

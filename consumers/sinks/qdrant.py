@@ -12,8 +12,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from consumers.embeddings import Point, Transient
-from consumers.sinks import Hit, VectorSink, split_collection
+from consumers.errors import Transient
+from consumers.sinks.base import Hit, VectorSink, split_collection
+from consumers.vectors import Point
 
 
 class QdrantSink(VectorSink):

@@ -4,10 +4,12 @@ import uuid
 
 import fastavro
 import pytest
-from confluent_kafka import Consumer
 
-from publisher.events import AvroCodec, FinishedRequest, build_event, producer_info
-from publisher.sinks import open_event_sink
+from publisher.event_sinks import open_event_sink
+from publisher.sidecar.events import FinishedRequest, build_event, producer_info
+from schemas.codec import AvroCodec
+
+from pipeline import read_topic
 
 
 def event(i: int) -> dict:
@@ -21,20 +23,7 @@ def read_all(kind, where, n, codec):
         with open(where, "rb") as f:
             return [(r["request_id"], None) for r in fastavro.reader(f)]
     bootstrap, topic = where
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{uuid.uuid4()}", "auto.offset.reset": "earliest"})
-    c.subscribe([topic])
-    out = []
-    try:
-        for _ in range(200):
-            m = c.poll(0.5)
-            if m is None or m.error():
-                if len(out) >= n:
-                    break
-                continue
-            out.append((codec.decode(m.value())["request_id"], m))
-    finally:
-        c.close()
-    return out
+    return [(codec.decode(m.value())["request_id"], m) for m in read_topic(bootstrap, topic, n)]
 
 
 @pytest.fixture(params=["file", "kafka"])
@@ -70,32 +59,3 @@ def test_appends_across_flushes(sink_and_reader):
         sink.publish(event(i), lambda e: None)
         sink.flush(30)
     assert len(read(3)) == 3
-
-
-def test_kafka_record_key_and_cloudevents_headers(kafka):
-    topic = f"hdr-{uuid.uuid4().hex[:8]}"
-    codec = AvroCodec()
-    sink = open_event_sink(f"kafka://{kafka.bootstrap}/{topic}", codec, topic_partitions=1)
-    e = event(7)
-    sink.publish(e, lambda err: None)
-    assert sink.flush(30) == 0
-    (rid, msg), = read_all("kafka", (kafka.bootstrap, topic), 1, codec)
-    headers = dict(msg.headers())
-    assert msg.key() == b"req-7"
-    assert headers["ce_id"] == e["event_id"].encode() and headers["content-type"] == b"application/avro"
-    assert headers["ce_specversion"] == b"1.0"
-
-
-def test_kafka_refuses_non_idempotent_settings(kafka):
-    with pytest.raises(ValueError, match="kafka.acks"):
-        open_event_sink(f"kafka://{kafka.bootstrap}/t", AvroCodec(), kafka={"acks": "1"})
-
-
-def test_kafka_unreachable_broker_reports_failure():
-    sink = open_event_sink("kafka://127.0.0.1:1/t", AvroCodec(), kafka={"message.timeout.ms": 500})
-    sink.resend_attempts = 1
-    errors = []
-    sink.publish(event(1), errors.append)
-    left = sink.flush(10)
-    assert left == 0 and len(errors) == 1 and "Kafka delivery failed" in str(errors[0])
-    assert sink.resends == 1

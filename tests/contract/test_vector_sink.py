@@ -8,8 +8,8 @@ import uuid
 import numpy as np
 import pytest
 
-from consumers.embeddings import Point, point_id
 from consumers.sinks import DimensionMismatch, SinkConfigError, open_vector_sink
+from consumers.vectors import Point, point_id
 
 DIM = 24
 

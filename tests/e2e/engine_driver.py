@@ -24,7 +24,7 @@ def main() -> None:
     from vllm.config import ECTransferConfig
 
     from publisher import load_mm_embeddings
-    from publisher.demo import tiny_llava
+    from publisher.vllm.demo import tiny_llava
 
     ec = ECTransferConfig(ec_connector="MMEmbeddingPublisher", ec_role="ec_both",
                           ec_connector_extra_config=spec["extra_config"],

@@ -10,15 +10,16 @@ import signal
 
 import pytest
 
+from consumers.sinks import open_vector_sink
+from consumers.sources.event_log import AvroLogSource
+from consumers.vectors import point_id
+from publisher.event_sinks.avro_file import AvroFileSink
+from publisher.stores.local import LocalDirStore
+from schemas import event_schema
+from schemas.codec import AvroCodec
+
 import consumer_run as cr
 import synth
-from consumers.embeddings import point_id
-from consumers.sinks import open_vector_sink
-from consumers.sources import AvroLogSource
-from publisher.events import AvroCodec
-from publisher.schemas import event_schema
-from publisher.sinks import AvroFileSink
-from publisher.store import LocalDirStore
 
 pytestmark = pytest.mark.e2e
 

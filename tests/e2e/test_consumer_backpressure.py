@@ -8,17 +8,19 @@ import uuid
 
 import pytest
 
+from consumers.config import ConsumerConfig
+from consumers.dead_letters import LoggedDeadLetters
+from consumers.decoder import EventDecoder
+from consumers.indexer import Indexer
+from consumers.metrics import ConsumerMetrics
+from consumers.objects import ObjectFetcher
+from consumers.sinks.lancedb import LanceDBSink
+from consumers.sources.kafka import KafkaSource
+from publisher.stores.local import LocalDirStore
+from schemas.codec import AvroCodec
+
 import consumer_run as cr
 import synth
-from consumers.config import ConsumerConfig
-from consumers.dlq import LoggedDeadLetters
-from consumers.embeddings import ObjectFetcher
-from consumers.indexer import EventDecoder, Indexer
-from consumers.metrics import ConsumerMetrics
-from consumers.sinks.lancedb import LanceDBSink
-from consumers.sources import KafkaSource
-from publisher.events import AvroCodec
-from publisher.store import LocalDirStore
 
 pytestmark = pytest.mark.e2e
 N, BATCH = 60, 5

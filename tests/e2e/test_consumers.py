@@ -11,14 +11,14 @@ import uuid
 
 import pytest
 
+from consumers.sinks import open_vector_sink
+from consumers.vectors import point_id
+from publisher.stores.s3 import S3Store
+from schemas.codec import AvroCodec, to_wire
+
 import consumer_run as cr
 import synth
-from consumers.embeddings import point_id
-from consumers.indexer import to_wire
-from consumers.sinks import open_vector_sink
 from pipeline import consume, run_driver
-from publisher.events import AvroCodec
-from publisher.store import S3Store
 
 pytestmark = pytest.mark.e2e
 
@@ -76,9 +76,10 @@ def test_index_into_every_sink_and_search_finds_the_image(published, kafka, post
     event23 = next(e for e in published["events"] if e["request_id"] == r23["request_id"])
     fetched = S3Store(published["bucket"], consumer_env["AWS_ENDPOINT_URL"], "us-east-1").get(
         uri23.split("/", 3)[3])
-    from consumers.embeddings import decode_safetensors, pool
+    from consumers.vectors import pool
+    from schemas.objects import read_object
 
-    query = pool(decode_safetensors(fetched)[0], "mean", False)
+    query = pool(read_object(fetched).to_float32(), "mean", False)
     for uri in sinks:
         sink = open_vector_sink(uri)
         assert sink.count() == N_POINTS, uri

@@ -39,7 +39,7 @@ def run_embedded(tmp_path_factory, tiny_llava, name, tp=1, env=None, module_path
 def tp1(tmp_path_factory, tiny_llava):
     # Loaded by ec_connector_module_path with vLLM's plugins switched off: the second way in.
     return run_embedded(tmp_path_factory, tiny_llava, "embedded", env={"VLLM_PLUGINS": "none"},
-                        module_path="publisher.connector")
+                        module_path="publisher.vllm.connector")
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_repeated_image_same_object_and_no_new_encoder_run(run):
 
 
 def test_stored_tensor_equals_transformers_reference(run):
-    from publisher.demo.tiny_llava import random_image, reference_image_features
+    from publisher.vllm.demo.tiny_llava import random_image, reference_image_features
 
     events = by_request(run)
     for r in run["results"]:

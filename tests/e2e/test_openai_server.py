@@ -37,7 +37,7 @@ def allowing_server(tmp_path_factory, tiny_llava):
 
 
 def test_chat_with_image_returns_params_and_event_carries_xargs(default_server, monkeypatch):
-    from publisher.demo.tiny_llava import random_image
+    from publisher.vllm.demo.tiny_llava import random_image
 
     s = default_server["server"]
     r = s.chat([image_part(random_image(21)), TEXT], vllm_xargs={"tenant": "acme", "ticket": 42})
@@ -67,7 +67,7 @@ def test_client_embeddings_refused_by_default(default_server):
     assert r.status_code != 200 or r.json()["choices"][0]["finish_reason"] == "error", r.text
     assert "arrived as client-supplied embeddings" in s.log()
     # the server stays up and serves the next request
-    from publisher.demo.tiny_llava import random_image
+    from publisher.vllm.demo.tiny_llava import random_image
 
     assert s.chat([image_part(random_image(22)), TEXT]).status_code == 200
 

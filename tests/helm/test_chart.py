@@ -26,8 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-import k8s_tools
 from publisher.config import KEYS, PublisherConfig, redact_mapping
+
+import k8s_tools
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "vllm-mm-events"
@@ -407,7 +408,8 @@ def pod_environ(r: Rendered, d: dict) -> dict[str, str]:
 def test_consumer_command_line_parses_with_the_consumer_config(rendered, name):
     """Each consumer's args and env go through the consumer's own parser and ConsumerConfig."""
     from consumers.cli import build_parser
-    from consumers.config import KEYS as CONSUMER_KEYS, ConsumerConfig
+    from consumers.config import KEYS as CONSUMER_KEYS
+    from consumers.config import ConsumerConfig
 
     r = rendered[name]
     for d in r.deployments("consumer"):

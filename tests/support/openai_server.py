@@ -73,7 +73,8 @@ class OpenAIServer:
 def image_part(img) -> dict:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()}}
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
 def image_embeds_part(tensor) -> dict:

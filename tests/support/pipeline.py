@@ -48,7 +48,12 @@ def run_driver(spec: dict, workdir: Path, env: dict | None = None, timeout: floa
 
 
 def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list[tuple[dict, object]]:
-    """Read the topic from the beginning until ``expected`` records arrived (and a little longer)."""
+    """Read the topic's events from the beginning until ``expected`` arrived (and a little longer)."""
+    return [(decode_value(m.value()), m) for m in read_topic(bootstrap, topic, expected, timeout)]
+
+
+def read_topic(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> list:
+    """The topic's raw records from the beginning, until ``expected`` arrived (and 2 s longer)."""
     from confluent_kafka import Consumer
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4()}",
@@ -61,7 +66,7 @@ def consume(bootstrap: str, topic: str, expected: int, timeout: float = 60) -> l
         while time.monotonic() < deadline:
             m = c.poll(0.5)
             if m is not None and not m.error():
-                out.append((decode_value(m.value()), m))
+                out.append(m)
                 continue
             if len(out) >= expected:
                 quiet_until = quiet_until or time.monotonic() + 2  # catch any extra, unexpected record

@@ -1,4 +1,6 @@
-"""Real servers for tests and benchmarks, started on loopback without Docker.
+"""Real servers for tests and benchmarks: native processes on loopback, or Docker containers.
+
+Native (no Docker; what CI runs):
 
 - Apache Kafka (KRaft, single node): jars from Maven Central, fetched once with Maven.
 - MinIO: built once from the Go module proxy (AGPL-3.0: run unmodified as a test server,
@@ -8,13 +10,20 @@
 
 Binaries are cached under ``$VLLM_MM_EVENTS_CACHE`` (default ``~/.cache/vllm-mm-events``),
 keyed by version. ``python tests/support/services.py ensure`` fetches/builds them;
-``... run`` starts both and prints their addresses (for manual work).
+``... run`` starts Kafka and MinIO and prints their addresses (for manual work).
+
+Containers (testcontainers, for a contributor with a Docker engine): the same three servers
+from pinned images, behind the same attributes (see ``INTERFACE``). ``$VLLM_MM_EVENTS_SERVICES``
+picks the backend: ``native``, ``containers`` or ``auto`` (default: containers when a Docker
+engine answers a short ping, else native). ``make(service)`` builds an unstarted server on it.
 """
 
 from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -24,12 +33,21 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 KAFKA_VERSION = "4.1.1"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"  # github.com/minio/minio, Feb 2026
 CACHE = Path(os.environ.get("VLLM_MM_EVENTS_CACHE", Path.home() / ".cache" / "vllm-mm-events"))
 MINIO_USER, MINIO_PASSWORD = "mmevents", "mmevents-secret-key"
+
+# Broker settings both backends get: server.properties natively, KAFKA_* variables in the container.
+KAFKA_SETTINGS = {
+    "offsets.topic.replication.factor": "1", "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1", "group.initial.rebalance.delay.ms": "0",
+    "num.partitions": "3", "auto.create.topics.enable": "true",
+}
 
 KAFKA_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
   <modelVersion>4.0.0</modelVersion>
@@ -92,45 +110,15 @@ def kafka_libs() -> Path:
     return libs
 
 
-class KafkaBroker:
-    name = f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)"
+class _KafkaClients:
+    """What tests use of a broker, whichever backend runs it (``host``/``port``: where clients connect)."""
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="kafka-"))
-        self.port, self.controller_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
+    host: str
+    port: int
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> "KafkaBroker":
-        libs = kafka_libs()
-        props = self.dir / "server.properties"
-        props.write_text("\n".join([
-            "process.roles=broker,controller", "node.id=1",
-            f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={self.dir / 'data'}",
-            "offsets.topic.replication.factor=1", "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1", "group.initial.rebalance.delay.ms=0",
-            "num.partitions=3", "auto.create.topics.enable=true", "",
-        ]))
-        cp = f"{libs}/*"
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        subprocess.run(["java", "-cp", cp, "kafka.tools.StorageTool", "format", "--standalone", f"--cluster-id={cluster_id}",
-                        "-c", str(props)], check=True, capture_output=True)
-        log = self.dir / "kafka.log"
-        self.proc = subprocess.Popen(
-            ["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", cp, "kafka.Kafka", str(props)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        atexit.register(self.stop)  # never leave a broker behind, even if the caller forgets
-        wait_port(self.port, 90, self.proc, log)
-        self._wait_ready()
-        return self
+        return f"{self.host}:{self.port}"
 
     def _wait_ready(self, timeout: float = 60) -> None:
         from confluent_kafka.admin import AdminClient
@@ -143,6 +131,43 @@ class KafkaBroker:
                 return
             time.sleep(0.2)
         raise TimeoutError("Kafka broker did not report itself ready")
+
+
+class KafkaBroker(_KafkaClients):
+    name = f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)"
+    backend = "native"
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="kafka-"))
+        self.port, self.controller_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "KafkaBroker":
+        libs = kafka_libs()
+        props = self.dir / "server.properties"
+        props.write_text("\n".join([
+            "process.roles=broker,controller", "node.id=1",
+            f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={self.dir / 'data'}",
+            *(f"{key}={value}" for key, value in KAFKA_SETTINGS.items()), "",
+        ]))
+        cp = f"{libs}/*"
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        subprocess.run(["java", "-cp", cp, "kafka.tools.StorageTool", "format", "--standalone",
+                        f"--cluster-id={cluster_id}", "-c", str(props)], check=True, capture_output=True)
+        log = self.dir / "kafka.log"
+        self.proc = subprocess.Popen(
+            ["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", cp, "kafka.Kafka", str(props)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)  # never leave a broker behind, even if the caller forgets
+        wait_port(self.port, 90, self.proc, log)
+        self._wait_ready()
+        return self
 
     def stop(self) -> None:
         _stop(self.proc)
@@ -165,36 +190,21 @@ def minio_binary() -> Path:
     return binary
 
 
-class MinioServer:
-    name = f"MinIO {MINIO_VERSION}"
+class _S3Clients:
+    """What tests use of an S3 server, whichever backend runs it."""
 
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="minio-"))
-        self.port, self.console_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
+    host: str
+    port: int
 
     @property
     def endpoint(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.host}:{self.port}"
 
     @property
     def env(self) -> dict[str, str]:
         """What a client needs (credentials through the standard AWS variables)."""
         return {"AWS_ACCESS_KEY_ID": MINIO_USER, "AWS_SECRET_ACCESS_KEY": MINIO_PASSWORD,
                 "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
-
-    def start(self) -> "MinioServer":
-        log = self.dir / "minio.log"
-        env = dict(os.environ, MINIO_ROOT_USER=MINIO_USER, MINIO_ROOT_PASSWORD=MINIO_PASSWORD,
-                   MINIO_BROWSER="off", MINIO_UPDATE="off")
-        self.proc = subprocess.Popen(
-            [str(minio_binary()), "server", "--quiet", "--address", f"127.0.0.1:{self.port}",
-             "--console-address", f"127.0.0.1:{self.console_port}", str(self.dir / "data")],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        atexit.register(self.stop)
-        wait_port(self.port, 60, self.proc, log)
-        self._wait_ready()
-        return self
 
     def _wait_ready(self, timeout: float = 30) -> None:
         import urllib.request
@@ -221,6 +231,30 @@ class MinioServer:
         self.client().create_bucket(Bucket=name)
         return name
 
+
+class MinioServer(_S3Clients):
+    name = f"MinIO {MINIO_VERSION}"
+    backend = "native"
+    host = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="minio-"))
+        self.port, self.console_port = free_port(), free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "MinioServer":
+        log = self.dir / "minio.log"
+        env = dict(os.environ, MINIO_ROOT_USER=MINIO_USER, MINIO_ROOT_PASSWORD=MINIO_PASSWORD,
+                   MINIO_BROWSER="off", MINIO_UPDATE="off")
+        self.proc = subprocess.Popen(
+            [str(minio_binary()), "server", "--quiet", "--address", f"127.0.0.1:{self.port}",
+             "--console-address", f"127.0.0.1:{self.console_port}", str(self.dir / "data")],
+            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+        atexit.register(self.stop)
+        wait_port(self.port, 60, self.proc, log)
+        self._wait_ready()
+        return self
+
     def stop(self) -> None:
         _stop(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -235,8 +269,9 @@ PG_SYSTEM_USER = "mmevents-pg"  # PostgreSQL refuses to run as root
 def postgres_bin() -> Path:
     """The wheel's PostgreSQL 16 + pgvector. As root, a copy in a world-readable directory:
     the server runs as another user, who may not traverse into a private checkout's .venv."""
-    import pgserver
     from importlib.metadata import version
+
+    import pgserver
 
     install = Path(pgserver.__file__).parent / "pginstall"
     if os.geteuid() != 0:
@@ -258,25 +293,34 @@ def postgres_bin() -> Path:
     return shared / "pgserver" / "pginstall" / "bin"
 
 
-class PostgresServer:
+class _PostgresClients:
+    """What tests use of a PostgreSQL server, whichever backend runs it."""
+
+    host: str
+    port: int
+
+    @property
+    def dsn(self) -> str:
+        return f"postgresql://{PG_USER}:{PG_PASSWORD}@{self.host}:{self.port}/{PG_DB}"
+
+    def uri(self, table: str) -> str:
+        """The sink URI; the password travels as PGPASSWORD, never in the URI."""
+        return f"pgvector://{PG_USER}@{self.host}:{self.port}/{PG_DB}/{table}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"PGPASSWORD": PG_PASSWORD}
+
+
+class PostgresServer(_PostgresClients):
     name = "PostgreSQL 16 + pgvector (pgserver wheel binaries)"
+    backend = "native"
+    host = "127.0.0.1"
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="pg-"))
         self.port = free_port()
         self._as_user: dict = {}
-
-    @property
-    def dsn(self) -> str:
-        return f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{self.port}/{PG_DB}"
-
-    def uri(self, table: str) -> str:
-        """The sink URI; the password travels as PGPASSWORD, never in the URI."""
-        return f"pgvector://{PG_USER}@127.0.0.1:{self.port}/{PG_DB}/{table}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        return {"PGPASSWORD": PG_PASSWORD}
 
     def _run(self, *args: str) -> None:
         r = subprocess.run([str(postgres_bin() / args[0]), *args[1:]], capture_output=True, text=True,
@@ -322,14 +366,264 @@ class PostgresServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+# ---- Containers (testcontainers) ------------------------------------------------------------
+
+# Pinned images. testcontainers' KafkaContainer drives Confluent's image scripts (/etc/confluent/docker),
+# so the broker is cp-kafka: Confluent Platform 8.1.x ships Apache Kafka 4.1.x (KAFKA_VERSION), KRaft only.
+KAFKA_IMAGE = "confluentinc/cp-kafka:8.1.1"
+# MinIO publishes no images since October 2025 (Docker Hub's minio/minio is gone): this is the last MinIO
+# release, built unmodified by coollabsio (the image testcontainers-python now defaults to). The native
+# server is a later source snapshot; the S3 API the tests use is the same.
+MINIO_IMAGE = "ghcr.io/coollabsio/minio:RELEASE.2025-10-15T17-29-55Z"
+POSTGRES_IMAGE = "pgvector/pgvector:pg16"  # PostgreSQL 16 + pgvector, as the pgserver wheel
+TESTCONTAINERS_REQUIREMENT = "testcontainers[kafka,minio,postgres]>=4.15,<5"
+
+
+def _testcontainers(module: str) -> Any:
+    """``testcontainers.community.<module>`` (4.15 moved the modules there; the old paths warn)."""
+    try:
+        return importlib.import_module(f"testcontainers.community.{module}")
+    except ImportError as e:
+        raise ServicesUnavailable(f"the container backend needs {TESTCONTAINERS_REQUIREMENT!r} ({e})") from e
+
+
+def _default_docker_api() -> str:
+    import docker.constants
+
+    return docker.constants.DEFAULT_DOCKER_API_VERSION
+
+
+class _ContainerServer:
+    """A testcontainers container behind the native server's interface.
+
+    The definition is built without Docker: testcontainers' constructor makes a docker SDK client,
+    which asks the engine for its API version unless given one, so we give one (the version the
+    engine reported when ``resolve_backend`` pinged it; the SDK's default when building offline)."""
+
+    image: str
+    container_port: int  # the port inside the container that clients reach
+
+    def __init__(self, docker_api: str | None = None) -> None:
+        self.docker_api = docker_api or _default_docker_api()
+        self.container = self._define({"docker_client_kw": {"version": self.docker_api}})
+        self._address: tuple[str, int] | None = None
+
+    def _define(self, docker_kw: dict) -> Any:
+        raise NotImplementedError
+
+    @property
+    def backend(self) -> str:
+        return f"container {self.image}"
+
+    @property
+    def host(self) -> str:
+        return self._started()[0]
+
+    @property
+    def port(self) -> int:
+        return self._started()[1]
+
+    def _started(self) -> tuple[str, int]:
+        if self._address is None:
+            raise RuntimeError(f"{type(self).__name__} ({self.image}) is not started")
+        return self._address
+
+    def _start_container(self) -> None:
+        self.container.start()
+
+    def _wait_ready(self) -> None:
+        pass
+
+    def start(self) -> Any:
+        try:
+            self._start_container()
+            self._address = (self.container.get_container_host_ip(),
+                             int(self.container.get_exposed_port(self.container_port)))
+            self._wait_ready()
+        except BaseException:
+            self._address = None
+            with contextlib.suppress(Exception):  # the start error is the one to report
+                self.container.stop()
+            raise
+        atexit.register(self.stop)  # testcontainers' reaper also removes it if this process dies
+        return self
+
+    def stop(self) -> None:
+        if self._address is not None:
+            self._address = None
+            self.container.stop()
+
+
+class KafkaContainerBroker(_KafkaClients, _ContainerServer):
+    image = KAFKA_IMAGE
+    name = f"Apache Kafka 4.1 (Confluent Platform {KAFKA_IMAGE.rsplit(':', 1)[1]}, KRaft, single node)"
+    container_port = 9093  # KafkaContainer's external listener; it advertises the mapped host port
+
+    def _define(self, docker_kw: dict) -> Any:
+        container = _testcontainers("kafka").KafkaContainer(self.image, port=self.container_port,
+                                                            **docker_kw).with_kraft()
+        for key, value in KAFKA_SETTINGS.items():
+            container.with_env("KAFKA_" + key.upper().replace(".", "_"), value)
+        return container.with_env("KAFKA_HEAP_OPTS", "-Xmx512m")
+
+    def _start_container(self) -> None:
+        self.container.start(timeout=120)  # first start formats the KRaft log; slow machines need > 30 s
+
+
+class MinioContainerServer(_S3Clients, _ContainerServer):
+    image = MINIO_IMAGE
+    name = f"MinIO {MINIO_IMAGE.rsplit(':', 1)[1]}"
+    container_port = 9000
+
+    def _define(self, docker_kw: dict) -> Any:
+        container = _testcontainers("minio").MinioContainer(self.image, port=self.container_port,
+                                                            access_key=MINIO_USER, secret_key=MINIO_PASSWORD,
+                                                            **docker_kw)
+        # MinioContainer sets the deprecated MINIO_ACCESS_KEY/MINIO_SECRET_KEY; the native server's variables too.
+        return container.with_envs(MINIO_ROOT_USER=MINIO_USER, MINIO_ROOT_PASSWORD=MINIO_PASSWORD,
+                                   MINIO_BROWSER="off", MINIO_UPDATE="off")
+
+
+class PostgresContainerServer(_PostgresClients, _ContainerServer):
+    image = POSTGRES_IMAGE
+    name = f"PostgreSQL 16 + pgvector ({POSTGRES_IMAGE})"
+    container_port = 5432
+
+    def _define(self, docker_kw: dict) -> Any:
+        container = _testcontainers("postgres").PostgresContainer(
+            self.image, port=self.container_port, username=PG_USER, password=PG_PASSWORD, dbname=PG_DB,
+            driver=None, **docker_kw)
+        # PostgresContainer sets POSTGRES_* only at start; set them now so the definition carries them.
+        # Password auth over TCP, as the native server (initdb --auth=scram-sha-256).
+        container.with_envs(POSTGRES_USER=PG_USER, POSTGRES_PASSWORD=PG_PASSWORD, POSTGRES_DB=PG_DB,
+                            POSTGRES_HOST_AUTH_METHOD="scram-sha-256")
+        return container.with_command("postgres -c fsync=off")
+
+    def _wait_ready(self, timeout: float = 30) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.dsn, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+
+# ---- Backend selection ------------------------------------------------------------------------
+
+SERVICES_ENV = "VLLM_MM_EVENTS_SERVICES"
+SERVICES_CHOICES = ("native", "containers", "auto")
+DOCKER_PING_TIMEOUT = 2.0  # seconds; auto must not stall a machine without an engine
+
+SERVICES = ("kafka", "minio", "postgres")
+NATIVE: dict[str, type] = {"kafka": KafkaBroker, "minio": MinioServer, "postgres": PostgresServer}
+CONTAINERS: dict[str, type] = {"kafka": KafkaContainerBroker, "minio": MinioContainerServer,
+                               "postgres": PostgresContainerServer}
+# What tests, benchmarks and tests/conftest.py use of each server; both backends provide all of it.
+INTERFACE = {
+    "kafka": ("name", "backend", "host", "port", "bootstrap", "start", "stop"),
+    "minio": ("name", "backend", "host", "port", "endpoint", "env", "client", "create_bucket", "start", "stop"),
+    "postgres": ("name", "backend", "host", "port", "dsn", "uri", "env", "start", "stop"),
+}
+
+
+class Server(Protocol):
+    name: str
+    backend: str  # "native" or "container <image>"
+    host: str
+    port: int
+
+    def start(self) -> Any: ...
+
+    def stop(self) -> None: ...
+
+
+class ServicesUnavailable(RuntimeError):
+    """The chosen backend cannot run here."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    kind: str  # "native" or "containers"
+    reason: str  # how VLLM_MM_EVENTS_SERVICES resolved, for the test summary
+    docker_api: str | None = None  # the engine's API version (containers)
+
+
+def services_choice(raw: str | None = None) -> str:
+    """``$VLLM_MM_EVENTS_SERVICES`` (or ``raw``) checked: native, containers or auto (unset or empty)."""
+    raw = os.environ.get(SERVICES_ENV, "") if raw is None else raw
+    choice = raw.strip().lower() or "auto"
+    if choice not in SERVICES_CHOICES:
+        raise ValueError(f"{SERVICES_ENV}={raw!r}: expected one of {', '.join(SERVICES_CHOICES)} (default auto)")
+    return choice
+
+
+def ping_docker(timeout: float = DOCKER_PING_TIMEOUT) -> tuple[str | None, str]:
+    """(API version, where) of the Docker engine testcontainers would use, when one answers a ping
+    within ``timeout`` seconds; else (None, what happened). Any exception means no engine."""
+    try:
+        from testcontainers.core.docker_client import get_docker_host
+
+        import docker
+    except ImportError as e:
+        return None, f"docker SDK not importable ({e}); install {TESTCONTAINERS_REQUIREMENT!r}"
+    where = "the default Docker socket"
+    try:
+        host = get_docker_host()  # DOCKER_HOST, ~/.testcontainers.properties tc.host or the docker context
+        where = host or where
+        environment = dict(os.environ, DOCKER_HOST=host) if host else None
+        # No version given: the SDK's first request asks the engine for it, under the same timeout.
+        client = docker.from_env(environment=environment, timeout=timeout,
+                                 use_ssh_client=bool(host and host.startswith("ssh://")))
+        try:
+            if not client.ping():
+                return None, f"{where}: ping did not answer OK"
+            return client.api.api_version, where
+        finally:
+            client.close()
+    except Exception as e:  # noqa: BLE001 - whatever failed, there is no usable engine
+        return None, f"{where}: {type(e).__name__}: {str(e)[:300]}"
+
+
+def resolve_backend(raw: str | None = None, timeout: float = DOCKER_PING_TIMEOUT) -> Backend:
+    """Which backend runs the servers, from ``$VLLM_MM_EVENTS_SERVICES`` (or ``raw``)."""
+    choice = services_choice(raw)
+    if choice == "native":
+        return Backend("native", f"{SERVICES_ENV}=native")
+    api, where = ping_docker(timeout)
+    if api:
+        return Backend("containers", f"{SERVICES_ENV}={choice}: Docker engine at {where} answered (API {api})", api)
+    if choice == "containers":
+        raise ServicesUnavailable(
+            f"{SERVICES_ENV}=containers, but no Docker engine answered within {timeout:g}s ({where}). "
+            f"Start one (or point DOCKER_HOST at it), or set {SERVICES_ENV}=native or auto.")
+    return Backend("native", f"{SERVICES_ENV}=auto: no Docker engine answered ({where})")
+
+
+def make(service: str, backend: Backend | None = None) -> Server:
+    """An unstarted server for ``service`` (kafka, minio, postgres) on ``backend`` (default: resolved now)."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}: expected one of {', '.join(SERVICES)}")
+    backend = backend or resolve_backend()
+    if backend.kind == "native":
+        return NATIVE[service]()
+    return CONTAINERS[service](docker_api=backend.docker_api)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["ensure"]:
         print("kafka jars:", kafka_libs())
         print("minio:", minio_binary())
         return 0
     if argv[:1] == ["run"]:
-        k, m = KafkaBroker().start(), MinioServer().start()
-        print(f"kafka {k.bootstrap}\nminio {m.endpoint} (user {MINIO_USER})\nCtrl-C to stop", flush=True)
+        backend = resolve_backend()
+        k, m = make("kafka", backend).start(), make("minio", backend).start()
+        print(f"{backend.reason}\nkafka {k.bootstrap} ({k.backend})\nminio {m.endpoint} ({m.backend}, "
+              f"user {MINIO_USER})\nCtrl-C to stop", flush=True)
         try:
             signal.pause()
         except KeyboardInterrupt:

@@ -8,10 +8,9 @@ import hashlib
 import time
 
 import numpy as np
-import torch
 
-from publisher.events import FinishedRequest, MediaItem, StoredItem, build_event, producer_info
-from publisher.tensors import encode_embedding, object_key
+from publisher.sidecar.events import FinishedRequest, MediaItem, StoredItem, build_event, producer_info
+from schemas.objects import encode_array, object_key
 
 MODEL = "tiny/llava-synth"
 
@@ -22,8 +21,7 @@ def make_event(store, prefix: str, request_id: str, features: list[np.ndarray], 
     items, stored, uris = [], {}, []
     for i, f in enumerate(features):
         mm_hash = hashlib.sha256(f.tobytes()).hexdigest()
-        obj = encode_embedding(torch.from_numpy(f), mm_hash=mm_hash, modality=modality, model=MODEL,
-                               storage_dtype="float32")
+        obj = encode_array(f, mm_hash=mm_hash, modality=modality, model=MODEL, storage_dtype="float32")
         key = object_key(prefix, MODEL, mm_hash, "float32")
         store.put_if_absent(key, obj.data, obj.object_metadata())
         uri = store.uri(key)

@@ -2,7 +2,8 @@ import random
 
 import torch
 
-from publisher.capture import ALIGN, DeviceToHostCapture, RingAllocator, SharedRing, attach_ring
+from publisher.sidecar.ring import ALIGN, RingAllocator, SharedRing, attach_ring
+from publisher.vllm.capture import DeviceToHostCapture
 
 
 def test_ring_never_overlaps_and_reclaims_out_of_order():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from publisher import EmbeddingNotAvailable, load_mm_embeddings
-from publisher.store import LocalDirStore
-from publisher.tensors import encode_embedding
+from publisher.sidecar.encode import encode_embedding
+from publisher.stores.local import LocalDirStore
 
 
 def params_for(store, hashes):

@@ -14,7 +14,8 @@ def test_flags_beat_env_beat_file(tmp_path):
     f.write_text("pooling: max\nbatch_max_records: 7\ngroup: from-file\nsinks: [lancedb:///d/t]\n")
     env = {"VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE": str(f), "VLLM_MM_EVENTS_SOURCE": "kafka://k:9092/topic",
            "VLLM_MM_EVENTS_GROUP": "from-env", "VLLM_MM_EVENTS_NORMALIZE": "true",
-           "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD": "pw-secret", "VLLM_MM_EVENTS_KAFKA": '{"security.protocol": "SASL_SSL"}'}
+           "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD": "pw-secret",
+           "VLLM_MM_EVENTS_KAFKA": '{"security.protocol": "SASL_SSL"}'}
     c = load({"pooling": "first"}, env)
     assert c.pooling == "first" and c.batch_max_records == 7 and c.group == "from-env" and c.normalize is True
     assert c.sinks == ("lancedb:///d/t",) and c.source == "kafka://k:9092/topic"

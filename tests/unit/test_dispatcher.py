@@ -6,11 +6,12 @@ import time
 import fastavro
 import torch
 
-from publisher.dispatcher import EventDispatcher
-from publisher.events import AvroCodec, FinishedRequest, MediaItem, producer_info
-from publisher.sinks import AvroFileSink
-from publisher.store import LocalDirStore
-from publisher.tensors import encode_embedding
+from publisher.event_sinks.avro_file import AvroFileSink
+from publisher.sidecar.dispatcher import EventDispatcher
+from publisher.sidecar.encode import encode_embedding
+from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info
+from publisher.stores.local import LocalDirStore
+from schemas.codec import AvroCodec
 
 
 def req(rid, hashes):

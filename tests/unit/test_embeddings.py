@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.embeddings import POINT_ID_NAMESPACE, Poison, decode_safetensors, point_id, pool, verify_and_decode
-from publisher.tensors import encode_embedding
+from consumers.errors import Poison
+from consumers.objects import verify_and_decode
+from consumers.vectors import POINT_ID_NAMESPACE, point_id, pool
+from publisher.sidecar.encode import encode_embedding
+from schemas.objects import BadObject, read_object
 
 
 def obj(arr: torch.Tensor, dtype="float32"):
@@ -56,8 +59,8 @@ def test_not_safetensors_is_poison():
     with pytest.raises(Poison) as e:
         verify_and_decode(item, data)
     assert e.value.kind == "bad_object"
-    with pytest.raises(ValueError):
-        decode_safetensors(b"short")
+    with pytest.raises(BadObject):
+        read_object(b"short")
 
 
 def test_point_ids_are_deterministic_uuid5():

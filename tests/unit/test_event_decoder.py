@@ -4,11 +4,12 @@ import struct
 
 import pytest
 
+from consumers.decoder import EventDecoder
+from consumers.errors import Poison
+from publisher.stores.local import LocalDirStore
+from schemas.codec import AvroCodec, to_wire
+
 import synth
-from consumers.embeddings import Poison
-from consumers.indexer import EventDecoder, to_wire
-from publisher.events import AvroCodec
-from publisher.store import LocalDirStore
 
 
 @pytest.fixture

@@ -4,7 +4,9 @@ import json
 import pytest
 import torch
 
-from publisher.tensors import decode_embedding, encode_embedding, model_slug, object_key, read_metadata
+from publisher.loader import decode_embedding
+from publisher.sidecar.encode import encode_embedding
+from schemas.objects import model_slug, object_key, read_metadata
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])

@@ -1,0 +1,65 @@
+"""From an event's item to a verified array: fetch the object, check it against the event, decode.
+
+Torch-free on purpose: the consumer image stays slim. Fetching goes through the product's
+one read path (``publisher.stores.reader``) and decoding through the one object reader
+(``schemas.objects``); this module adds what a consumer must do with untrusted bytes:
+verify them against the event, and type every failure as poison or transient.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Mapping
+
+import numpy as np
+
+from consumers.errors import BadObject, ChecksumMismatch, MissingObject, Transient
+from publisher.stores.base import ObjectNotFound
+from publisher.stores.reader import ObjectReader
+from schemas import objects
+
+
+def verify_and_decode(item: Mapping[str, Any], data: bytes) -> np.ndarray:
+    """Check the object against the event (sha256, size, dtype, shape) -> float32 (num_features, hidden)."""
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != item["sha256"] or len(data) != item["size_bytes"]:
+        raise ChecksumMismatch(f"{item['uri']}: sha256 {digest[:16]}… ({len(data)} bytes) does not match "
+                               f"the event's {item['sha256'][:16]}… ({item['size_bytes']} bytes)")
+    try:
+        stored = objects.read_object(data)
+    except objects.BadObject as e:
+        raise BadObject(f"{item['uri']}: {e}") from None
+    if stored.dtype != item["dtype"]:
+        raise BadObject(f"{item['uri']}: dtype {stored.dtype}, the event says {item['dtype']}")
+    if list(stored.shape) != list(item["shape"]):
+        raise BadObject(f"{item['uri']}: shape {list(stored.shape)}, the event says {list(item['shape'])}")
+    if len(stored.shape) != 2 or stored.shape[0] == 0:
+        raise BadObject(f"{item['uri']}: expected a non-empty (num_features, hidden) tensor, got {list(stored.shape)}")
+    return stored.to_float32()
+
+
+class ObjectFetcher:
+    """GETs the objects events name, typing failures: absent -> ``MissingObject``; a URI of no
+    known form -> ``BadObject``; anything else (network, throttling, credentials) -> ``Transient``."""
+
+    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
+        self._reader = ObjectReader(endpoint_url, region)
+
+    def get(self, uri: str) -> bytes:
+        try:
+            return self._reader.get(uri)
+        except ObjectNotFound:
+            raise MissingObject(f"{uri}: no such object") from None
+        except ValueError as e:
+            raise BadObject(str(e)) from None
+        except Exception as e:  # noqa: BLE001 - retried, never dead-lettered
+            raise Transient("object_store", f"{uri}: {type(e).__name__}: {e}") from None
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

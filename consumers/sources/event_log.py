@@ -1,0 +1,186 @@
+"""The publisher's embedded Avro event log, followed as it grows; the position is a checkpoint file."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+import zlib
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import fastavro
+
+from consumers.sources.base import EventSource, SourceRecord
+
+log = logging.getLogger("vllm_mm_events.consumer")
+
+
+_HEADER_SCHEMA = fastavro.parse_schema({
+    "type": "record", "name": "org.apache.avro.file.Header", "fields": [
+        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
+        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
+        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
+
+
+def _read_long(buf: bytes, pos: int) -> tuple[int, int] | None:
+    """Avro zig-zag varint at ``pos`` -> (value, next pos), or None if the bytes end first."""
+    shift = result = 0
+    while pos < len(buf):
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return (result >> 1) ^ -(result & 1), pos
+        shift += 7
+    return None
+
+
+class AvroLogSource(EventSource):
+    """Follows an Avro object-container file as the publisher appends blocks to it.
+
+    Position = (byte offset of a block, records of it already done). A checkpoint file
+    (written atomically) holds the committed position and the file's sync marker, so a
+    replaced log is noticed instead of being read from a wrong offset. A block that cannot
+    be read is handed out once, as an error record, and skipped.
+    """
+
+    def __init__(self, uri: str, group: str, checkpoint: str | None, reader_schema: dict):
+        self.path = Path(unquote(urlsplit(uri).path))
+        self.checkpoint_path = Path(checkpoint) if checkpoint else self.path.with_name(
+            f"{self.path.name}.{group}.checkpoint")
+        self.reader_schema = fastavro.parse_schema(reader_schema)
+        self.writer_schema = None
+        self.sync: bytes | None = None
+        self.codec = "null"
+        self.offset = 0  # next block to read
+        self.skip = 0  # records of that block already handed out
+        self.at_end = False
+        self._pending: list[SourceRecord] = []  # decoded but not yet handed out (block larger than a poll)
+
+    def _open_header(self) -> bool:
+        try:
+            with open(self.path, "rb") as f:
+                head = f.read(1 << 20)
+        except FileNotFoundError:
+            return False
+        try:
+            hdr = fastavro.schemaless_reader(io.BytesIO(head), _HEADER_SCHEMA)
+        except Exception:  # noqa: BLE001 - a header still being written
+            return False
+        if hdr["magic"] != b"Obj\x01":
+            raise ValueError(f"source: {self.path} is not an Avro object container file")
+        buf = io.BytesIO(head)
+        fastavro.schemaless_reader(buf, _HEADER_SCHEMA)
+        first_block = buf.tell()
+        self.sync = hdr["sync"]
+        self.codec = hdr["meta"].get("avro.codec", b"null").decode()
+        if self.codec not in ("null", "deflate"):
+            raise ValueError(f"source: {self.path} uses codec {self.codec!r}; this reader handles null and deflate")
+        self.writer_schema = fastavro.parse_schema(json.loads(hdr["meta"]["avro.schema"]))
+        self.offset, self.skip = first_block, 0
+        ck = self._read_checkpoint()
+        if ck is not None:
+            if ck.get("sync") == self.sync.hex():
+                self.offset, self.skip = int(ck["offset"]), int(ck["index"])
+                log.info("file source: resuming %s at byte %d (+%d records)", self.path, self.offset, self.skip)
+            else:
+                log.warning("file source: %s was replaced (sync marker differs from the checkpoint); "
+                            "reading it from the start", self.path)
+        return True
+
+    def _read_checkpoint(self) -> dict | None:
+        try:
+            return json.loads(self.checkpoint_path.read_text())
+        except FileNotFoundError:
+            return None
+
+    def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        deadline = time.monotonic() + timeout
+        while True:
+            if not self._pending:
+                self._read_blocks(max_records)
+            if self._pending or time.monotonic() >= deadline:
+                out, self._pending = self._pending[:max_records], self._pending[max_records:]
+                return out
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _read_blocks(self, max_records: int) -> None:
+        if self.sync is None and not self._open_header():
+            self.at_end = True
+            return
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < self.offset:
+                raise ValueError(f"source: {self.path} shrank below the committed position; was it truncated?")
+            f.seek(self.offset)
+            data = f.read(min(size - self.offset, 64 << 20))
+        pos, produced = 0, 0
+        while produced < max_records:
+            block_at = self.offset + pos
+            head = _read_long(data, pos)
+            head2 = head and _read_long(data, head[1])
+            if not head2:
+                break
+            count, (blen, body_at) = head[0], head2
+            end = body_at + blen + 16
+            if end > len(data):
+                break  # the writer is still appending this block
+            if data[body_at + blen:end] != self.sync:
+                nxt = data.find(self.sync, pos)
+                if nxt < 0:
+                    break
+                end = nxt + 16
+                records = [SourceRecord(value=bytes(data[pos:end]), position=(block_at, 0, self.offset + end, 1),
+                                        coords=self._coords(block_at, 0),
+                                        error="corrupt block (sync marker not found)")]
+            else:
+                records = self._decode_block(data[body_at:body_at + blen], count, block_at, self.offset + end)
+            self._pending.extend(records)
+            produced += len(records)
+            pos = end
+        self.at_end = produced == 0
+        if pos:
+            self.offset += pos  # read position; the committed one is in the checkpoint
+            self.skip = 0
+
+    def _decode_block(self, body: bytes, count: int, block_at: int, next_block: int) -> list[SourceRecord]:
+        try:
+            raw = zlib.decompress(body, -15) if self.codec == "deflate" else body
+            buf = io.BytesIO(raw)
+            events = [fastavro.schemaless_reader(buf, self.writer_schema, self.reader_schema) for _ in range(count)]
+        except Exception as e:  # noqa: BLE001 - one unreadable block is dead-lettered, not fatal
+            return [SourceRecord(value=bytes(body), position=(block_at, 0, next_block, 1),
+                                 coords=self._coords(block_at, 0), error=f"undecodable block: {e}")]
+        out = []
+        for i, ev in enumerate(events):
+            if block_at == self.offset and i < self.skip:
+                continue  # committed before a restart
+            out.append(SourceRecord(value=b"", event=ev, position=(block_at, i, next_block, count),
+                                    coords=self._coords(block_at, i)))
+        return out
+
+    def _coords(self, block_at: int, index: int) -> dict[str, str]:
+        return {"file": str(self.path), "block_offset": str(block_at), "index": str(index)}
+
+    def commit(self, records: list[SourceRecord]) -> None:
+        if not records:
+            return
+        block_at, i, next_block, count = max(r.position for r in records)
+        offset, index = (next_block, 0) if i + 1 >= count else (block_at, i + 1)
+        tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"path": str(self.path), "offset": offset, "index": index, "sync": self.sync.hex()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.checkpoint_path)
+        fd = os.open(self.checkpoint_path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def caught_up(self) -> bool:
+        return self.at_end and not self._pending

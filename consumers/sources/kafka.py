@@ -1,0 +1,132 @@
+"""A Kafka topic, read as a consumer group (cooperative-sticky), committed after the sinks."""
+
+from __future__ import annotations
+
+import logging
+import os
+from urllib.parse import urlsplit
+
+from consumers.sources.base import EventSource, SourceRecord
+
+log = logging.getLogger("vllm_mm_events.consumer")
+
+
+class KafkaSource(EventSource):
+    def __init__(self, uri: str, group: str, settings: dict):
+        from confluent_kafka import Consumer
+
+        u = urlsplit(uri)
+        self.topic = u.path.lstrip("/")
+        self.bootstrap = u.netloc
+        conf = {
+            "bootstrap.servers": self.bootstrap,
+            "group.id": group,
+            "enable.auto.commit": False,  # commits follow the sinks, never a timer
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": True,  # how --once knows it reached the end
+            "partition.assignment.strategy": "cooperative-sticky",
+            "client.id": f"vllm-mm-events-consumer-{os.getpid()}",
+            "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka"),
+            **settings,
+        }
+        self.consumer = Consumer(conf)
+        self.assigned: set[tuple[str, int]] = set()
+        self.at_eof: set[tuple[str, int]] = set()
+        self.has_assignment = False
+        self.paused = False
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_revoke)
+
+    def _on_assign(self, consumer, partitions) -> None:
+        new = {(p.topic, p.partition) for p in partitions}
+        self.assigned |= new
+        self.has_assignment = True
+        log.info("assigned partitions %s (now %s)", sorted(p for _, p in new), sorted(p for _, p in self.assigned))
+        if self.paused and partitions:
+            consumer.pause(partitions)
+
+    def _on_revoke(self, consumer, partitions) -> None:
+        gone = {(p.topic, p.partition) for p in partitions}
+        if gone and self.before_revoke is not None:
+            self.before_revoke(gone)  # finish + commit the batch in flight while we still own them
+        self.assigned -= gone
+        self.at_eof -= gone
+        log.info("revoked partitions %s", sorted(p for _, p in gone))
+
+    def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
+        from confluent_kafka import KafkaError, KafkaException
+
+        # Drain what is buffered without waiting; if nothing is, wait for the first record only
+        # (consume(n, timeout) would hold out for all n until the timeout).
+        msgs = self.consumer.consume(num_messages=max_records, timeout=0)
+        if not msgs:
+            first = self.consumer.poll(timeout)
+            msgs = [first] if first is not None else []
+            if first is not None and max_records > 1:
+                msgs += self.consumer.consume(num_messages=max_records - 1, timeout=0)
+        out = []
+        for m in msgs:
+            err = m.error()
+            tp = (m.topic(), m.partition())
+            if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    self.at_eof.add(tp)
+                    continue
+                if err.fatal() or err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise KafkaException(err)
+                log.warning("kafka: %s", err)
+                continue
+            self.at_eof.discard(tp)
+            ts_type, ts = m.timestamp()
+            out.append(SourceRecord(
+                value=m.value() or b"", key=m.key(), headers=list(m.headers() or []), position=(tp, m.offset()),
+                coords={"topic": m.topic(), "partition": str(m.partition()), "offset": str(m.offset()),
+                        "timestamp": str(ts)}))
+        return out
+
+    def commit(self, records: list[SourceRecord]) -> None:
+        from confluent_kafka import TopicPartition
+
+        last: dict[tuple[str, int], int] = {}
+        for r in records:
+            tp, off = r.position
+            last[tp] = max(off, last.get(tp, -1))
+        offsets = [TopicPartition(t, p, off + 1) for (t, p), off in last.items() if (t, p) in self.assigned]
+        if offsets:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def owns(self, record: SourceRecord) -> bool:
+        return record.position[0] in self.assigned
+
+    def pause(self) -> None:
+        if not self.paused:
+            self.consumer.pause(self.consumer.assignment())
+            self.paused = True
+
+    def resume(self) -> None:
+        if self.paused:
+            self.consumer.resume(self.consumer.assignment())
+            self.paused = False
+
+    def caught_up(self) -> bool:
+        return self.has_assignment and self.at_eof >= self.assigned
+
+    def lag(self) -> int | None:
+        from confluent_kafka import TopicPartition
+
+        if not self.assigned:
+            return 0
+        tps = [TopicPartition(t, p) for t, p in self.assigned]
+        total = 0
+        try:
+            positions = self.consumer.position(tps)
+            for tp in positions:
+                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                pos = tp.offset if tp.offset >= 0 else _low
+                total += max(0, high - pos)
+        except Exception:  # noqa: BLE001 - lag is informational
+            return None
+        return total
+
+    def close(self) -> None:
+        self.consumer.close()  # leaves the group now, so the partitions move without a session timeout

@@ -1,0 +1,292 @@
+"""The config framework shared by the publisher's and the consumer's typed configs.
+
+A config is a frozen dataclass whose fields are declared with ``setting(default, parse, doc)``:
+the field list is written once, and the key table (``keys()``), env var names, parsing,
+defaults and redaction all derive from it. Layers, later ones winning: defaults < a JSON/YAML
+file < ``VLLM_MM_EVENTS_<KEY>`` env vars < the caller's own (vLLM's extra config, or flags).
+Every error is a ``ConfigError`` naming the key; ``redacted()`` is the only form fit for logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Mapping
+from urllib.parse import urlsplit
+
+ENV_PREFIX = "VLLM_MM_EVENTS_"
+# Settings dicts (librdkafka, registry client) merge across layers setting by setting, so a
+# Kubernetes Secret can supply `sasl.password` as an env var while the rest sit elsewhere.
+DICT_KEYS = ("kafka", "schema_registry")
+# Keys inside settings dicts whose values are secrets.
+_SECRET_KEY_RE = re.compile(r"(password|secret|token|credential|user\.info|private|sasl\.oauthbearer\.config)", re.I)
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what it expected."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One setting: its default (a callable, as defaults may read the environment), parser and doc."""
+
+    default: Callable[[], Any]
+    parse: Callable[[Any, str], Any]  # (raw value, key) -> typed value, raising ConfigError
+    doc: str
+
+
+def setting(default: Callable[[], Any], parse: Callable[[Any, str], Any], doc: str) -> Any:
+    """Declare a config field; ``Settings.keys()`` reads it back."""
+    return dataclasses.field(metadata={"key": Key(default, parse, doc)})
+
+
+def setting_from(key: Key) -> Any:
+    """Declare a field with another config's key (shared connection settings)."""
+    return dataclasses.field(metadata={"key": key})
+
+
+class Settings:
+    """Base of the typed configs: derive keys from fields, parse layers, redact."""
+
+    # The file layer's env var when the caller names none.
+    CONFIG_FILE_ENV: ClassVar[str] = ENV_PREFIX + "CONFIG_FILE"
+
+    @classmethod
+    def keys(cls) -> dict[str, Key]:
+        """The key table, in field order."""
+        return {f.name: f.metadata["key"] for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]):
+        """Validate ``raw`` (unknown keys and bad values raise, naming the key); defaults fill the rest."""
+        return cls(**parse_keys(cls.keys(), raw))
+
+    @classmethod
+    def merged(cls, top: Mapping[str, Any], environ: Mapping[str, str] | None = None,
+               config_file: str | None = None) -> dict[str, Any]:
+        """file < env < ``top``, unparsed (``from_dict`` parses)."""
+        environ = os.environ if environ is None else environ
+        config_file = config_file or environ.get(cls.CONFIG_FILE_ENV)
+        return merge_layers([read_config_file(config_file) if config_file else {},
+                             env_layer(cls.keys(), environ), top])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    def redacted(self) -> dict[str, Any]:
+        """Every settings dict masked, every URL stripped of userinfo: the only form fit for logs."""
+        out = {}
+        for k, v in self.to_dict().items():
+            if isinstance(v, dict):
+                v = redact_mapping(v)
+            elif isinstance(v, str) and "://" in v:
+                v = redact_url(v)
+            elif isinstance(v, (list, tuple)):
+                v = [redact_url(x) if isinstance(x, str) else x for x in v]
+            out[k] = v
+        return out
+
+    def __repr__(self) -> str:  # never leak secrets through a stray repr()
+        return f"{type(self).__name__}({self.redacted()!r})"
+
+
+# ---- layers ---------------------------------------------------------------------------------
+
+def parse_keys(keys: Mapping[str, Key], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate ``raw`` against a key table: unknown keys and bad values raise, naming the key."""
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key; expected one of {', '.join(keys)}")
+    values = {}
+    for key, spec in keys.items():
+        value = raw[key] if key in raw else spec.default()
+        values[key] = None if value is None else spec.parse(value, key)
+    return values
+
+
+def env_layer(keys: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """``VLLM_MM_EVENTS_<KEY>`` values, plus ``VLLM_MM_EVENTS_<DICTKEY>__<SETTING>`` entries.
+
+    ``VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD`` becomes ``kafka["sasl.password"]``: the setting
+    is lower-cased with ``_`` read as ``.`` (librdkafka and registry settings use dots only).
+    """
+    raw: dict[str, Any] = {}
+    for key in keys:
+        env = environ.get(ENV_PREFIX + key.upper())
+        if env is not None:
+            raw[key] = env
+    for key in DICT_KEYS:
+        if key not in keys:
+            continue
+        prefix = f"{ENV_PREFIX}{key.upper()}__"
+        settings = {name[len(prefix):].lower().replace("_", "."): value
+                    for name, value in environ.items() if name.startswith(prefix) and len(name) > len(prefix)}
+        if settings:
+            raw[f"{key}__settings"] = settings
+    return raw
+
+
+def merge_layers(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
+    """Later layers win; the settings dicts merge setting by setting."""
+    raw: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key.endswith("__settings"):
+                key = key[: -len("__settings")]
+                raw[key] = {**as_dict(raw.get(key) or {}, key), **value}
+            elif key in DICT_KEYS and key in raw:
+                raw[key] = {**as_dict(raw[key], key), **as_dict(value, key)}
+            else:
+                raw[key] = value
+    return raw
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """A JSON or YAML (``.yaml``/``.yml``) file holding a mapping of keys."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"config_file: cannot read {path}: {e.strerror}") from None
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml  # optional; only needed for YAML files
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is a config error
+        raise ConfigError(f"config_file: {path} is not valid {p.suffix.lstrip('.') or 'JSON'}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config_file: {path} must hold a mapping of keys")
+    return data
+
+
+# ---- redaction --------------------------------------------------------------------------------
+
+def redact_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if _SECRET_KEY_RE.search(k) else v) for k, v in m.items()}
+
+
+def redact_url(url: str) -> str:
+    """Drop any user:password@ from a URL."""
+    return re.sub(r"(?<=//)[^/@]*@", "***@", url)
+
+
+# ---- value parsers: (raw value, key) -> typed value, raising ConfigError ------------------------
+
+def short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def as_str(v: Any, key: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{key}: expected a non-empty string, got {type(v).__name__} {short(v)}")
+    return v
+
+
+def as_opt_str(v: Any, key: str) -> str | None:
+    return None if v in (None, "") else as_str(v, key)
+
+
+def as_bool(v: Any, key: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if isinstance(v, str) and v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected a boolean (true/false), got {short(v)}")
+
+
+def number(kind: type, minimum: float) -> Callable[[Any, str], Any]:
+    """A parser for an int or float of at least ``minimum``."""
+    def parse(v: Any, key: str):
+        if isinstance(v, bool):
+            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got a boolean")
+        try:
+            n = kind(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got {short(v)}") from None
+        if kind is int and isinstance(v, float) and v != n:
+            raise ConfigError(f"{key}: expected an integer, got {v}")
+        if n < minimum:
+            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got {n}")
+        return n
+    return parse
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
+    """A parser for one of ``options``."""
+    def parse(v: Any, key: str) -> str:
+        if v not in options:
+            raise ConfigError(f"{key}: expected one of {', '.join(options)}; got {short(v)}")
+        return v
+    return parse
+
+
+def as_dict(v: Any, key: str) -> dict[str, Any]:
+    """A mapping of scalar settings, or its JSON text."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{key}: expected a JSON object, could not parse it ({e.msg})") from None
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{key}: expected a mapping of settings, got {type(v).__name__}")
+    for k, item in v.items():
+        if not isinstance(k, str):
+            raise ConfigError(f"{key}: setting names must be strings, got {k!r}")
+        if not isinstance(item, (str, int, float, bool)):
+            raise ConfigError(f"{key}.{k}: expected a string, number or boolean, got {type(item).__name__}")
+    return dict(v)
+
+
+def as_object_store(v: Any, key: str) -> str:
+    """``s3://bucket/prefix`` or ``file:///absolute/dir``."""
+    v = as_str(v, key)
+    u = urlsplit(v)
+    if u.scheme == "s3":
+        if not u.netloc:
+            raise ConfigError(f"{key}: expected s3://bucket/prefix, the bucket is missing in {v!r}")
+        return v
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
+            raise ConfigError(f"{key}: expected file:///absolute/dir, got {v!r}")
+        return v
+    raise ConfigError(f"{key}: expected s3://bucket/prefix or file:///dir, got {v!r}")
+
+
+def as_event_uri(v: Any, key: str) -> str:
+    """An event stream: where the publisher writes and the consumer reads."""
+    v = as_str(v, key)
+    u = urlsplit(v)
+    if u.scheme == "kafka":
+        topic = u.path.lstrip("/")
+        if not u.netloc or not topic or "/" in topic:
+            raise ConfigError(f"{key}: expected kafka://host:port[,host:port]/topic, got {redact_url(v)!r}")
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
+            raise ConfigError(f"{key}: Kafka topic {topic!r} may only hold letters, digits, '.', '_' and '-'")
+        for hostport in u.netloc.split(","):
+            if not re.fullmatch(r"[^:@/\s]+:\d{1,5}", hostport):
+                raise ConfigError(f"{key}: expected host:port in the broker list, got {hostport!r}")
+        return v
+    if u.scheme == "file":
+        if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.path.endswith("/"):
+            raise ConfigError(f"{key}: expected file:///path/events.avro, got {v!r}")
+        return v
+    raise ConfigError(f"{key}: expected kafka://host:port/topic or file:///path/events.avro, got {redact_url(v)!r}")
+
+
+def as_http_url(v: Any, key: str) -> str | None:
+    v = as_opt_str(v, key)
+    if v is None:
+        return None
+    u = urlsplit(v)
+    if u.scheme not in ("http", "https", "mock") or not u.netloc:
+        raise ConfigError(f"{key}: expected an http(s):// URL, got {redact_url(v)!r}")
+    return v

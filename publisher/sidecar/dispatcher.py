@@ -1,0 +1,176 @@
+"""Scheduler sidecar: wait until a request's objects are durable, then publish its event.
+
+Single-threaded by design (the sidecar's loop calls ``offer`` and ``pump``), so no locks
+and no thread hand-offs per event:
+
+1. ``offer``: a finished request and its object keys join a deadline heap;
+2. ``pump``: for requests that are due, ``store.head_many`` the keys not yet known durable
+   (the worker may still be uploading: retried with backoff up to ``durability_timeout_s``;
+   keys seen durable are remembered, so a repeated image costs nothing), build the event
+   naming only durable objects (the rest go to ``missing_embeddings``) and hand it to the
+   sink; then serve the sink's delivery callbacks.
+
+A durable outbox would slot in between building the event and handing it to the sink.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+from publisher.event_sinks.base import EventSink
+from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
+from publisher.stores.base import ObjectStore
+
+log = logging.getLogger("vllm_mm_events.dispatcher")
+MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
+# First look after this long, then back off: objects take a moment to land (the local store
+# group-commits), and polling sooner only burns CPU. Under load, events that come due
+# together are resolved with one head_many.
+FIRST_CHECK_S = 0.02
+
+
+@dataclass(order=True)
+class _Pending:
+    next_try: float
+    seq: int
+    req: FinishedRequest = field(compare=False)
+    keys: dict[str, str] = field(compare=False)  # mm_hash -> key
+    deadline: float = field(compare=False, default=0.0)
+    delay: float = field(compare=False, default=0.0)
+
+
+class DispatcherStats:
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.published = 0
+        self.incomplete = 0
+        self.failed = 0
+        self.dropped = 0  # dropped in the engine under backpressure=drop, never accepted here
+        self.store_errors = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+class EventDispatcher:
+    def __init__(self, store: ObjectStore, sink: EventSink, producer: dict[str, str], *,
+                 durability_timeout_s: float, remember: int = 65536,
+                 on_settled: Callable[[int], None] | None = None):
+        self.store = store
+        self.sink = sink
+        self.producer = producer
+        self.durability_timeout_s = durability_timeout_s
+        self.stats = DispatcherStats()
+        self._on_settled = on_settled  # told the running count of settled (delivered or failed) events
+        self._settled = 0
+        self._waiting: list[_Pending] = []
+        self._seq = 0
+        self._durable: OrderedDict[str, StoredItem] = OrderedDict()
+        self._remember = remember
+        self._force_at = float("inf")  # on close: publish with what is durable by then
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted and not yet delivered or failed."""
+        return self.stats.accepted - self._settled
+
+    def offer(self, req: FinishedRequest, keys: dict[str, str]) -> None:
+        now = time.monotonic()
+        self._seq += 1
+        self.stats.accepted += 1
+        heapq.heappush(self._waiting, _Pending(now + FIRST_CHECK_S, self._seq, req, keys,
+                                               now + self.durability_timeout_s, FIRST_CHECK_S))
+
+    def pump(self) -> float:
+        """Do what is due; returns how long the caller may wait before the next pump."""
+        now = time.monotonic()
+        due = []
+        while self._waiting and self._waiting[0].next_try <= now:
+            due.append(heapq.heappop(self._waiting))
+        if due:
+            self._resolve(due)
+        self.sink.poll(0)
+        if self._waiting:
+            return max(0.0, min(MAX_WAIT, self._waiting[0].next_try - time.monotonic()))
+        return MAX_WAIT
+
+    def _resolve(self, due: list[_Pending]) -> None:
+        unknown = list({k for p in due for k in p.keys.values() if not self._is_durable(k)})
+        if unknown:
+            try:
+                infos = self.store.head_many(unknown)
+            except Exception as e:  # noqa: BLE001 - retried on the next pass
+                self.stats.store_errors += 1
+                log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
+                infos = []
+            for key, info in zip(unknown, infos):
+                if info is not None:
+                    self._remember_durable(key, info)
+        now = time.monotonic()
+        for p in due:
+            stored = {h: self._durable[k] for h, k in p.keys.items() if k in self._durable}
+            if len(stored) == len(p.keys) or now >= min(p.deadline, self._force_at):
+                self._publish(p.req, stored)
+            else:
+                p.delay = min(p.delay * 2, 0.25)
+                p.next_try = min(now + p.delay, self._force_at)
+                heapq.heappush(self._waiting, p)
+
+    def _is_durable(self, key: str) -> bool:
+        if key in self._durable:
+            self._durable.move_to_end(key)
+            return True
+        return False
+
+    def _remember_durable(self, key: str, info) -> None:
+        m = info.metadata
+        self._durable[key] = StoredItem(self.store.uri(key), m["sha256"], info.size, m["dtype"],
+                                        tuple(json.loads(m["shape"])))
+        if len(self._durable) > self._remember:
+            self._durable.popitem(last=False)
+
+    def _publish(self, req: FinishedRequest, stored: dict[str, StoredItem]) -> None:
+        event = build_event(req, stored, self.producer)
+        if event["missing_embeddings"]:
+            self.stats.incomplete += 1
+            log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
+                        req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
+
+        def done(err: Exception | None) -> None:
+            if err is None:
+                self.stats.published += 1
+            else:
+                self.stats.failed += 1
+                log.error("mm-events: event %s for request %s was not delivered: %s",
+                          req.event_id, req.request_id, err)
+            self._settled += 1
+            if self._on_settled is not None:
+                self._on_settled(self._settled)
+
+        try:
+            self.sink.publish(event, done)
+        except Exception as e:  # noqa: BLE001 - an encoding bug must not stop the sidecar
+            done(e)
+
+    def close(self, timeout: float) -> int:
+        """Bounded: publish what can be, report what could not. Returns the undelivered count."""
+        deadline = time.monotonic() + timeout
+        # Leave a third of the time for the sink to deliver what gets published.
+        self._force_at = time.monotonic() + timeout * 2 / 3
+        for p in self._waiting:
+            p.next_try = min(p.next_try, self._force_at)
+        heapq.heapify(self._waiting)
+        while self._waiting and time.monotonic() < deadline:
+            time.sleep(self.pump())
+        self.sink.flush(max(0.0, deadline - time.monotonic()))
+        left = self.in_flight
+        if left:
+            log.error("mm-events: shutdown left %d event(s) undelivered", left)
+        self.sink.close()
+        return left

@@ -1,0 +1,83 @@
+"""What the engine's processes and their sidecars say to each other: one typed message per kind.
+
+Sent over a socketpair with ``multiprocessing.connection`` framing (pickled). Engine ->
+sidecar: an init, then items or finished requests, then ``Close``. Sidecar -> engine:
+``Ready`` or ``Failed`` once, ``RegionFreed`` as uploads end (worker), ``Closed`` last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from publisher.sidecar.events import FinishedRequest
+
+# ---- engine -> sidecar -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WorkerInit:
+    config: dict[str, Any]  # PublisherConfig.to_dict()
+    model: str  # the served model name (objects describe themselves with it)
+    ring_fd: int  # the shared ring, inherited by the sidecar
+    ring_size: int
+
+
+@dataclass(frozen=True)
+class SchedulerInit:
+    config: dict[str, Any]
+    gauge_fd: int  # an 8-byte shared word where the sidecar counts settled events
+    producer: dict[str, str]  # the event's ``producer`` record
+
+
+@dataclass(frozen=True)
+class ItemCaptured:
+    """An encoder output whose bytes are in the ring at ``offset``: store it under ``key``."""
+    offset: int
+    dtype: str  # torch dtype name, without "torch."
+    shape: tuple[int, ...]
+    key: str
+    mm_hash: str
+    modality: str
+    source: str  # ENCODER or CLIENT
+
+
+@dataclass(frozen=True)
+class RequestFinished:
+    """Publish this request's event once the objects under ``keys`` (mm_hash -> key) are durable."""
+    request: FinishedRequest
+    keys: dict[str, str]
+
+
+@dataclass(frozen=True)
+class EventsDropped:
+    """The engine dropped events under backpressure=drop; counted in the sidecar's report."""
+    count: int
+
+
+@dataclass(frozen=True)
+class Close:
+    """Flush within ``timeout`` seconds, answer ``Closed``, exit."""
+    timeout: float
+
+
+# ---- sidecar -> engine -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ready:
+    pid: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    message: str
+
+
+@dataclass(frozen=True)
+class RegionFreed:
+    """The upload of the item at ``offset`` ended: the worker may reuse its ring region."""
+    offset: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    report: dict[str, Any]  # the sidecar's counters

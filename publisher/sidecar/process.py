@@ -1,0 +1,240 @@
+"""Sidecar processes: the publisher's work runs beside vLLM's processes, never on their GIL.
+
+Each half of the connector starts one sidecar (``python -m publisher.sidecar.process``) and
+talks to it over a socketpair with typed messages (``messages.py``):
+
+- worker sidecar: maps the worker's shared ring (its fd is inherited), serializes each
+  item it is told about and stores it (``ObjectUploader``), then frees the ring region.
+- scheduler sidecar: turns finished-request snapshots into events once their objects are
+  durable and publishes them (``EventDispatcher`` + an ``EventSink``).
+
+In vLLM's processes this leaves a memcpy (or an async DMA) and one small message per item,
+and one small message per finished request. The sidecar owns the slow parts: safetensors,
+SHA-256, S3/filesystem I/O, Avro, Kafka. Config errors surface at engine start: the
+sidecar builds its store and sink first and reports ``ready`` or the error.
+
+If the engine process dies, the sidecar sees EOF, flushes within ``shutdown_timeout_s``
+and exits. If the sidecar dies, the engine keeps serving and counts what it could not hand
+over.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from publisher.sidecar.messages import (
+    Close,
+    Closed,
+    EventsDropped,
+    Failed,
+    ItemCaptured,
+    Ready,
+    RegionFreed,
+    RequestFinished,
+    SchedulerInit,
+    WorkerInit,
+)
+
+log = logging.getLogger("vllm_mm_events.sidecar")
+
+
+class SidecarError(RuntimeError):
+    """The sidecar could not start (its store or sink failed to open): the engine fails its start."""
+
+
+class Sidecar:
+    """Parent side: start the sidecar, send it messages, collect its report at close."""
+
+    def __init__(self, init: WorkerInit | SchedulerInit, pass_fds: tuple[int, ...] = ()):
+        role = "worker" if isinstance(init, WorkerInit) else "scheduler"
+        parent, child = socket.socketpair()
+        # The sidecar detaches (double fork) so that it is nobody's child: vLLM force-kills
+        # its engine's process tree a few seconds into shutdown, and the sidecar must be
+        # able to finish flushing (bounded by shutdown_timeout_s) even then.
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "publisher.sidecar.process", role, str(child.fileno())],
+            pass_fds=(child.fileno(), *pass_fds), stdin=subprocess.DEVNULL)
+        launcher.wait()
+        child.close()
+        self.conn = Connection(parent.detach())
+        self._send_lock = threading.Lock()
+        self.alive = True
+        self.pid: int | None = None  # the sidecar's, once it reports ready
+        self.conn.send(init)
+        reply = self.conn.recv()
+        if not isinstance(reply, Ready):
+            raise SidecarError(reply.message)
+        self.pid = reply.pid
+
+    def send(self, message: Any) -> bool:
+        if not self.alive:
+            return False
+        try:
+            with self._send_lock:
+                self.conn.send(message)
+            return True
+        except OSError as e:
+            self.alive = False
+            log.error("mm-events sidecar %s is gone (%s); items are no longer published", self.pid, e)
+            return False
+
+    def close(self, timeout: float) -> dict[str, Any]:
+        report: dict[str, Any] = {}
+        if self.send(Close(timeout)):
+            deadline = time.monotonic() + timeout + 5
+            try:
+                while time.monotonic() < deadline and self.conn.poll(max(0.0, deadline - time.monotonic())):
+                    msg = self.conn.recv()
+                    if isinstance(msg, Closed):
+                        report = msg.report
+                        break
+            except (EOFError, OSError):
+                pass
+        self.conn.close()  # the sidecar exits on its own once closed (or on EOF)
+        return report
+
+
+# ---- the sidecar process --------------------------------------------------------------
+
+def _arm_watchdog(timeout: float) -> None:
+    """Once closing starts, the sidecar is gone within the flush budget plus a margin, whatever hangs."""
+    t = threading.Timer(timeout + 10, lambda: os._exit(3))
+    t.daemon = True
+    t.start()
+
+
+def _worker_main(conn: Connection, init: WorkerInit) -> None:
+    import torch
+
+    from publisher.config import PublisherConfig
+    from publisher.sidecar.ring import attach_ring, ring_view
+    from publisher.sidecar.uploader import ObjectUploader, UploadJob
+    from publisher.stores import open_store
+
+    c = PublisherConfig.from_dict(init.config)
+    store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region,
+                          fsync=c.fsync, max_connections=max(10, c.upload_threads * 2))
+    ring = attach_ring(init.ring_fd, init.ring_size)
+    uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads)
+    send_lock = threading.Lock()
+    conn.send(Ready(os.getpid()))
+
+    def freer(offset: int):
+        def free() -> None:
+            with send_lock:
+                try:
+                    conn.send(RegionFreed(offset))
+                except OSError:
+                    pass  # the engine is gone; nothing to free for
+        return free
+
+    timeout = c.shutdown_timeout_s
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            _arm_watchdog(timeout)
+            uploader.close(timeout)  # the engine died: store what we have, bounded
+            return
+        if isinstance(msg, ItemCaptured):
+            host = ring_view(ring, msg.offset, getattr(torch, msg.dtype), msg.shape)
+            uploader.submit(UploadJob(msg.key, host, freer(msg.offset), msg.mm_hash, msg.modality, msg.source))
+        elif isinstance(msg, Close):
+            _arm_watchdog(msg.timeout)
+            left = uploader.close(msg.timeout)
+            with send_lock:
+                conn.send(Closed(dict(uploader.stats.as_dict(), not_uploaded=left)))
+            return
+
+
+def _scheduler_main(conn: Connection, init: SchedulerInit) -> None:
+    from publisher.config import PublisherConfig
+    from publisher.event_sinks import open_event_sink
+    from publisher.sidecar.dispatcher import EventDispatcher
+    from publisher.stores import open_store
+    from schemas.codec import AvroCodec
+
+    c = PublisherConfig.from_dict(init.config)
+    try:
+        store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region, fsync=c.fsync)
+        sink = open_event_sink(c.event_sink, AvroCodec(), kafka=c.kafka, registry_url=c.schema_registry_url,
+                               registry_settings=c.schema_registry, fsync=c.fsync,
+                               topic_partitions=c.topic_partitions)
+    except Exception as e:  # noqa: BLE001 - reported to the engine, which fails its start
+        conn.send(Failed(f"mm-events: cannot open the store or event sink: {type(e).__name__}: {e}"))
+        return
+    # The engine reads how many events have settled from this shared word, to apply the
+    # drop policy without waiting on us.
+    settled = mmap.mmap(init.gauge_fd, 8)
+    dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
+                                 on_settled=lambda n: struct.pack_into("<Q", settled, 0, n))
+    conn.send(Ready(os.getpid()))
+    # One loop, one thread: read what the engine sent, pump, repeat. When max_pending_events
+    # are in flight it stops reading, the socket fills, and the engine's send blocks: the
+    # "block" policy, applied by the kernel.
+    while True:
+        wait = dispatcher.pump()
+        if dispatcher.in_flight >= c.max_pending_events:
+            time.sleep(min(wait, 0.01))
+            continue
+        try:
+            if not conn.poll(wait):
+                continue
+            while True:
+                msg = conn.recv()
+                if isinstance(msg, RequestFinished):
+                    dispatcher.offer(msg.request, msg.keys)
+                elif isinstance(msg, EventsDropped):
+                    dispatcher.stats.dropped += msg.count
+                elif isinstance(msg, Close):
+                    _arm_watchdog(msg.timeout)
+                    left = dispatcher.close(msg.timeout)
+                    conn.send(Closed(dict(dispatcher.stats.as_dict(), undelivered=left)))
+                    return
+                if not conn.poll(0) or dispatcher.in_flight >= c.max_pending_events:
+                    break
+        except (EOFError, OSError):
+            _arm_watchdog(c.shutdown_timeout_s)
+            left = dispatcher.close(c.shutdown_timeout_s)  # the engine died: publish what we can, bounded
+            log.info("mm-events scheduler sidecar stopped after its engine: %s",
+                     dict(dispatcher.stats.as_dict(), undelivered=left))
+            return
+
+
+def main(argv: list[str]) -> int:
+    # One core's worth of threads at most: the engine owns the machine's cores.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = "1"
+    from publisher.logs import setup_logging
+
+    setup_logging()
+    role, fd = argv[0], int(argv[1])
+    if os.fork() > 0:  # detach: the launcher exits, the sidecar is reparented away from vLLM
+        os._exit(0)
+    os.setsid()
+    conn = Connection(fd)
+    init = conn.recv()
+    try:
+        (_worker_main if role == "worker" else _scheduler_main)(conn, init)
+    except Exception as e:  # noqa: BLE001 - tell the engine, then die loudly
+        log.exception("mm-events %s sidecar failed", role)
+        try:
+            conn.send(Failed(f"{type(e).__name__}: {e}"))
+        except OSError:
+            pass
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

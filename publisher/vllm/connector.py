@@ -1,0 +1,337 @@
+"""``MMEmbeddingPublisher``: the vLLM encoder-cache connector. vLLM types stop here.
+
+One class, two halves, in two processes that share no Python state:
+
+- worker half (``save_caches``): every encoder output -> copied into a shared ring (an
+  async device->host copy on GPU) -> the worker sidecar stores it under a
+  content-addressed key.
+- scheduler half (``request_finished``): every finished request -> a plain snapshot and
+  the object URIs (derivable from the key, so no I/O) -> returned to the caller as
+  ``ec_transfer_params`` and handed to the scheduler sidecar, which publishes the event
+  once every object it names is durable.
+
+Each half keeps its slow work in a sidecar process (``publisher.sidecar``), off vLLM's GIL.
+
+The object store is the meeting point. The only thing the scheduler tells the worker is
+each scheduled item's modality and origin (through the connector metadata), so the
+stored object can describe itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.ec_transfer.ec_connector.base import (
+    ECConnectorBase,
+    ECConnectorMetadata,
+    ECConnectorRole,
+)
+
+from publisher.config import PublisherConfig
+from publisher.logs import setup_logging
+from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, stringify_metadata
+from publisher.sidecar.messages import (
+    EventsDropped,
+    ItemCaptured,
+    RegionFreed,
+    RequestFinished,
+    SchedulerInit,
+    WorkerInit,
+)
+from schemas.objects import object_key
+from schemas.uris import StoreLocation
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger("vllm_mm_events.connector")
+ENCODER, CLIENT = "ENCODER", "CLIENT"
+_INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+@dataclass
+class PublisherMetadata(ECConnectorMetadata):
+    """Scheduler -> worker, per step: mm_hash -> (modality, source) for items about to be encoded."""
+    items: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+
+def _tp_rank() -> int:
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - no TP group: a single worker
+        return 0
+
+
+def served_model_name(vllm_config: "VllmConfig") -> str:
+    name = vllm_config.model_config.served_model_name
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return name or vllm_config.model_config.model
+
+
+def classify_item(feature) -> str | None:
+    """ENCODER for raw media the encoder will run on; CLIENT for caller-supplied embeddings;
+    None for an item with no data at all (metadata only, expecting a connector to load it)."""
+    data = feature.data
+    if data is None:
+        return None
+    keys = set(data.keys())
+    if any(k.endswith("_embeds") for k in keys):
+        return CLIENT
+    return ENCODER if keys else None
+
+
+class MMEmbeddingPublisher(ECConnectorBase):
+    def __init__(self, vllm_config: "VllmConfig", role: ECConnectorRole):
+        super().__init__(vllm_config, role)
+        setup_logging()  # also when loaded through ec_connector_module_path, without the plugin
+        extra = vllm_config.ec_transfer_config.ec_connector_extra_config or {}
+        self.config = PublisherConfig.load(extra)
+        self.model = served_model_name(vllm_config)
+        self.location = StoreLocation.parse(self.config.object_store)  # names URIs; the sidecars do the I/O
+        self._keys: dict[str, str] = {}  # mm_hash -> key, memoized (bounded below)
+        if role == ECConnectorRole.SCHEDULER:
+            self._init_scheduler()
+        else:
+            self._init_worker()
+        log.info("mm-events %s side started: %s", role.name.lower(), self.config.redacted())
+
+    def key_for(self, mm_hash: str) -> str:
+        key = self._keys.get(mm_hash)
+        if key is None:
+            if len(self._keys) > 100_000:
+                self._keys.clear()
+            key = self._keys[mm_hash] = object_key(self.location.prefix, self.model, mm_hash, self.config.storage_dtype)
+        return key
+
+    # ===================================================================================
+    # Worker half
+    # ===================================================================================
+    def _init_worker(self) -> None:
+        self.saves = 0  # save_caches calls seen: one per encoder run of an item
+        self.dropped = 0
+        self._known: OrderedDict[str, None] = OrderedDict()  # keys already handed over (bounded)
+        # With tensor parallelism every rank sees the same encoder output; rank 0 stores it.
+        self._uploads_here = _tp_rank() == 0
+        if not self._uploads_here:
+            return
+        from publisher.sidecar.process import Sidecar
+        from publisher.sidecar.ring import SharedRing
+        from publisher.vllm.capture import DeviceToHostCapture
+
+        self.ring = SharedRing(self.config.max_inflight_bytes)
+        self.sidecar = Sidecar(WorkerInit(self.config.to_dict(), self.model, self.ring.fd, self.ring.size),
+                               pass_fds=(self.ring.fd,))
+        self.capture = DeviceToHostCapture(self.ring, self.sidecar.send)
+
+    def start_load_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
+        return  # never a source of encoder outputs: has_cache_item() is always False
+
+    def save_caches(self, encoder_cache: dict[str, "torch.Tensor"], mm_hash: str, **kwargs) -> None:
+        # In the model step: a memcpy (CPU) or a launched async copy (CUDA), and one small message.
+        self.saves += 1
+        if not self._uploads_here:
+            return
+        key = self.key_for(mm_hash)
+        if key in self._known:
+            return
+        t = encoder_cache[mm_hash]
+        offset = self._alloc(t.numel() * t.element_size())
+        if offset is None:
+            self.dropped += 1
+            log.warning("mm-events: dropped %s under backpressure (%d dropped so far)", mm_hash, self.dropped)
+            return
+        meta = self._connector_metadata
+        modality, source = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata) else None) or (
+            "unknown", ENCODER)
+        self.capture.capture(t, offset, ItemCaptured(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape),
+                                                     key, mm_hash, modality, source))
+        self._known[key] = None
+        if len(self._known) > 65536:
+            self._known.popitem(last=False)
+
+    def _alloc(self, nbytes: int) -> int | None:
+        """Ring space for one item, applying the frees the sidecar reported."""
+        ring, conn = self.ring.allocator, self.sidecar.conn
+        if nbytes > ring.size:
+            log.error("mm-events: an item of %d bytes exceeds max_inflight_bytes (%d)", nbytes, ring.size)
+            return None
+        while self.sidecar.alive:
+            try:
+                while conn.poll():
+                    self._apply(conn.recv())
+                offset = ring.alloc(nbytes)
+                if offset is not None or self.config.backpressure == "drop":
+                    return offset
+                # block: wait for a copy still in flight to land, else for the sidecar to free space
+                if not self.capture.wait_one():
+                    self._apply(conn.recv())
+            except (EOFError, OSError):
+                self.sidecar.alive = False
+                log.error("mm-events: the worker sidecar is gone; items are no longer stored")
+        return None
+
+    def _apply(self, msg: object) -> None:
+        if isinstance(msg, RegionFreed):
+            self.ring.allocator.free(msg.offset)
+
+    # ===================================================================================
+    # Scheduler half
+    # ===================================================================================
+    def _init_scheduler(self) -> None:
+        import vllm
+
+        from publisher.sidecar.process import Sidecar
+
+        c = self.config
+        # A shared word where the sidecar counts settled events: the drop policy reads it.
+        self._gauge_fd = os.memfd_create("vllm-mm-events-settled", os.MFD_CLOEXEC)
+        os.ftruncate(self._gauge_fd, 8)
+        self._settled = mmap.mmap(self._gauge_fd, 8)
+        self.sidecar = Sidecar(SchedulerInit(
+            c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype)),
+            pass_fds=(self._gauge_fd,))
+        self._sent = 0
+        self.dropped_events = 0
+        self._step_items: dict[str, tuple[str, str]] = {}
+        self._verdicts: dict[str, str | None] = {}  # request_id -> refusal reason (None: fine)
+        self._refuse: set[str] = set()
+        self._randomized_ids = not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
+        self._endpoint = c.s3_endpoint_url if c.object_store.startswith("s3://") else None
+
+    def has_cache_item(self, identifier: str) -> bool:
+        return False
+
+    def update_state_after_alloc(self, request: "Request", index: int) -> None:
+        f = request.mm_features[index]
+        self._step_items[f.identifier] = (f.modality, classify_item(f) or CLIENT)
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> ECConnectorMetadata:
+        meta = PublisherMetadata(self._step_items)
+        self._step_items = {}
+        return meta
+
+    def ensure_cache_available(self, request: "Request", num_computed_tokens: int) -> bool:
+        """Refuse media that no encoder will compute, unless allow_client_embeddings.
+
+        ec_both makes vLLM accept image_embeds and media without data; publishing those as
+        encoder outputs would be a lie, and accepting them widens the server's surface.
+        """
+        rid = request.request_id
+        if rid not in self._verdicts:
+            self._verdicts[rid] = None if self.config.allow_client_embeddings else self._refusal(request)
+        if self._verdicts[rid] is None:
+            return True
+        self._refuse.add(rid)
+        return False
+
+    @staticmethod
+    def _refusal(request: "Request") -> str | None:
+        for i, f in enumerate(request.mm_features):
+            kind = classify_item(f)
+            if kind == CLIENT:
+                return (f"{f.modality} item {i} arrived as client-supplied embeddings; this server only "
+                        f"accepts raw media (set allow_client_embeddings to accept them)")
+            if kind is None:
+                return (f"{f.modality} item {i} carries no data; this server only accepts raw media "
+                        f"(set allow_client_embeddings to accept it)")
+        return None
+
+    def take_unavailable_requests(self) -> set[str]:
+        if not self._refuse:
+            return set()
+        refused, self._refuse = self._refuse, set()
+        for rid in refused:
+            log.warning("mm-events: refused request %s: %s", rid, self._verdicts.get(rid))
+        return refused
+
+    def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
+        # On the scheduler loop: build a snapshot and enqueue; no I/O.
+        rid = request.request_id
+        refusal = self._verdicts.pop(rid, None)
+        if refusal is not None:
+            return False, {"mm_embeddings": [], "error": refusal}
+        features = request.mm_features
+        if not features and not self.config.publish_text_only:
+            return False, None
+        items, keys, refs = [], {}, []
+        for i, f in enumerate(features):
+            pos = f.mm_position
+            source = classify_item(f) or CLIENT
+            items.append(MediaItem(f.identifier, f.modality, i, pos.offset, pos.length, source))
+            key = keys[f.identifier] = self.key_for(f.identifier)
+            refs.append({"uri": self.location.uri(key), "mm_hash": f.identifier, "modality": f.modality,
+                         "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
+                         "dtype": self.config.storage_dtype, "source": source})
+        snapshot = self._snapshot(request, tuple(items))
+        params: dict[str, Any] = {"mm_embeddings": refs, "event_id": snapshot.event_id}
+        if self._endpoint:
+            params["s3_endpoint_url"] = self._endpoint
+        self._hand_over(snapshot, keys)
+        return False, params
+
+    def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str]) -> None:
+        if self.config.backpressure == "drop":
+            in_flight = self._sent - struct.unpack_from("<Q", self._settled, 0)[0]
+            if in_flight >= self.config.max_pending_events:
+                self.dropped_events += 1
+                self.sidecar.send(EventsDropped(1))  # so the sidecar's report counts it too
+                log.warning("mm-events: dropped the event of %s: %d events in flight (%d dropped so far)",
+                            snapshot.request_id, in_flight, self.dropped_events)
+                return
+        # With backpressure=block this send waits while the sidecar is full (it stops reading).
+        if self.sidecar.send(RequestFinished(snapshot, keys)):
+            self._sent += 1
+        else:
+            self.dropped_events += 1
+
+    def _snapshot(self, request: "Request", items: tuple[MediaItem, ...]) -> FinishedRequest:
+        rid = request.request_id
+        external = _INTERNAL_SUFFIX.sub("", rid) if self._randomized_ids else rid
+        sp = request.sampling_params
+        reason = request.get_finished_reason()
+        headers = request.trace_headers or {}
+        lora = request.lora_request
+        stop = request.stop_reason
+        return FinishedRequest(
+            request_id=external,
+            internal_request_id=rid,
+            model=self.model,
+            finish_reason=str(reason) if reason is not None else None,
+            stop_reason=None if stop is None else str(stop),
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_output_tokens=request.num_output_tokens,
+            metadata=stringify_metadata(sp.extra_args if sp is not None else None),
+            items=items,
+            lora_name=lora.lora_name if lora is not None else None,
+            arrival_time=request.arrival_time,
+            finished_time=time.time(),
+            traceparent=headers.get("traceparent"),
+            tracestate=headers.get("tracestate"),
+        )
+
+    # ===================================================================================
+    def shutdown(self) -> None:
+        t = self.config.shutdown_timeout_s
+        if self.role == ECConnectorRole.SCHEDULER:
+            report = self.sidecar.close(t)
+            log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
+        elif self._uploads_here:
+            report = self.sidecar.close(t)
+            log.info("mm-events worker side stopped: saves=%d %s, dropped=%d", self.saves, report, self.dropped)
+        else:
+            log.info("mm-events worker side stopped: saves=%d {'uploaded': 0} (TP rank %d; rank 0 stores)",
+                     self.saves, _tp_rank())

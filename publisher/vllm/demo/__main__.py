@@ -1,0 +1,5 @@
+import sys
+
+from publisher.vllm.demo.run import main
+
+sys.exit(main())

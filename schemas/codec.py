@@ -1,0 +1,141 @@
+"""The one codec for ``MMEmbeddingEvent`` values: record <-> bytes, in either framing.
+
+- Without a registry: Avro single-object encoding (0xC3 0x01 + the 8-byte little-endian
+  CRC-64-AVRO fingerprint of the schema's canonical form + the body).
+- With a registry: the Confluent wire format (0x00 + 4-byte big-endian schema id + body);
+  the writer registers the schema once, under ``<topic>-value``; a reader resolves writer
+  schemas by id through a callback (the consumer's registry client).
+
+Decoding failures are typed (``UndecodableEvent``, ``UnknownSchema``) so a reader can
+dead-letter them by kind.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from typing import Any, Callable, Mapping
+
+import fastavro
+from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+from schemas import event_schema
+from schemas.avro_encoder import compile_encoder
+
+CONTENT_TYPE_SINGLE_OBJECT = "application/avro"  # Avro single-object encoding
+CONTENT_TYPE_CONFLUENT = "application/vnd.confluent.avro"  # 0x00 + schema id
+SINGLE_OBJECT_MAGIC = b"\xc3\x01"
+CONFLUENT_MAGIC = b"\x00"
+
+# Resolves a Confluent schema id to the writer's schema (a parsed-JSON dict). It raises
+# what its caller wants raised: the consumer maps a registry outage to a retry.
+WriterSchemaLookup = Callable[[int], dict]
+
+
+class EventDecodeError(ValueError):
+    """A value that cannot be read as an event. ``kind`` names the reason for dead letters."""
+
+    kind = "undecodable"
+
+
+class UndecodableEvent(EventDecodeError):
+    """Neither framing, or an Avro body that does not decode."""
+
+    kind = "undecodable"
+
+
+class UnknownSchema(EventDecodeError):
+    """A schema this reader does not know: another fingerprint, or a registry id it cannot resolve."""
+
+    kind = "unknown_schema"
+
+
+def schema_fingerprint(parsed_schema: Any) -> int:
+    """CRC-64-AVRO of the schema's parsing canonical form (the Avro spec's Rabin fingerprint).
+
+    fastavro gives it as the hex of its little-endian bytes, the order the single-object
+    header carries; as a number it is read back little-endian.
+    """
+    return int.from_bytes(bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed_schema), "CRC-64-AVRO")),
+                          "little")
+
+
+class AvroCodec:
+    """Encodes and decodes ``MMEmbeddingEvent`` values (see the module docstring for the framings)."""
+
+    def __init__(self, schema: dict | None = None):
+        self.schema_dict = schema or event_schema()
+        self.parsed = fastavro.parse_schema(self.schema_dict)
+        self.fingerprint = schema_fingerprint(self.parsed)
+        self.single_object_header = SINGLE_OBJECT_MAGIC + struct.pack("<Q", self.fingerprint)
+        self.schema_id: int | None = None
+        self._header = self.single_object_header
+        self._encode_body = compile_encoder(self.schema_dict)
+        self._writers: dict[int, Any] = {}  # Confluent schema id -> parsed writer schema
+
+    def use_registry(self, client, subject: str) -> None:
+        """Register the schema under ``subject``; from now on values use the Confluent framing."""
+        from confluent_kafka.schema_registry import Schema
+
+        self.schema_id = client.register_schema(subject, Schema(json.dumps(self.schema_dict), "AVRO"))
+        self._header = CONFLUENT_MAGIC + struct.pack(">I", self.schema_id)
+
+    @property
+    def content_type(self) -> str:
+        return CONTENT_TYPE_SINGLE_OBJECT if self.schema_id is None else CONTENT_TYPE_CONFLUENT
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        out = bytearray(self._header)
+        self._encode_body(out, record)
+        return bytes(out)
+
+    def decode(self, data: bytes, writer_schema: WriterSchemaLookup | None = None) -> dict[str, Any]:
+        """Either framing -> the record, resolved to this codec's schema.
+
+        A Confluent-framed value's writer schema comes from ``writer_schema(schema_id)``
+        (cached per id); our own registered id needs no lookup.
+        """
+        if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= 10:
+            (fp,) = struct.unpack("<Q", data[2:10])
+            if fp != self.fingerprint:
+                raise UnknownSchema(f"unknown schema fingerprint {fp:#018x}; this reader knows MMEmbeddingEvent's "
+                                    f"{self.fingerprint:#018x}")
+            body, writer = data[10:], self.parsed
+        elif data[:1] == CONFLUENT_MAGIC and len(data) >= 5:
+            (schema_id,) = struct.unpack(">I", data[1:5])
+            body, writer = data[5:], self._writer(schema_id, writer_schema)
+        else:
+            raise UndecodableEvent("not an Avro single-object or Confluent-framed value "
+                                   f"(first bytes {data[:4].hex() or 'empty'})")
+        try:
+            return fastavro.schemaless_reader(io.BytesIO(body), writer, self.parsed)
+        except Exception as e:  # noqa: BLE001 - any read failure means the bytes are bad
+            raise UndecodableEvent(f"Avro body does not decode: {type(e).__name__}: {e}") from None
+
+    def _writer(self, schema_id: int, lookup: WriterSchemaLookup | None) -> Any:
+        if schema_id == self.schema_id:
+            return self.parsed
+        if schema_id in self._writers:
+            return self._writers[schema_id]
+        if lookup is None:
+            raise UnknownSchema(f"Confluent-framed value (schema id {schema_id}) and no schema registry "
+                                "configured (--schema-registry-url)")
+        schema = lookup(schema_id)
+        try:
+            writer = fastavro.parse_schema(schema)
+        except Exception as e:  # noqa: BLE001 - a registry entry we cannot read
+            raise UnknownSchema(f"schema id {schema_id} is not a usable Avro schema: {e}") from None
+        self._writers[schema_id] = writer
+        return writer
+
+
+def to_wire(value: Any) -> Any:
+    """A decoded record back into encodable form: fastavro reads timestamp-millis as datetimes."""
+    if isinstance(value, dict):
+        return {k: to_wire(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [to_wire(v) for v in value]
+    if hasattr(value, "timestamp"):
+        return int(value.timestamp() * 1000)
+    return value

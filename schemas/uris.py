@@ -1,0 +1,58 @@
+"""The URI forms of object stores and of the objects in them: the one place they are written or read.
+
+- a store: ``s3://bucket/prefix`` or ``file:///dir``;
+- an object: ``s3://bucket/key`` or ``file:///dir/key`` (percent-quoted path).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from urllib.parse import quote, unquote, urlsplit
+
+STORE_SCHEMES = ("s3", "file")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """Where objects go, without a client: enough to name an object's URI (the scheduler's need)."""
+
+    scheme: str  # s3 or file
+    root: str  # the bucket, or the directory (absolute)
+    prefix: str = ""  # key prefix (S3); empty for a directory
+
+    @classmethod
+    def parse(cls, uri: str) -> "StoreLocation":
+        """``s3://bucket/prefix`` or ``file:///dir`` -> location; ValueError otherwise."""
+        u = urlsplit(uri)
+        if u.scheme == "s3" and u.netloc:
+            return cls("s3", u.netloc, u.path.strip("/"))
+        if u.scheme == "file":
+            return cls("file", os.path.abspath(unquote(u.path)), "")
+        raise ValueError(f"object_store: expected s3://bucket/prefix or file:///dir, got {uri!r}")
+
+    def uri(self, key: str) -> str:
+        """The URI of the object stored under ``key`` here."""
+        return object_uri(self.scheme, self.root, key)
+
+
+def object_uri(scheme: str, root: str, key: str) -> str:
+    """``("s3", bucket, key)`` -> ``s3://bucket/key``; ``("file", dir, key)`` -> ``file:///dir/key``."""
+    if scheme == "s3":
+        return f"s3://{root}/{key}"
+    if scheme == "file":
+        return "file://" + quote(f"{os.path.abspath(root)}/{key}")
+    raise ValueError(f"object store scheme: expected one of {', '.join(STORE_SCHEMES)}, got {scheme!r}")
+
+
+def split_object_uri(uri: str) -> tuple[str, str, str]:
+    """An object's URI -> (scheme, root, key): (``s3``, bucket, key) or (``file``, directory, file name)."""
+    u = urlsplit(uri)
+    if u.scheme == "s3" and u.netloc and u.path.strip("/"):
+        return "s3", u.netloc, u.path.lstrip("/")
+    if u.scheme == "file" and u.netloc in ("", "localhost") and u.path.startswith("/"):
+        path = unquote(u.path)
+        parent, _, name = path.rpartition("/")
+        if name:
+            return "file", parent or "/", name
+    raise ValueError(f"uri: expected s3://bucket/key or file:///path, got {uri!r}")
