@@ -1,0 +1,54 @@
+"""The wire contract's object format and URI forms (``schemas``), checked against independent readers."""
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as st_load
+
+from publisher.sidecar.encode import encode_embedding
+from publisher.stores.local import LocalDirStore
+from schemas.objects import BadObject, encode_array, read_object
+from schemas.uris import StoreLocation, object_uri, split_object_uri
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_numpy_writer_equals_the_torch_writer_and_safetensors_reads_both(dtype):
+    a = np.random.default_rng(3).standard_normal((6, 10)).astype(np.float32)
+    by_numpy = encode_array(a, storage_dtype=dtype, mm_hash="h", modality="image", model="m")
+    by_torch = encode_embedding(torch.from_numpy(a), mm_hash="h", modality="image", model="m", storage_dtype=dtype)
+    assert by_numpy.data == by_torch.data and by_numpy.sha256 == by_torch.sha256  # bf16 rounds as torch does
+    stored = read_object(by_numpy.data)
+    assert stored.dtype == dtype and stored.shape == (6, 10) and stored.metadata["mm_hash"] == "h"
+    want = torch.from_numpy(a).to(getattr(torch, dtype)).float().numpy()
+    np.testing.assert_array_equal(stored.to_float32(), want)
+    if dtype != "bfloat16":  # the safetensors library (numpy flavour) has no bfloat16
+        np.testing.assert_array_equal(st_load(by_numpy.data)["embedding"], stored.raw)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda d: d[:-1],  # truncated tensor bytes
+    lambda d: d[:8] + b"[" + d[9:],  # header is not a JSON object
+    lambda d: (10 ** 9).to_bytes(8, "little") + d[8:],  # header length past the end
+    lambda d: d.replace(b'"embedding"', b'"something"', 1),  # no tensor named embedding
+    lambda d: d.replace(b'"shape":[2,3]', b'"shape":[3,3]', 1),  # shape does not fit the bytes
+])
+def test_malformed_objects_are_refused(mangle):
+    data = encode_array(np.ones((2, 3), np.float32), storage_dtype="float32", mm_hash="h", modality="image",
+                        model="m").data
+    read_object(data)
+    with pytest.raises(BadObject):
+        read_object(mangle(data))
+
+
+def test_one_uri_form_for_every_writer_and_reader(tmp_path):
+    root = tmp_path / "dir with space"
+    key = "m/float32/ü h.safetensors"
+    uri = LocalDirStore(root).uri(key)
+    assert uri == StoreLocation.parse(root.as_uri()).uri(key) == object_uri("file", str(root), key)
+    scheme, parent, name = split_object_uri(uri)
+    assert (scheme, f"{parent}/{name}") == ("file", f"{root}/{key}")
+    assert StoreLocation.parse("s3://bucket/pre/fix").uri("pre/fix/k") == "s3://bucket/pre/fix/k"
+    assert split_object_uri("s3://bucket/pre/fix/k") == ("s3", "bucket", "pre/fix/k")
+    for bad in ("http://x/y", "s3://bucket", "file://host/x", "file:///dir/"):
+        with pytest.raises(ValueError, match="uri"):
+            split_object_uri(bad)
