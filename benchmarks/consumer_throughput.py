@@ -93,7 +93,8 @@ def main() -> None:
                                    "metrics_port": 0}, environ={})
         source = KafkaSource(cfg.source, f"bench-{uuid.uuid4().hex[:6]}", {})
         sink = open_vector_sink(cfg.sinks[0])
-        idx = Indexer(cfg, source, [sink], LoggedDeadLetters(), ObjectFetcher(), ConsumerMetrics(), EventDecoder())
+        idx = Indexer(cfg, source, [sink], LoggedDeadLetters(),
+                      ObjectFetcher([store.uri("")]), ConsumerMetrics(), EventDecoder())
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         assigned_at = []  # the clock starts when the group hands out partitions (join time excluded)
         on_assign = source._on_assign

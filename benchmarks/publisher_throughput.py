@@ -90,9 +90,9 @@ def cpu_by_process() -> dict[str, float]:
             continue
         if p.pid == me.pid:
             role = "client (LLM.generate)"
-        elif "publisher.sidecar.process worker" in cmd:
+        elif "publisher.sidecar.process" in cmd and " worker " in cmd:
             role = "sidecar: worker"
-        elif "publisher.sidecar.process scheduler" in cmd:
+        elif "publisher.sidecar.process" in cmd and " scheduler " in cmd:
             role = "sidecar: scheduler"
         elif "EngineCore" in name or "EngineCore" in cmd:
             role = "EngineCore (scheduler)"

@@ -24,6 +24,11 @@ def _consumer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance", choices=("cosine", "dot", "l2"), default=None,
                    help="distance of a collection created by the consumer (default cosine)")
     p.add_argument("--s3-endpoint-url", dest="s3_endpoint_url", default=None, help="MinIO / S3-compatible endpoint")
+    p.add_argument("--object-store", dest="object_store", default=None,
+                   help="store(s) objects may be read from, comma-separated (s3://bucket/prefix, file:///dir); "
+                        "default: the publisher's default directory")
+    p.add_argument("--max-object-bytes", dest="max_object_bytes", type=int, default=None,
+                   help="largest object read (default 256 MiB)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-max-bytes", dest="batch_max_bytes", type=int, default=None)
     c.add_argument("--batch-linger-ms", dest="batch_linger_ms", type=int, default=None)
     c.add_argument("--metrics-port", dest="metrics_port", type=int, default=None, help="0 turns it off")
+    c.add_argument("--metrics-host", dest="metrics_host", default=None, help="address to bind (default 0.0.0.0)")
     c.add_argument("--log-format", dest="log_format", choices=("text", "json"), default=None)
     _consumer_flags(c)
 
@@ -76,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 def _search(cfg, args) -> int:
     from consumers.search import format_hits, search_like
 
-    hits = search_like(cfg.sinks[0], args.like, args.k, cfg.pooling, cfg.normalize, cfg.distance,
-                       cfg.s3_endpoint_url, cfg.s3_region)
+    hits = search_like(cfg.sinks[0], args.like, args.k, cfg.pooling, cfg.normalize, cfg.distance, cfg)
     if args.json:
         for h in hits:
             print(json.dumps({"id": h.id, "score": h.score, **h.payload}))
@@ -102,12 +107,14 @@ def consume(cfg, once: bool = False) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if cfg.metrics_port:
-                stack.enter_context(MetricsServer(metrics, cfg.metrics_port))
+                stack.enter_context(MetricsServer(metrics, cfg.metrics_port, cfg.metrics_host,
+                                                  stall_after_s=cfg.stall_timeout_s))
             sinks = [stack.enter_context(open_vector_sink(uri, cfg.distance)) for uri in cfg.sinks]
             source = stack.enter_context(open_source(cfg.source, cfg.group, kafka=cfg.kafka,
                                                      checkpoint=cfg.checkpoint, reader_schema=event_schema()))
             dead_letters = stack.enter_context(open_dead_letters(cfg.dlq, cfg.source, cfg.group, cfg.kafka))
-            fetcher = stack.enter_context(ObjectFetcher(cfg.s3_endpoint_url, cfg.s3_region))
+            fetcher = stack.enter_context(ObjectFetcher(cfg.object_store, cfg.s3_endpoint_url, cfg.s3_region,
+                                                        cfg.max_object_bytes, cfg.permanent_error_retries))
             indexer = stack.enter_context(Indexer(cfg, source, sinks, dead_letters, fetcher, metrics,
                                                   EventDecoder(cfg.schema_registry_url, cfg.schema_registry)))
             for sig in (signal.SIGTERM, signal.SIGINT):

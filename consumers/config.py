@@ -24,6 +24,7 @@ from publisher.settings import (
     Settings,
     as_bool,
     as_event_uri,
+    as_object_store,
     as_opt_str,
     as_str,
     choice,
@@ -78,6 +79,21 @@ def _as_sinks(v: Any, key: str) -> tuple[str, ...]:
     return tuple(_as_sink(s, f"{key}[{i}]") for i, s in enumerate(v))
 
 
+def _as_object_stores(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [s.strip() for s in v.split(",") if s.strip()]
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ConfigError(f"{key}: expected one or more object stores (s3://bucket/prefix or file:///dir)")
+    return tuple(as_object_store(s, f"{key}[{i}]") for i, s in enumerate(v))
+
+
+def _as_host(v: Any, key: str) -> str:
+    v = as_str(v, key)
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", v):
+        raise ConfigError(f"{key}: expected a host name or IP address to bind, got {v!r}")
+    return v
+
+
 def _as_dlq(v: Any, key: str) -> str | None:
     v = as_opt_str(v, key)
     if v is None or v == "none":
@@ -117,7 +133,20 @@ class ConsumerConfig(Settings):
     poll_timeout_s: float = setting(lambda: 1.0, number(float, 0.01), "How long one poll waits for new events.")
     shutdown_timeout_s: float = setting(lambda: 25.0, number(float, 0.0),
                                         "SIGTERM: time to finish the batch in flight.")
+    object_store: tuple[str, ...] = setting(
+        lambda: (PUBLISHER_KEYS["object_store"].default(),), _as_object_stores,
+        "The store(s) objects may be read from (the publisher's form; comma-separated in env). An event "
+        "naming any other object is dead-lettered (forbidden_object) and never opened.")
+    max_object_bytes: int = setting(lambda: 256 << 20, number(int, 1),
+                                    "Largest object read (the event's size_bytes, and while reading).")
+    permanent_error_retries: int = setting(
+        lambda: 5, number(int, 0),
+        "Retries of a read the store refuses for good (access denied, no bucket, not a file) before dead-lettering.")
+    stall_timeout_s: float = setting(
+        lambda: 300.0, number(float, 1.0),
+        "/healthz turns 503 when a batch has been in work this long without being committed.")
     metrics_port: int = setting(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off).")
+    metrics_host: str = setting(lambda: "0.0.0.0", _as_host, "Address the metrics server binds.")
     progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1), "How often a progress line is logged.")
     log_format: str = setting(lambda: "text", choice(LOG_FORMATS), "text, or json (one object per line).")
     # Connections: the publisher's own keys (same env vars, same defaults).

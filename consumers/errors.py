@@ -51,13 +51,42 @@ class DimensionMismatchPoison(Poison):
     kind = "dimension_mismatch"
 
 
+class ForbiddenObjectPoison(Poison):
+    """The event names an object outside every configured object store: it is never opened."""
+
+    kind = "forbidden_object"
+
+
+class ObjectTooLargePoison(Poison):
+    """The object (as the event says, or as read) is over ``max_object_bytes``."""
+
+    kind = "object_too_large"
+
+
+class PermanentErrorPoison(Poison):
+    """The store kept refusing the read (access denied, no such bucket, not a regular file)."""
+
+    kind = "permanent_error"
+
+
+class SinkRejected(Poison):
+    """A vector store refused this event's data (not the connection): the store's message says why."""
+
+    kind = "sink_rejected"
+
+
 POISON_KINDS = tuple(c.kind for c in (Undecodable, UnknownSchema, MissingObject, ChecksumMismatch, BadObject,
-                                      DimensionMismatchPoison))
+                                      DimensionMismatchPoison, ForbiddenObjectPoison, ObjectTooLargePoison,
+                                      PermanentErrorPoison, SinkRejected))
 
 
 class Transient(Exception):
-    """A failure worth retrying; ``kind`` labels the error counter (object_store, sink, dlq, source)."""
+    """A failure worth retrying; ``kind`` labels the error counter (object_store, sink, dlq, source).
 
-    def __init__(self, kind: str, message: str):
+    ``permanent_after``: retry at most this many times, then the record is poison
+    (``PermanentErrorPoison``); None retries until it passes."""
+
+    def __init__(self, kind: str, message: str, permanent_after: int | None = None):
         super().__init__(message)
         self.kind = kind
+        self.permanent_after = permanent_after

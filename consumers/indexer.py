@@ -23,7 +23,15 @@ from typing import Any, Callable
 from consumers.config import ConsumerConfig
 from consumers.dead_letters import DeadLetters
 from consumers.decoder import EventDecoder
-from consumers.errors import DimensionMismatchPoison, Poison, Transient, Undecodable
+from consumers.errors import (
+    BadObject,
+    DimensionMismatchPoison,
+    PermanentErrorPoison,
+    Poison,
+    SinkRejected,
+    Transient,
+    Undecodable,
+)
 from consumers.metrics import ConsumerMetrics
 from consumers.objects import ObjectFetcher, verify_and_decode
 from consumers.sinks.base import DimensionMismatch, SinkConfigError, VectorSink
@@ -183,6 +191,8 @@ class Indexer:
             return
         entries, self._batch, self._batch_bytes = self._batch, [], 0
         self._inflight = Inflight(self._writer.submit(self._write, entries), entries, self._batch_started)
+        if self.metrics.work_since is None:
+            self.metrics.work_since = time.monotonic()
 
     def _wait_paused(self) -> None:
         """A slow sink: pause the partitions and keep polling (heartbeats, rebalances) until the writer is free."""
@@ -223,6 +233,7 @@ class Indexer:
         self._inflight = None
         records = [e.record for e in inflight.entries]
         self.source.commit(records)
+        self.metrics.work_since = time.monotonic() if self._batch else None
         self.totals.committed += len(records)
         self.metrics.batch_seconds.observe(time.monotonic() - inflight.started)
         self.metrics.batch_records.observe(len(records))
@@ -242,17 +253,22 @@ class Indexer:
     # ---- writer thread ---------------------------------------------------------------------
 
     def _retry(self, kind: str, fn: Callable[[], Any]) -> Any:
-        delay = 0.2
+        """Run ``fn`` until it passes, backing off on ``Transient``; one that says ``permanent_after``
+        becomes ``PermanentErrorPoison`` after that many retries."""
+        delay, attempt = 0.2, 0
         while True:
             try:
                 return fn()
             except Transient as t:
                 self.metrics.errors.labels(t.kind or kind).inc()
+                if t.permanent_after is not None and attempt >= t.permanent_after:
+                    raise PermanentErrorPoison(f"{t} (still failing after {attempt} retries)") from None
                 if self._abandon_at is not None and time.monotonic() + delay > self._abandon_at:
                     raise Abandoned(str(t)) from None
                 log.warning("%s (retrying in %.1fs)", t, delay)
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(delay * 2, 30.0)
+                attempt += 1
 
     def _write(self, entries: list[Entry]) -> None:
         cfg = self.cfg
@@ -266,26 +282,34 @@ class Indexer:
         for ei, e in enumerate(entries):
             if e.event is not None:
                 self.metrics.missing.inc(len(e.event.get("missing_embeddings") or ()))
-                for item in e.event["embeddings"]:
-                    fetches[(ei, item["item_index"])] = self._fetch_pool.submit(self._vector, item)
-        points: list[Point] = []
+                for j, item in enumerate(e.event["embeddings"]):
+                    fetches[(ei, j)] = self._fetch_pool.submit(self._vector, item)
+        points: dict[int, list[Point]] = {}  # entry index -> its points
         for ei, e in enumerate(entries):
             if e.event is None:
                 continue
             try:
+                indexes = [int(item["item_index"]) for item in e.event["embeddings"]]
+                if len(set(indexes)) != len(indexes):
+                    raise BadObject(f"event {e.event['event_id']}: item_index repeats ({indexes})")
                 mine = []
-                for item in e.event["embeddings"]:
-                    vec = fetches[(ei, item["item_index"])].result()  # raises the item's Poison
+                for j, item in enumerate(e.event["embeddings"]):
+                    vec = fetches[(ei, j)].result()  # raises the item's Poison
                     self._ensure_sinks(vec)
                     for s in self.sinks:
                         s.check_dimension(vec)
                     mine.append(Point(point_id(e.event["event_id"], item["item_index"]), vec,
                                       point_payload(e.event, item, cfg.pooling)))
-                points.extend(mine)
+                points[ei] = mine
             except Poison as p:
                 e.poison = p
             except DimensionMismatch as d:
                 e.poison = DimensionMismatchPoison(str(d))
+        for s in self.sinks:  # a store refusing an event's data dead-letters that event, not the batch
+            for ei, message in self._upsert_isolating(s, points).items():
+                entries[ei].poison = SinkRejected(f"{s.name}: {message}")
+                del points[ei]
+        written = sum(len(p) for p in points.values())
         poison = [e for e in entries if e.poison is not None]
         for e in poison:
             r = e.record
@@ -298,19 +322,44 @@ class Indexer:
                 self.totals.dead_lettered[e.poison.kind] = self.totals.dead_lettered.get(e.poison.kind, 0) + 1
                 self.metrics.dead_lettered.labels(e.poison.kind).inc()
         for s in self.sinks:
-            for i in range(0, len(points), 512):
-                chunk = points[i:i + 512]
-                self._retry("sink", lambda s=s, chunk=chunk: s.upsert(chunk))
-            self.metrics.indexed.labels(s.name).inc(len(points))
-        self.totals.indexed += len(points)
+            self.metrics.indexed.labels(s.name).inc(written)
+        self.totals.indexed += written
         self._batches_written += 1
         if self._crash_after and self._batches_written >= self._crash_after:
             log.error("fault injection: exiting after writing batch %d, before its commit", self._batches_written)
             logging.shutdown()
             os._exit(86)
 
+    def _upsert_isolating(self, sink: VectorSink, points: dict[int, list[Point]]) -> dict[int, str]:
+        """Upsert every entry's points; connection trouble is retried (``Transient``). An error about
+        the data splits the batch until the entries the store refuses are found: returns
+        {entry index: the store's message} for those, having written every other entry."""
+        rejected: dict[int, str] = {}
+
+        def write(group: list[int]) -> None:
+            chunk = [p for ei in group for p in points[ei]]
+            if not chunk:
+                return
+            try:
+                self._retry("sink", lambda: sink.upsert(chunk))
+            except (Abandoned, Poison):
+                raise
+            except Exception as e:  # noqa: BLE001 - the store refused the data: isolate it
+                if len(group) == 1:
+                    rejected[group[0]] = f"{type(e).__name__}: {str(e).strip()[:1000]}"
+                    log.warning("sink %s refused event %s: %s", sink.name, group[0], rejected[group[0]])
+                    return
+                write(group[:len(group) // 2])
+                write(group[len(group) // 2:])
+
+        order = list(points)
+        for i in range(0, len(order), 256):  # bounded request size
+            write(order[i:i + 256])
+        return rejected
+
     def _vector(self, item: dict):
         """Fetch, verify and pool one item: on the fetch pool, so hashing and numpy run in parallel."""
+        self.fetcher.check(item)  # a forbidden or oversized object is refused before any I/O
         data = self._retry("object_store", lambda: self.fetcher.get(item["uri"]))
         return pool(verify_and_decode(item, data), self.cfg.pooling, self.cfg.normalize)
 
@@ -318,7 +367,13 @@ class Indexer:
         if self._sinks_ready:
             return
         for s in self.sinks:
-            dim = self._retry("sink", lambda s=s: s.ensure(int(vec.shape[-1]), vec.ndim == 2))
+            try:
+                dim = self._retry("sink", lambda s=s: s.ensure(int(vec.shape[-1]), vec.ndim == 2))
+            except (Abandoned, Poison, SinkConfigError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the store refused a collection of this shape
+                raise SinkRejected(f"{s.name}: cannot create a collection for a {list(vec.shape)} embedding: "
+                                   f"{type(e).__name__}: {str(e).strip()[:500]}") from None
             log.info("sink %s: %d-d %s, distance %s", s.name, dim, "multi-vectors" if vec.ndim == 2 else "vectors",
                      s.distance)
         self._sinks_ready = True

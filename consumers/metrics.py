@@ -37,26 +37,38 @@ class ConsumerMetrics:
         self.last_commit = Gauge(f"{NS}_last_commit_timestamp_seconds", "When offsets were last committed.",
                                  registry=r)
         self.heartbeat = time.monotonic()
+        self.work_since: float | None = None  # when the oldest uncommitted batch began (None: idle)
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
+
+    def health(self, stale_after_s: float, stall_after_s: float) -> tuple[bool, dict]:
+        """Healthy while the loop turns and work in hand gets committed: a consumer retrying one batch
+        for ever (a store that never answers) is as stuck as a wedged loop."""
+        now = time.monotonic()
+        age = now - self.heartbeat
+        stalled = 0.0 if self.work_since is None else now - self.work_since
+        ok = age < stale_after_s and stalled < stall_after_s
+        return ok, {"loop_age_s": round(age, 1), "uncommitted_work_age_s": round(stalled, 1)}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class MetricsServer:
-    def __init__(self, metrics: ConsumerMetrics, port: int, host: str = "0.0.0.0", stale_after_s: float = 120.0):
+    def __init__(self, metrics: ConsumerMetrics, port: int, host: str = "0.0.0.0", stale_after_s: float = 120.0,
+                 stall_after_s: float = 300.0):
         m = metrics
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # an idle or slow client cannot hold a thread
             def do_GET(self):  # noqa: N802 - http.server's name
                 if self.path.startswith("/metrics"):
                     body, status, ctype = m.render(), 200, CONTENT_TYPE_LATEST
                 elif self.path.startswith("/healthz"):
-                    age = time.monotonic() - m.heartbeat
-                    status = 200 if age < stale_after_s else 503
-                    body, ctype = json.dumps({"loop_age_s": round(age, 1)}).encode(), "application/json"
+                    ok, detail = m.health(stale_after_s, stall_after_s)
+                    status = 200 if ok else 503
+                    body, ctype = json.dumps(detail).encode(), "application/json"
                 else:
                     body, status, ctype = b"not found\n", 404, "text/plain"
                 self.send_response(status)
@@ -72,7 +84,7 @@ class MetricsServer:
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="mm-events-metrics", daemon=True)
         self.thread.start()
-        logging.getLogger("vllm_mm_events.consumer").info("metrics on :%d (/metrics, /healthz)", self.port)
+        logging.getLogger("vllm_mm_events.consumer").info("metrics on %s:%d (/metrics, /healthz)", host, self.port)
 
     def close(self) -> None:
         self.server.shutdown()

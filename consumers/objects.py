@@ -9,13 +9,20 @@ verify them against the event, and type every failure as poison or transient.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from consumers.errors import BadObject, ChecksumMismatch, MissingObject, Transient
-from publisher.stores.base import ObjectNotFound
-from publisher.stores.reader import ObjectReader
+from consumers.errors import (
+    BadObject,
+    ChecksumMismatch,
+    ForbiddenObjectPoison,
+    MissingObject,
+    ObjectTooLargePoison,
+    Transient,
+)
+from publisher.stores.base import ForbiddenObject, ObjectNotFound, ObjectTooLarge, PermanentStoreError
+from publisher.stores.reader import DEFAULT_MAX_OBJECT_BYTES, ObjectReader
 from schemas import objects
 
 
@@ -39,19 +46,43 @@ def verify_and_decode(item: Mapping[str, Any], data: bytes) -> np.ndarray:
 
 
 class ObjectFetcher:
-    """GETs the objects events name, typing failures: absent -> ``MissingObject``; a URI of no
-    known form -> ``BadObject``; anything else (network, throttling, credentials) -> ``Transient``."""
+    """GETs the objects events name, only from the configured stores, typing every failure:
 
-    def __init__(self, endpoint_url: str | None = None, region: str | None = None):
-        self._reader = ObjectReader(endpoint_url, region)
+    outside every store (or a URI of no known form) -> ``ForbiddenObjectPoison``, never opened;
+    over ``max_bytes`` (the event's ``size_bytes``, or while reading) -> ``ObjectTooLargePoison``;
+    absent -> ``MissingObject``; refused for good (access denied, no bucket, not a regular file)
+    -> ``Transient`` retried ``permanent_after`` times, then ``PermanentErrorPoison``; anything
+    else (network, throttling) -> ``Transient``, retried until it passes.
+    """
+
+    def __init__(self, stores: Iterable[str], endpoint_url: str | None = None, region: str | None = None,
+                 max_bytes: int = DEFAULT_MAX_OBJECT_BYTES, permanent_after: int = 5):
+        self.max_bytes = max_bytes
+        self.permanent_after = permanent_after
+        self._reader = ObjectReader(stores, endpoint_url, region, max_bytes=max_bytes)
+
+    def check(self, item: Mapping[str, Any]) -> None:
+        """What can be refused from the event alone, before any I/O."""
+        uri = str(item["uri"])
+        try:
+            self._reader.resolve(uri)
+        except ForbiddenObject as e:
+            raise ForbiddenObjectPoison(str(e)) from None
+        if not 0 <= int(item["size_bytes"]) <= self.max_bytes:
+            raise ObjectTooLargePoison(f"{uri[:200]}: the event says {item['size_bytes']} bytes; "
+                                       f"max_object_bytes is {self.max_bytes}")
 
     def get(self, uri: str) -> bytes:
         try:
             return self._reader.get(uri)
+        except ForbiddenObject as e:
+            raise ForbiddenObjectPoison(str(e)) from None
+        except ObjectTooLarge as e:
+            raise ObjectTooLargePoison(str(e)) from None
         except ObjectNotFound:
             raise MissingObject(f"{uri}: no such object") from None
-        except ValueError as e:
-            raise BadObject(str(e)) from None
+        except PermanentStoreError as e:
+            raise Transient("object_store", str(e), permanent_after=self.permanent_after) from None
         except Exception as e:  # noqa: BLE001 - retried, never dead-lettered
             raise Transient("object_store", f"{uri}: {type(e).__name__}: {e}") from None
 

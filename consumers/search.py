@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
+from consumers.config import ConsumerConfig
 from consumers.objects import ObjectFetcher
 from consumers.sinks import Hit, open_vector_sink
 from consumers.vectors import pool
@@ -11,13 +13,19 @@ from schemas.objects import read_object
 
 
 def search_like(sink_uri: str, like: str, k: int, pooling: str, normalize: bool, distance: str,
-                endpoint_url: str | None = None, region: str | None = None) -> list[Hit]:
-    """Fetch the object at ``like`` (s3://, file:// or a path), pool it as indexed, query the sink."""
-    if not urlsplit(like).scheme:
-        from pathlib import Path
+                cfg: ConsumerConfig) -> list[Hit]:
+    """Fetch the object at ``like`` (s3://, file:// or a path), pool it as indexed, query the sink.
 
-        like = Path(like).resolve().as_uri()
-    with ObjectFetcher(endpoint_url, region) as fetcher:
+    The user names ``like`` on the command line, so a local path they give is allowed too.
+    """
+    u = urlsplit(like)
+    if u.scheme == "s3":
+        own = f"s3://{u.netloc}"
+    else:
+        path = Path(unquote(u.path) if u.scheme == "file" else like).resolve()
+        like, own = path.as_uri(), path.parent.as_uri()
+    stores = [*cfg.object_store, own]
+    with ObjectFetcher(stores, cfg.s3_endpoint_url, cfg.s3_region, cfg.max_object_bytes) as fetcher:
         features = read_object(fetcher.get(like)).to_float32()
     with open_vector_sink(sink_uri, distance) as sink:
         if sink.describe() is None:

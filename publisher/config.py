@@ -61,6 +61,13 @@ class PublisherConfig(Settings):
     publish_text_only: bool = setting(lambda: False, as_bool, "Also publish events for requests without media.")
     allow_client_embeddings: bool = setting(
         lambda: False, as_bool, "Accept media sent as client-computed embeddings (events mark them CLIENT).")
+    max_metadata_bytes: int = setting(
+        lambda: 16 << 10, number(int, 0),
+        "Largest request metadata (vllm_xargs) published; a media request over it is refused up front.")
+    return_params: str = setting(
+        lambda: "full", choice(("full", "ids")),
+        "ec_transfer_params for the caller: full (object URIs and S3 endpoint, for load_mm_embeddings) or "
+        "ids (event id and item hashes only: no store locations for API clients).")
     backpressure: str = setting(
         lambda: "block", choice(BACKPRESSURE_POLICIES),
         "When in-flight limits are hit: block the engine until there is room, or drop and count.")

@@ -9,12 +9,20 @@ through the one read path (``publisher.stores.reader``) and the one object reade
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterable, Mapping
 
+from publisher.config import default_data_dir
 from publisher.stores.base import ObjectNotFound
-from publisher.stores.reader import ObjectReader
+from publisher.stores.reader import DEFAULT_MAX_OBJECT_BYTES, ObjectReader
 from schemas.objects import read_object
+
+
+def default_objects_uri() -> str:
+    """The publisher's default object directory (its embedded default store)."""
+    return (default_data_dir() / "objects").as_uri()
 
 
 class EmbeddingNotAvailable(TimeoutError):
@@ -33,11 +41,19 @@ def decode_embedding(data: bytes):
     return tensor, stored.metadata
 
 
-def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str | None = None) -> list:
+def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str | None = None,
+                       allowed_endpoints: Iterable[str] = (), local_dirs: Iterable[str] | None = None,
+                       max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES) -> list:
     """``RequestOutput`` or its ``ec_transfer_params`` dict -> list of CPU tensors.
 
     Text-only outputs (no params, or no items) give ``[]``. An object still being uploaded
     is waited for up to ``timeout`` seconds; then ``EmbeddingNotAvailable`` is raised.
+
+    The params come from a server's response, so they choose nothing security-relevant:
+    S3 requests (signed with the caller's credentials) go to ``endpoint_url`` (else the
+    standard ``AWS_ENDPOINT_URL``); an ``s3_endpoint_url`` in the params is used only if it is
+    one of ``allowed_endpoints``. ``file://`` objects are read only under ``local_dirs``
+    (default: the publisher's default object directory); reads are capped at ``max_object_bytes``.
     """
     params = output if isinstance(output, Mapping) or output is None else getattr(output, "ec_transfer_params", None)
     if not params:
@@ -45,9 +61,17 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
     if params.get("error"):
         raise ValueError(f"the request was refused: {params['error']}")
     refs = sorted(params.get("mm_embeddings") or [], key=lambda r: r["item_index"])
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
+    offered = params.get("s3_endpoint_url")
+    if offered and offered != endpoint:
+        if offered not in set(allowed_endpoints):
+            raise ValueError(f"the params name S3 endpoint {offered!r}, which is not one you allowed: pass "
+                             "endpoint_url= (or AWS_ENDPOINT_URL) or list it in allowed_endpoints=")
+        endpoint = offered
+    dirs = [default_objects_uri()] if local_dirs is None else [Path(d).resolve().as_uri() for d in local_dirs]
     deadline = time.monotonic() + timeout
     tensors = []
-    with ObjectReader(endpoint_url or params.get("s3_endpoint_url")) as reader:
+    with ObjectReader(dirs, endpoint, max_bytes=max_object_bytes, any_bucket=True) as reader:
         for ref in refs:
             uri = ref["uri"]
             tensor, meta = decode_embedding(_get_when_ready(reader, uri, deadline, timeout))

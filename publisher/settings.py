@@ -22,7 +22,9 @@ ENV_PREFIX = "VLLM_MM_EVENTS_"
 # Kubernetes Secret can supply `sasl.password` as an env var while the rest sit elsewhere.
 DICT_KEYS = ("kafka", "schema_registry")
 # Keys inside settings dicts whose values are secrets.
-_SECRET_KEY_RE = re.compile(r"(password|secret|token|credential|user\.info|private|sasl\.oauthbearer\.config)", re.I)
+# librdkafka's inline key material (ssl.key.pem, ssl.keystore.*) counts too.
+_SECRET_KEY_RE = re.compile(r"(password|secret|token|credential|user\.info|private|sasl\.oauthbearer\.config"
+                            r"|key\.pem|keystore|\.key$)", re.I)
 
 
 class ConfigError(ValueError):

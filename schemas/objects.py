@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -182,7 +183,7 @@ def read_object(data: bytes | memoryview) -> StoredTensor:
         raise BadObject(f"not an embedding object: no {e} in its safetensors header (tensors: {found})") from None
     except (ValueError, TypeError) as e:
         raise BadObject(f"not an embedding object: bad safetensors header ({e!r})") from None
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # Python ints: an absurd shape cannot wrap around
     if min(shape, default=1) < 0 or begin < 0 or end - begin != count * np_dtype.itemsize \
             or body_at + end > len(data):
         raise BadObject(f"tensor bytes [{begin}, {end}) do not hold shape {list(shape)} of {dtype} "

@@ -24,6 +24,11 @@ HNSW_MAX_DIM = 2000
 _COLUMNS = ("id", "embedding", *PAYLOAD_FIELDS)
 
 
+def _pg_text(s: str) -> str:
+    """PostgreSQL text and jsonb cannot hold NUL: it is stored as the six characters ``\\u0000``."""
+    return s.replace("\0", "\\u0000") if "\0" in s else s
+
+
 def _vector_literal(v: np.ndarray) -> str:
     return "[" + ",".join(repr(float(x)) for x in v) + "]"
 
@@ -50,8 +55,14 @@ class PgvectorSink(VectorSink):
                 raise Transient("sink", f"{self.name}: cannot connect: {str(e).strip().splitlines()[0]}") from None
         return self._conn
 
+    # SQLSTATE classes a retry can fix: connection (08), resources (53), operator intervention (57),
+    # system (58), rollback (40: serialization, deadlock), object in use (55). Everything else, e.g.
+    # 22 data exception or 54 program limit (an index row too large), is about the data.
+    TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
+
     def _run(self, fn):
-        """Run ``fn(conn)`` in one transaction; connection-level failures are Transient."""
+        """Run ``fn(conn)`` in one transaction; connection-level failures are Transient, errors about
+        the data are raised as they are (the caller isolates the event that caused them)."""
         import psycopg
 
         conn = self._connect()
@@ -59,6 +70,9 @@ class PgvectorSink(VectorSink):
             with conn.transaction():
                 return fn(conn)
         except psycopg.OperationalError as e:
+            state = e.sqlstate or ""
+            if state and state[:2] not in self.TRANSIENT_SQLSTATE_CLASSES:
+                raise
             conn.close()
             raise Transient("sink", f"{self.name}: {str(e).strip().splitlines()[0]}") from None
 
@@ -103,9 +117,11 @@ class PgvectorSink(VectorSink):
         updates = sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in _COLUMNS[1:])
         stmt = sql.SQL("INSERT INTO {t} ({cols}) VALUES ({v}) ON CONFLICT (id) DO UPDATE SET {u}").format(
             t=self._ident(), cols=cols, v=values, u=updates)
-        rows = [(p.id, _vector_literal(p.vector), p.payload["request_id"], p.payload["event_id"],
-                 p.payload["item_index"], p.payload["mm_hash"], p.payload["modality"], p.payload["model"],
-                 p.payload["uri"], p.payload["event_time"], p.payload["pooling"], json.dumps(p.payload["metadata"]))
+        t = _pg_text
+        rows = [(p.id, _vector_literal(p.vector), t(p.payload["request_id"]), t(p.payload["event_id"]),
+                 p.payload["item_index"], t(p.payload["mm_hash"]), t(p.payload["modality"]), t(p.payload["model"]),
+                 t(p.payload["uri"]), p.payload["event_time"], t(p.payload["pooling"]),
+                 json.dumps({t(k): t(v) for k, v in p.payload["metadata"].items()}))
                 for p in points]
 
         def write(conn):

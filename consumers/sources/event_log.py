@@ -25,6 +25,11 @@ _HEADER_SCHEMA = fastavro.parse_schema({
         {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
 
 
+# The largest block read (the publisher writes one block per flush, of up to max_pending_events
+# events); a block over it is dead-lettered, not waited for.
+MAX_BLOCK_BYTES = 64 << 20
+
+
 def _read_long(buf: bytes, pos: int) -> tuple[int, int] | None:
     """Avro zig-zag varint at ``pos`` -> (value, next pos), or None if the bytes end first."""
     shift = result = 0
@@ -116,7 +121,7 @@ class AvroLogSource(EventSource):
             if size < self.offset:
                 raise ValueError(f"source: {self.path} shrank below the committed position; was it truncated?")
             f.seek(self.offset)
-            data = f.read(min(size - self.offset, 64 << 20))
+            data = f.read(min(size - self.offset, MAX_BLOCK_BYTES + 64))
         pos, produced = 0, 0
         while produced < max_records:
             block_at = self.offset + pos
@@ -125,19 +130,44 @@ class AvroLogSource(EventSource):
             if not head2:
                 break
             count, (blen, body_at) = head[0], head2
-            end = body_at + blen + 16
-            if end > len(data):
-                break  # the writer is still appending this block
-            if data[body_at + blen:end] != self.sync:
-                nxt = data.find(self.sync, pos)
+            if blen > MAX_BLOCK_BYTES and count >= 1:
+                # Too large to read: skipped whole once complete (never waited for in a window that
+                # cannot hold it), else dead-lettered up to the next sync marker like any corrupt header.
+                block_end = self.offset + body_at + blen + 16
+                if block_end <= size and self._sync_at(block_end - 16):
+                    end = block_end - self.offset
+                    records = [self._error_record(data[pos:pos + 4096], block_at, block_end,
+                                                  f"block of {blen} bytes, over the {MAX_BLOCK_BYTES}-byte cap")]
+                    self._pending.extend(records)
+                    produced += 1
+                    pos = end
+                    break  # ``end`` lies past this window: read on from there next time
+                if block_end > size and data.find(self.sync, body_at) < 0:
+                    break  # still being written
+            if count < 1 or blen < 1 or count > blen or blen > MAX_BLOCK_BYTES:
+                # A header no writer produces: it can never complete, so waiting for it would stall
+                # the reader for good. Dead-letter up to the next sync marker.
+                nxt = data.find(self.sync, body_at)
                 if nxt < 0:
-                    break
+                    if len(data) <= MAX_BLOCK_BYTES:
+                        break  # no marker yet: the next block's end brings one
+                    nxt = len(data) - 16  # a whole window without any marker: skip it
                 end = nxt + 16
-                records = [SourceRecord(value=bytes(data[pos:end]), position=(block_at, 0, self.offset + end, 1),
-                                        coords=self._coords(block_at, 0),
-                                        error="corrupt block (sync marker not found)")]
+                records = [self._error_record(data[pos:min(end, pos + 4096)], block_at, self.offset + end,
+                                              f"corrupt block header (count {count}, length {blen})")]
             else:
-                records = self._decode_block(data[body_at:body_at + blen], count, block_at, self.offset + end)
+                end = body_at + blen + 16
+                if end > len(data):
+                    break  # the writer is still appending this block
+                if data[body_at + blen:end] != self.sync:
+                    nxt = data.find(self.sync, body_at)
+                    if nxt < 0:
+                        break
+                    end = nxt + 16
+                    records = [self._error_record(data[pos:min(end, pos + 4096)], block_at, self.offset + end,
+                                                  "corrupt block (sync marker not found)")]
+                else:
+                    records = self._decode_block(data[body_at:body_at + blen], count, block_at, self.offset + end)
             self._pending.extend(records)
             produced += len(records)
             pos = end
@@ -146,14 +176,31 @@ class AvroLogSource(EventSource):
             self.offset += pos  # read position; the committed one is in the checkpoint
             self.skip = 0
 
+    def _sync_at(self, offset: int) -> bool:
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(16) == self.sync
+
+    def _error_record(self, value: bytes, block_at: int, next_block: int, error: str) -> SourceRecord:
+        """A block that cannot be read, handed out once (for the dead-letter queue) and skipped."""
+        return SourceRecord(value=bytes(value), position=(block_at, 0, next_block, 1),
+                            coords=self._coords(block_at, 0), error=error)
+
     def _decode_block(self, body: bytes, count: int, block_at: int, next_block: int) -> list[SourceRecord]:
         try:
-            raw = zlib.decompress(body, -15) if self.codec == "deflate" else body
+            if self.codec == "deflate":
+                inflater = zlib.decompressobj(-15)
+                raw = inflater.decompress(body, MAX_BLOCK_BYTES)
+                if inflater.unconsumed_tail:
+                    raise ValueError(f"inflates past the {MAX_BLOCK_BYTES}-byte cap")
+            else:
+                raw = body
             buf = io.BytesIO(raw)
             events = [fastavro.schemaless_reader(buf, self.writer_schema, self.reader_schema) for _ in range(count)]
+            if buf.tell() != len(raw):
+                raise ValueError(f"{len(raw) - buf.tell()} bytes left after {count} records")
         except Exception as e:  # noqa: BLE001 - one unreadable block is dead-lettered, not fatal
-            return [SourceRecord(value=bytes(body), position=(block_at, 0, next_block, 1),
-                                 coords=self._coords(block_at, 0), error=f"undecodable block: {e}")]
+            return [self._error_record(body[:4096], block_at, next_block, f"undecodable block: {e}")]
         out = []
         for i, ev in enumerate(events):
             if block_at == self.offset and i < self.skip:

@@ -23,7 +23,7 @@ class AvroFileSink(EventSink):
 
     def __init__(self, path: str | os.PathLike, codec: AvroCodec, fsync: bool = True):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
         self.codec = codec
         self.fsync = fsync
         self._pending: list[tuple[Mapping[str, Any], DoneCallback]] = []
@@ -41,7 +41,8 @@ class AvroFileSink(EventSink):
         batch, self._pending = self._pending, []
         err: Exception | None = None
         try:
-            with open(self.path, "a+b") as fo:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            with os.fdopen(fd, "a+b") as fo:
                 fcntl.flock(fo, fcntl.LOCK_EX)
                 # fastavro appends to a non-empty 'a+b' file: it reads the existing header
                 # (schema, sync marker) and writes one new block.

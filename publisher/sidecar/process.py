@@ -62,7 +62,10 @@ class Sidecar:
         # its engine's process tree a few seconds into shutdown, and the sidecar must be
         # able to finish flushing (bounded by shutdown_timeout_s) even then.
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "publisher.sidecar.process", role, str(child.fileno())],
+            # -c, not -m: with -m the working directory would lead sys.path (a planted
+            # module there would run in the sidecar); the code drops the entry -c adds instead.
+            [sys.executable, "-c", "import sys; sys.path.pop(0); from publisher.sidecar.process import main; "
+             "sys.exit(main(sys.argv[1:]))", role, str(child.fileno())],
             pass_fds=(child.fileno(), *pass_fds), stdin=subprocess.DEVNULL)
         launcher.wait()
         child.close()

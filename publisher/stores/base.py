@@ -18,6 +18,19 @@ class ObjectNotFound(FileNotFoundError):
     """No object under that key (the message is its URI)."""
 
 
+class ObjectTooLarge(ValueError):
+    """The object is larger than the reader's cap (``get(key, max_bytes)``); nothing more was read."""
+
+
+class PermanentStoreError(RuntimeError):
+    """A read that retrying will not fix without an operator: access denied, no such bucket, not a
+    regular file. Readers may retry a bounded number of times (permissions propagate), then give up."""
+
+
+class ForbiddenObject(PermissionError):
+    """A URI outside every store the reader may read: it is never opened."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -54,8 +67,10 @@ class ObjectStore(ABC):
         return [self.head(k) for k in keys]
 
     @abstractmethod
-    def get(self, key: str) -> bytes:
-        """The object's bytes; ``ObjectNotFound`` if absent."""
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; ``ObjectNotFound`` if absent, ``ObjectTooLarge`` past ``max_bytes``
+        (checked before reading and enforced while reading), ``PermanentStoreError`` for what
+        retrying will not fix."""
 
     def close(self) -> None:
         """Release clients and threads; the store is not used afterwards."""

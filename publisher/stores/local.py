@@ -5,10 +5,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import threading
 from pathlib import Path
 
-from publisher.stores.base import ObjectInfo, ObjectNotFound, ObjectStore
+from publisher.stores.base import ObjectInfo, ObjectNotFound, ObjectStore, ObjectTooLarge, PermanentStoreError
 from schemas.uris import object_uri
 
 
@@ -55,7 +56,7 @@ class LocalDirStore(ObjectStore):
             path = self._path(key)
             parent = path.rsplit("/", 1)[0]
             if parent not in self._dirs:
-                os.makedirs(parent, exist_ok=True)
+                os.makedirs(parent, mode=0o750, exist_ok=True)
                 self._dirs.add(parent)
             staged.append((path, self._stage(path, data, json.dumps(metadata).encode())))
         if self.fsync:
@@ -80,7 +81,9 @@ class LocalDirStore(ObjectStore):
         with self._lock:
             self._seq += 1
             tmp = f"{parent}/.{name}.{os.getpid()}.{self._seq}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        # Objects are the server's data, not the world's: group-readable (a consumer sharing the
+        # volume), never following a link planted where a temp file goes.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         try:
             view = memoryview(data)
             while view:
@@ -123,7 +126,8 @@ class LocalDirStore(ObjectStore):
     def _write_sidecar(self, path: str, meta: bytes) -> None:
         side = path + ".meta.json"
         tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640),
+                       "wb") as f:
             f.write(meta)
             if self.fsync:
                 os.fsync(f.fileno())
@@ -141,12 +145,28 @@ class LocalDirStore(ObjectStore):
             meta = Path(path + ".meta.json").read_bytes()
         return ObjectInfo(key, size, json.loads(meta))
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        # The publisher writes regular files only: a symlink (O_NOFOLLOW), a directory, a FIFO or a
+        # device (O_NONBLOCK: opening one never waits) under a key is not an object.
         try:
-            with open(self._path(key), "rb") as f:
-                return f.read()
+            fd = os.open(self._path(key), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectNotFound(self.uri(key)) from None
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+                raise PermanentStoreError(f"{self.uri(key)}: {e.strerror}") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise PermanentStoreError(f"{self.uri(key)}: not a regular file")
+        with os.fdopen(fd, "rb") as f:
+            if max_bytes is not None and st.st_size > max_bytes:
+                raise ObjectTooLarge(f"{self.uri(key)}: {st.st_size} bytes, over the {max_bytes}-byte cap")
+            data = f.read() if max_bytes is None else f.read(max_bytes + 1)
+        if max_bytes is not None and len(data) > max_bytes:  # it grew while we read
+            raise ObjectTooLarge(f"{self.uri(key)}: over the {max_bytes}-byte cap")
+        return data
 
 
 def _load_syncfs():

@@ -6,7 +6,7 @@ import base64
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
-from publisher.stores.base import ObjectInfo, ObjectNotFound, ObjectStore
+from publisher.stores.base import ObjectInfo, ObjectNotFound, ObjectStore, ObjectTooLarge, PermanentStoreError
 from schemas.objects import CONTENT_TYPE
 from schemas.uris import object_uri
 
@@ -69,12 +69,31 @@ class S3Store(ObjectStore):
         r = self._lite.head(self.bucket, key)
         return None if r is None else ObjectInfo(key, r[0], r[1])
 
-    def get(self, key: str) -> bytes:
-        from botocore.exceptions import ClientError
+    # Codes that retrying does not fix without an operator (they are retried a bounded number of times).
+    PERMANENT_CODES = ("AccessDenied", "NoSuchBucket", "InvalidBucketName", "AllAccessDisabled", "InvalidObjectState",
+                       "403", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+    def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        from botocore.exceptions import ClientError, NoCredentialsError
 
         try:
-            return self._client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            r = self._client().get_object(Bucket=self.bucket, Key=key)
         except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+            code = e.response.get("Error", {}).get("Code")
+            if code in ("NoSuchKey", "404"):
                 raise ObjectNotFound(self.uri(key)) from None
+            if code in self.PERMANENT_CODES:
+                raise PermanentStoreError(f"{self.uri(key)}: {code}") from None
             raise
+        except NoCredentialsError:
+            raise PermanentStoreError(f"{self.uri(key)}: no AWS credentials in the standard chain") from None
+        body = r["Body"]
+        try:
+            if max_bytes is not None and int(r.get("ContentLength") or 0) > max_bytes:
+                raise ObjectTooLarge(f"{self.uri(key)}: {r['ContentLength']} bytes, over the {max_bytes}-byte cap")
+            data = body.read() if max_bytes is None else body.read(max_bytes + 1)
+        finally:
+            body.close()
+        if max_bytes is not None and len(data) > max_bytes:
+            raise ObjectTooLarge(f"{self.uri(key)}: over the {max_bytes}-byte cap")
+        return data

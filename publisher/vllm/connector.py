@@ -82,6 +82,16 @@ def served_model_name(vllm_config: "VllmConfig") -> str:
     return name or vllm_config.model_config.model
 
 
+OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
+
+
+def metadata_bytes(request: "Request") -> int:
+    """The size of the request's metadata as the event would carry it (keys + values, UTF-8)."""
+    sp = request.sampling_params
+    metadata = stringify_metadata(sp.extra_args if sp is not None else None)
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
 def classify_item(feature) -> str | None:
     """ENCODER for raw media the encoder will run on; CLIENT for caller-supplied embeddings;
     None for an item with no data at all (metadata only, expecting a connector to load it)."""
@@ -232,14 +242,19 @@ class MMEmbeddingPublisher(ECConnectorBase):
         """
         rid = request.request_id
         if rid not in self._verdicts:
-            self._verdicts[rid] = None if self.config.allow_client_embeddings else self._refusal(request)
+            self._verdicts[rid] = self._refusal(request)
         if self._verdicts[rid] is None:
             return True
         self._refuse.add(rid)
         return False
 
-    @staticmethod
-    def _refusal(request: "Request") -> str | None:
+    def _refusal(self, request: "Request") -> str | None:
+        size = metadata_bytes(request)
+        if size > self.config.max_metadata_bytes:
+            return (f"its metadata (vllm_xargs / extra_args) is {size} bytes, over max_metadata_bytes "
+                    f"({self.config.max_metadata_bytes}); its event could not be published")
+        if self.config.allow_client_embeddings:
+            return None
         for i, f in enumerate(request.mm_features):
             kind = classify_item(f)
             if kind == CLIENT:
@@ -277,10 +292,13 @@ class MMEmbeddingPublisher(ECConnectorBase):
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
                          "dtype": self.config.storage_dtype, "source": source})
         snapshot = self._snapshot(request, tuple(items))
+        self._hand_over(snapshot, keys)
+        if self.config.return_params == "ids":  # no store locations for API clients
+            return False, {"event_id": snapshot.event_id, "mm_embeddings": [
+                {k: r[k] for k in ("mm_hash", "modality", "item_index", "source")} for r in refs]}
         params: dict[str, Any] = {"mm_embeddings": refs, "event_id": snapshot.event_id}
         if self._endpoint:
             params["s3_endpoint_url"] = self._endpoint
-        self._hand_over(snapshot, keys)
         return False, params
 
     def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str]) -> None:
@@ -298,6 +316,16 @@ class MMEmbeddingPublisher(ECConnectorBase):
         else:
             self.dropped_events += 1
 
+    def _metadata(self, extra_args) -> dict[str, str]:
+        """The event's metadata. Requests with media and oversized metadata were refused up front;
+        a text-only one (publish_text_only) cannot be, so its event says what was left out."""
+        metadata = stringify_metadata(extra_args)
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+        if size > self.config.max_metadata_bytes:
+            return {OVERSIZE_METADATA_KEY: f"{size} bytes of metadata left out: over max_metadata_bytes "
+                                           f"({self.config.max_metadata_bytes})"}
+        return metadata
+
     def _snapshot(self, request: "Request", items: tuple[MediaItem, ...]) -> FinishedRequest:
         rid = request.request_id
         external = _INTERNAL_SUFFIX.sub("", rid) if self._randomized_ids else rid
@@ -314,7 +342,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             stop_reason=None if stop is None else str(stop),
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
-            metadata=stringify_metadata(sp.extra_args if sp is not None else None),
+            metadata=self._metadata(sp.extra_args if sp is not None else None),
             items=items,
             lora_name=lora.lora_name if lora is not None else None,
             arrival_time=request.arrival_time,

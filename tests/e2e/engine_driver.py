@@ -12,9 +12,19 @@ import json
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def reader_args(extra: dict) -> dict:
+    """What the caller of load_mm_embeddings knows: its own endpoint and local store, never the params'."""
+    store = extra.get("object_store", "")
+    args = {"endpoint_url": extra.get("s3_endpoint_url")}
+    if store.startswith("file://"):
+        args["local_dirs"] = [urlsplit(store).path]
+    return args
 
 
 def main() -> None:
@@ -45,7 +55,7 @@ def main() -> None:
             prompts.append(p)
             params.append(SamplingParams(max_tokens=r.get("max_tokens", 4), extra_args=r.get("extra_args")))
         for r, o in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
-            tensors = load_mm_embeddings(o, timeout=60)
+            tensors = load_mm_embeddings(o, timeout=60, **reader_args(spec["extra_config"]))
             if tensors:
                 save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, out / f"{o.request_id}.safetensors")
             results.append({"request_id": o.request_id, "images": r.get("images", []),

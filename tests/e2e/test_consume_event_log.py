@@ -29,6 +29,7 @@ class Log:
         self.dir = d
         self.path = d / "events.avro"
         self.store = LocalDirStore(d / "objects")
+        self.objects = (d / "objects").as_uri()  # the consumer reads objects only from here
         self.sink = AvroFileSink(self.path, AvroCodec())
         self.events = []
 
@@ -64,7 +65,8 @@ def test_follows_the_log_as_it_grows_and_resumes_from_its_checkpoint(tmp_path):
     log.append(3, items=2)
     sink = f"lancedb://{tmp_path}/lance/follow"
     port = free_port()
-    args = ["--source", log.path.as_uri(), "--sink", sink, "--group", "idx", "--batch-linger-ms", "20"]
+    args = ["--source", log.path.as_uri(), "--object-store", log.objects, "--sink", sink, "--group", "idx",
+            "--batch-linger-ms", "20"]
     proc = cr.start([*args, "--metrics-port", str(port)], {}, tmp_path / "follow.log")
     try:
         cr.wait_for(lambda: count(sink) == 6, 60, "the first 3 events")
@@ -127,7 +129,8 @@ def test_poison_goes_to_the_dlq_file_and_the_rest_is_indexed(tmp_path):
 
     dlq = tmp_path / "dead.jsonl"
     sink = f"qdrant://{tmp_path}/q/poison"
-    summary, _ = cr.consume_once(["--source", log.path.as_uri(), "--sink", sink, "--dlq", dlq.as_uri()])
+    summary, _ = cr.consume_once(["--source", log.path.as_uri(), "--object-store", log.objects, "--sink", sink,
+                                  "--dlq", dlq.as_uri()])
     assert summary["dead_lettered"] == {"undecodable": 1, "missing_object": 1}
     lines = [json.loads(x) for x in dlq.read_text().splitlines()]
     assert [x["reason"] for x in lines] == ["undecodable", "missing_object"]

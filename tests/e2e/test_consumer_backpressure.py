@@ -44,7 +44,8 @@ def test_slow_sink_pauses_partitions_and_bounds_memory(kafka, tmp_path):
                                "batch_max_records": BATCH, "batch_linger_ms": 2000, "metrics_port": 0}, environ={})
     source = KafkaSource(cfg.source, "slow-" + uuid.uuid4().hex[:6], {})
     sink = SlowLance(cfg.sinks[0])
-    indexer = Indexer(cfg, source, [sink], LoggedDeadLetters(), ObjectFetcher(), ConsumerMetrics(), EventDecoder())
+    indexer = Indexer(cfg, source, [sink], LoggedDeadLetters(),
+                      ObjectFetcher([store.uri("")]), ConsumerMetrics(), EventDecoder())
 
     pauses, held = [], []
     real_pause, real_add = source.pause, indexer._add

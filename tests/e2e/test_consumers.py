@@ -44,10 +44,11 @@ def published(tmp_path_factory, tiny_llava, kafka, minio):
 
 
 @pytest.fixture
-def consumer_env(minio, postgres, monkeypatch):
-    """What a consumer pod gets: S3 credentials and endpoint, the sink password, nothing in URIs.
-    The test process gets them too, to read stores and sinks directly."""
-    env = {**minio.env, "VLLM_MM_EVENTS_S3_ENDPOINT_URL": minio.endpoint, **postgres.env}
+def consumer_env(published, minio, postgres, monkeypatch):
+    """What a consumer pod gets: S3 credentials and endpoint, the bucket it may read, the sink password,
+    nothing in URIs. The test process gets them too, to read stores and sinks directly."""
+    env = {**minio.env, "VLLM_MM_EVENTS_S3_ENDPOINT_URL": minio.endpoint, **postgres.env,
+           "VLLM_MM_EVENTS_OBJECT_STORE": f"s3://{published['bucket']}"}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env

@@ -21,8 +21,10 @@ def default_server(tmp_path_factory, tiny_llava, kafka, minio):
     extra = {"object_store": f"s3://{bucket}/p", "s3_endpoint_url": minio.endpoint,
              "event_sink": f"kafka://{kafka.bootstrap}/{topic}", "topic_partitions": 1}
     env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
-    server = OpenAIServer(tiny_llava, extra, tmp_path_factory.mktemp("api-default"), env=env).wait_ready()
-    yield dict(server=server, topic=topic, kafka=kafka, aws_env=env)
+    guard = ("--middleware", "publisher.vllm.api_guard.RefuseClientMediaIds")  # as the Helm chart installs it
+    server = OpenAIServer(tiny_llava, extra, tmp_path_factory.mktemp("api-default"), env=env,
+                          extra_args=guard).wait_ready()
+    yield dict(server=server, topic=topic, kafka=kafka, aws_env=env, endpoint=minio.endpoint)
     server.stop()
 
 
@@ -55,9 +57,12 @@ def test_chat_with_image_returns_params_and_event_carries_xargs(default_server, 
 
     from publisher import load_mm_embeddings
 
-    for k, v in default_server["aws_env"].items():  # credentials from the AWS chain; endpoint from params
+    for k, v in default_server["aws_env"].items():  # credentials from the AWS chain, no AWS_ENDPOINT_URL
         monkeypatch.setenv(k, v)
-    (t,) = load_mm_embeddings(params)
+    assert params["s3_endpoint_url"] == default_server["endpoint"]
+    with pytest.raises(ValueError, match="not one you allowed"):  # a response body does not choose the endpoint
+        load_mm_embeddings(params)
+    (t,) = load_mm_embeddings(params, allowed_endpoints=[default_server["endpoint"]])
     assert t.shape == (16, 128)
 
 
@@ -70,6 +75,28 @@ def test_client_embeddings_refused_by_default(default_server):
     from publisher.vllm.demo.tiny_llava import random_image
 
     assert s.chat([image_part(random_image(22)), TEXT]).status_code == 200
+
+
+def test_hostile_xargs_refused_or_harmless_and_the_engine_stays_up(default_server):
+    """Oversized metadata is refused up front (never published without its event); a caller-chosen
+    media id is refused by the API guard; NUL characters travel as they came; the server keeps serving."""
+    from publisher.vllm.demo.tiny_llava import random_image
+
+    s = default_server["server"]
+    big = s.chat([image_part(random_image(23)), TEXT], vllm_xargs={"blob": "x" * (20 << 10)})
+    assert big.status_code != 200 or big.json()["choices"][0]["finish_reason"] == "error", big.text
+    assert "over max_metadata_bytes" in s.log()
+    forged = s.chat([{**image_part(random_image(26)), "uuid": "0" * 64}, TEXT])  # an id of the caller's choosing
+    assert forged.status_code == 400 and "caller-chosen media ids are refused" in forged.text, forged.text
+    nul = s.chat([image_part(random_image(24)), TEXT], vllm_xargs={"note": "a\u0000b", "k\u0000": "v"})
+    assert nul.status_code == 200, nul.text
+    after = s.chat([image_part(random_image(25)), TEXT])
+    assert after.status_code == 200, after.text
+    events = [e for e, _ in consume(default_server["kafka"].bootstrap, default_server["topic"], expected=4)]
+    by_id = {e["request_id"]: e for e in events}
+    assert nul.json()["id"] in by_id and after.json()["id"] in by_id and len(events) == 4
+    assert by_id[nul.json()["id"]]["metadata"] == {"note": "a\x00b", "k\x00": "v"}
+    assert not any(e["metadata"].get("blob") for e in events)  # the refused request published nothing
 
 
 def test_client_embeddings_allowed_and_marked(allowing_server):
@@ -86,5 +113,5 @@ def test_client_embeddings_allowed_and_marked(allowing_server):
 
     from publisher import load_mm_embeddings
 
-    (t,) = load_mm_embeddings(params)
+    (t,) = load_mm_embeddings(params, local_dirs=[allowing_server["work"] / "objects"])
     torch.testing.assert_close(t, embeds)  # what was stored is what the client sent, and says so

@@ -14,8 +14,12 @@ CLI = str(Path(sys.executable).parent / "vllm-mm-events")
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], env=dict(os.environ, **(env or {})), capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        return subprocess.run([CLI, *args], env=dict(os.environ, **(env or {})), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # say what it was doing
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        raise AssertionError(f"vllm-mm-events {args[0]} still running after {timeout}s:\n{err[-6000:]}") from None
 
 
 def consume_once(args: list[str], env: dict | None = None, timeout: float = 300) -> tuple[dict, str]:

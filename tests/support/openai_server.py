@@ -18,7 +18,8 @@ from services import free_port
 
 
 class OpenAIServer:
-    def __init__(self, model: Path, extra_config: dict, workdir: Path, env: dict | None = None):
+    def __init__(self, model: Path, extra_config: dict, workdir: Path, env: dict | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = workdir / "server.log"
@@ -28,7 +29,7 @@ class OpenAIServer:
                "--dtype", "float32", "--max-model-len", "256", "--enforce-eager",
                "--limit-mm-per-prompt", json.dumps({"image": 4}), "--ec-transfer-config", json.dumps(ec),
                # Give in-flight work (and the publisher's flush) time on SIGTERM; 0 would abort.
-               "--shutdown-timeout", "30"]
+               "--shutdown-timeout", "30", *extra_args]
         full_env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
         self.proc = subprocess.Popen(cmd, env=full_env, stdout=self.log_path.open("wb"), stderr=subprocess.STDOUT,
                                      start_new_session=True)

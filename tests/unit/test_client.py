@@ -6,6 +6,7 @@ import torch
 
 from publisher import EmbeddingNotAvailable, load_mm_embeddings
 from publisher.sidecar.encode import encode_embedding
+from publisher.stores.base import ForbiddenObject, ObjectTooLarge
 from publisher.stores.local import LocalDirStore
 
 
@@ -35,7 +36,7 @@ def test_prompt_order_and_waits_for_a_late_upload(tmp_path):
     params = params_for(store, ["bb", "aa"])
     params["mm_embeddings"].reverse()  # item_index decides the order, not list order
     t0 = time.monotonic()
-    got = load_mm_embeddings(params, timeout=10)
+    got = load_mm_embeddings(params, timeout=10, local_dirs=[tmp_path])
     assert time.monotonic() - t0 >= 0.25
     assert torch.equal(got[0], b) and torch.equal(got[1], a)
 
@@ -43,9 +44,40 @@ def test_prompt_order_and_waits_for_a_late_upload(tmp_path):
 def test_times_out_with_the_uri(tmp_path):
     store = LocalDirStore(tmp_path, fsync=False)
     with pytest.raises(EmbeddingNotAvailable, match="never.safetensors is not in the object store after 0.3s"):
-        load_mm_embeddings(params_for(store, ["never"]), timeout=0.3)
+        load_mm_embeddings(params_for(store, ["never"]), timeout=0.3, local_dirs=[tmp_path])
 
 
 def test_refused_request_raises_its_reason():
     with pytest.raises(ValueError, match="client-supplied"):
         load_mm_embeddings({"mm_embeddings": [], "error": "image item 0 arrived as client-supplied embeddings"})
+
+
+def test_reads_only_under_the_callers_directories(tmp_path):
+    """A response body cannot make the caller read its files: file:// only under local_dirs."""
+    store = LocalDirStore(tmp_path / "objects", fsync=False)
+    put(store, "aa", torch.randn(2, 4))
+    secret = tmp_path / "secret.safetensors"
+    secret.write_bytes((tmp_path / "objects" / "m" / "aa.safetensors").read_bytes())
+    (tmp_path / "objects" / "m" / "link.safetensors").symlink_to(secret)
+    allowed = [tmp_path / "objects"]
+    assert len(load_mm_embeddings(params_for(store, ["aa"]), local_dirs=allowed)) == 1
+    for uri in (secret.as_uri(), store.uri("m/../../secret.safetensors"), store.uri("m/link.safetensors")):
+        params = {"mm_embeddings": [{"uri": uri, "mm_hash": "aa", "modality": "image", "item_index": 0}]}
+        with pytest.raises(ForbiddenObject, match="outside the configured object store"):
+            load_mm_embeddings(params, local_dirs=allowed)
+    with pytest.raises(ForbiddenObject):  # by default only the publisher's own default directory
+        load_mm_embeddings(params_for(store, ["aa"]))
+
+
+def test_the_params_do_not_choose_the_s3_endpoint():
+    params = {"mm_embeddings": [{"uri": "s3://b/k.safetensors", "mm_hash": "h", "modality": "image",
+                                 "item_index": 0}], "s3_endpoint_url": "http://attacker.example:9000"}
+    with pytest.raises(ValueError, match="not one you allowed"):
+        load_mm_embeddings(params, endpoint_url="http://minio.internal:9000")
+
+
+def test_reads_are_capped(tmp_path):
+    store = LocalDirStore(tmp_path, fsync=False)
+    put(store, "aa", torch.randn(64, 64))
+    with pytest.raises(ObjectTooLarge):
+        load_mm_embeddings(params_for(store, ["aa"]), local_dirs=[tmp_path], max_object_bytes=1000)

@@ -1,0 +1,78 @@
+"""The event-log source against hostile blocks: each is dead-lettered once, the reader never stalls or loops."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumers.sources import event_log
+from consumers.sources.event_log import AvroLogSource
+from publisher.event_sinks.avro_file import AvroFileSink
+from publisher.stores.local import LocalDirStore
+from schemas import event_schema
+from schemas.codec import AvroCodec
+
+import synth
+
+
+def zigzag(n: int) -> bytes:
+    n = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while n & ~0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def read_all(path, polls: int = 50) -> list:
+    src = AvroLogSource(path.as_uri(), "g", None, event_schema())
+    out = []
+    for _ in range(polls):
+        out += src.poll(100, 0.05)
+        if src.caught_up():
+            return out
+    raise AssertionError(f"no end after {polls} polls: {len(out)} records, the reader stalls or loops")
+
+
+@pytest.fixture
+def log(tmp_path):
+    store, sink = LocalDirStore(tmp_path / "objects"), AvroFileSink(tmp_path / "events.avro", AvroCodec())
+
+    def append(ids):
+        for i in ids:
+            sink.publish(synth.make_event(store, "p", f"req-{i}", [synth.features(i)])[0], lambda err: None)
+        assert sink.flush(5) == 0
+
+    return tmp_path / "events.avro", append
+
+
+def sync_of(path) -> bytes:
+    src = AvroLogSource(path.as_uri(), "g", None, event_schema())
+    assert src._open_header()
+    return src.sync
+
+
+@pytest.mark.parametrize("header", [
+    zigzag(-1) + zigzag(-5),  # negative count and length
+    zigzag(3) + zigzag(0),  # three records in no bytes
+    zigzag(1) + zigzag(1 << 40),  # a length no block can have
+], ids=["negative", "empty-body", "over-cap"])
+def test_an_impossible_block_header_is_one_dead_letter_and_the_rest_is_read(log, header, monkeypatch):
+    monkeypatch.setattr(event_log, "MAX_BLOCK_BYTES", 1 << 20)
+    path, append = log
+    append([0, 1])
+    with open(path, "ab") as f:
+        f.write(header + b"garbage bytes" + sync_of(path))
+    append([2, 3])
+    records = read_all(path)
+    assert [r.error is not None for r in records] == [False, False, True, False, False]
+    assert [r.event["request_id"] for r in records if r.event] == ["req-0", "req-1", "req-2", "req-3"]
+
+
+def test_a_block_over_the_cap_is_dead_lettered_not_waited_for(log, monkeypatch):
+    """A legitimate but huge block (a client's 64 MiB of metadata) must not stall the reader for good."""
+    path, append = log
+    append([0])
+    monkeypatch.setattr(event_log, "MAX_BLOCK_BYTES", 200)  # every real block is bigger than this
+    records = read_all(path)
+    assert len(records) == 1 and "over the 200-byte cap" in records[0].error
