@@ -12,7 +12,11 @@ package, the CRD schemas from the prometheus-operator and KEDA Go modules.
   Secret rendered; probes, security contexts and resources everywhere; one consumer
   Deployment per sink with the right arguments; IRSA, MinIO and SASL_SSL wiring;
 - values.schema.json and the chart's own checks reject bad values with a message that names
-  the field.
+  the field;
+- least privilege: one ServiceAccount per component, each container references exactly the
+  Secrets it needs (vLLM no sink Secret, a consumer only its own sink's), optional
+  NetworkPolicies, the vLLM API key from a Secret, TLS to the stores by default, install notes
+  that warn about plaintext connections, inline librdkafka secrets refused by the schema.
 """
 
 from __future__ import annotations
@@ -73,10 +77,10 @@ def value_args(name: str) -> list[str]:
 
 
 class Rendered:
-    def __init__(self, name: str, text: str):
+    def __init__(self, name: str, text: str, values: dict | None = None):
         self.name, self.text = name, text
         self.docs = [d for d in yaml.safe_load_all(text) if d]
-        self.values = values_for(name)
+        self.values = values_for(name) if values is None else values
 
     def kind(self, kind: str) -> list[dict]:
         return [d for d in self.docs if d["kind"] == kind]
@@ -96,6 +100,18 @@ class Rendered:
 
     def consumer(self, name: str) -> dict:
         return self.one("Deployment", f"{RELEASE}-vllm-mm-events-consumer-{name}")
+
+    def service_account(self, d: dict) -> dict:
+        return self.one("ServiceAccount", d["spec"]["template"]["spec"]["serviceAccountName"])
+
+
+def render_with(tmp_path: Path, base: str, overlay: dict) -> Rendered:
+    """`helm template` of a value set plus an overlay (a values file, as `-f` merges it)."""
+    f = tmp_path / f"overlay-{len(list(tmp_path.glob('overlay-*')))}.yaml"
+    f.write_text(yaml.safe_dump(overlay))
+    res = run_helm("template", RELEASE, str(CHART), "--namespace", "mm", *value_args(base), "-f", str(f))
+    assert res.returncode == 0, f"helm template ({base} + {overlay}) failed:\n{res.stderr}"
+    return Rendered(f"{base}+overlay", res.stdout, merge_values(values_for(base), overlay))
 
 
 def container(deployment: dict) -> dict:
@@ -151,7 +167,8 @@ def rendered() -> dict[str, Rendered]:
 # ---- lint and schema validation of the output ----------------------------------------------
 
 def test_ci_value_sets_cover_the_issue():
-    assert {"minio-static", "aws-irsa", "kafka-sasl-ssl", *(f"sink-{s}" for s in SINKS)} <= set(CI_VALUES)
+    assert {"minio-static", "aws-irsa", "kafka-sasl-ssl", "least-privilege",
+            *(f"sink-{s}" for s in SINKS)} <= set(CI_VALUES)
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -179,7 +196,7 @@ def test_kubeconform_strict_on_everything_rendered(rendered, tmp_path):
     kinds = {d["kind"] for r in rendered.values() for d in r.docs}
     # Every kind the chart can render was rendered by some value set, so all were validated.
     assert kinds == {"ServiceAccount", "Service", "Deployment", "PodDisruptionBudget", "ConfigMap", "Ingress",
-                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication"}
+                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication", "NetworkPolicy"}
 
 
 def test_kubeconform_rejects_an_invalid_manifest(tmp_path):
@@ -252,6 +269,12 @@ def test_vllm_command_line(rendered, name):
     assert shutdown == v["shutdownTimeoutSeconds"]
     for extra in v["extraArgs"]:
         assert extra in args
+    # The API guard against caller-chosen media ids is installed, refusing them unless allowed.
+    guard = "NamespaceClientMediaIds" if r.values["publisher"]["allowClientMediaIds"] else "RefuseClientMediaIds"
+    assert arg_after(args, "--middleware") == f"publisher.vllm.api_guard.{guard}"
+    import importlib
+
+    assert callable(getattr(importlib.import_module("publisher.vllm.api_guard"), guard))
     grace = r.vllm()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > shutdown + r.values["publisher"]["shutdownTimeoutS"]
     # GPUs: tensorParallelSize by default, in requests and limits alike.
@@ -422,10 +445,15 @@ def test_consumer_command_line_parses_with_the_consumer_config(rendered, name):
         assert cfg.sinks == (arg_after(args, "--sink"),) and cfg.group == arg_after(args, "--group")
         assert cfg.metrics_port == r.values["consumer"]["metricsPort"]
         assert cfg.s3_endpoint_url == (r.values["objectStore"]["endpointUrl"] or None)
+        # The consumer reads objects only from the store the publisher writes to.
+        o = r.values["objectStore"]
+        assert cfg.object_store == (f"s3://{o['bucket']}/{o['prefix']}" if o.get("prefix") else f"s3://{o['bucket']}",)
+        if r.deployments("vllm"):
+            assert cfg.object_store == (ec_transfer_config(r)["ec_connector_extra_config"]["object_store"],)
         k = r.values["kafka"]
         assert cfg.kafka["security.protocol"] == k["securityProtocol"]
         if k["securityProtocol"].startswith("SASL_"):
-            secret = k["sasl"]["existingSecret"]
+            secret = k["sasl"].get("consumerExistingSecret") or k["sasl"]["existingSecret"]  # the consumers' own user
             assert cfg.kafka["sasl.username"] == f"<{secret}/{k['sasl']['usernameKey']}>"
             assert cfg.kafka["sasl.password"] == f"<{secret}/{k['sasl']['passwordKey']}>"
         if k["schemaRegistry"]["url"]:
@@ -468,18 +496,20 @@ def test_minio_with_static_credentials(rendered):
     cm = r.one("ConfigMap", f"{RELEASE}-vllm-mm-events-consumer")["data"]
     assert cm["VLLM_MM_EVENTS_S3_ENDPOINT_URL"] == "http://minio.minio.svc.cluster.local:9000"
     assert cm["VLLM_MM_EVENTS_S3_REGION"] == "us-east-1"
-    sa = r.one("ServiceAccount", f"{RELEASE}-vllm-mm-events")
-    assert "eks.amazonaws.com/role-arn" not in (sa["metadata"].get("annotations") or {})
+    for sa in r.kind("ServiceAccount"):
+        assert "eks.amazonaws.com/role-arn" not in (sa["metadata"].get("annotations") or {})
 
 
 def test_aws_s3_with_irsa(rendered):
+    """vLLM's ServiceAccount carries irsaRoleArn (a role that may write the bucket), the
+    consumers' their own read-only role (serviceAccount.consumer.annotations wins)."""
     r = rendered["aws-irsa"]
-    sa = r.one("ServiceAccount", f"{RELEASE}-vllm-mm-events")
-    role = sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
-    assert role == "arn:aws:iam::123456789012:role/vllm-mm-events"
+    role = {d["metadata"]["labels"]["app.kubernetes.io/component"]:
+            r.service_account(d)["metadata"]["annotations"]["eks.amazonaws.com/role-arn"] for d in r.kind("Deployment")}
+    assert role == {"vllm": "arn:aws:iam::123456789012:role/vllm-mm-events",
+                    "consumer": "arn:aws:iam::123456789012:role/vllm-mm-events-reader"}
     for d in r.kind("Deployment"):
         spec = d["spec"]["template"]["spec"]
-        assert spec["serviceAccountName"] == sa["metadata"]["name"]
         assert not [n for n in env_of(spec["containers"][0]) if n.startswith("AWS_")], "IRSA needs no keys"
     extra = ec_transfer_config(r)["ec_connector_extra_config"]
     assert "s3_endpoint_url" not in extra and extra["s3_region"] == "eu-west-1"
@@ -577,6 +607,304 @@ def test_readme_examples_are_the_tested_values():
             assert body in doc.read_text(), f"{doc.name}: its Deploy on Kubernetes values differ from the tested ones"
 
 
+# ---- least privilege --------------------------------------------------------------------------
+
+SINK_DEFAULT_PORTS = {"qdrant": 6333, "pgvector": 5432, "milvus": 19530}
+
+
+def consumer_entries(v: dict) -> dict[str, dict]:
+    """Enabled consumer entries by name, merged over the shared `consumer` settings as the chart does."""
+    shared = {k: x for k, x in v["consumer"].items() if k not in ("image", "metricsPort", "logFormat")}
+    out = {}
+    for e in v["consumers"]:
+        merged = {**copy.deepcopy(shared), **e}
+        if merged.get("enabled", True):
+            out[e["name"]] = merged
+    return out
+
+
+def expected_secret_env(v: dict, component: str, entry: dict | None = None) -> dict[str, tuple[str, str]]:
+    """Env var -> (Secret, key): what a container needs, nothing more. vLLM writes the store and
+    produces events (object store, Kafka, registry, HF token, API key); a consumer reads them
+    and writes its own sink (object store with its own keys, Kafka with its own user, registry,
+    its sink's Secret)."""
+    consumer = component == "consumer"
+    out = {}
+    o = v["objectStore"]["credentials"]
+    if o["source"] == "static":
+        secret = (o.get("consumerExistingSecret") or o["existingSecret"]) if consumer else o["existingSecret"]
+        out["AWS_ACCESS_KEY_ID"] = (secret, o["accessKeyIdKey"])
+        out["AWS_SECRET_ACCESS_KEY"] = (secret, o["secretAccessKeyKey"])
+        if o["sessionTokenKey"]:
+            out["AWS_SESSION_TOKEN"] = (secret, o["sessionTokenKey"])
+    k = v["kafka"]
+    if k["securityProtocol"].startswith("SASL_"):
+        sasl = k["sasl"]
+        secret = (sasl.get("consumerExistingSecret") or sasl["existingSecret"]) if consumer else sasl["existingSecret"]
+        out["VLLM_MM_EVENTS_KAFKA__SASL_USERNAME"] = (secret, sasl["usernameKey"])
+        out["VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD"] = (secret, sasl["passwordKey"])
+    if k["securityProtocol"] in ("SSL", "SASL_SSL") and k["tls"]["keyPassword"]["secretName"]:
+        ref = k["tls"]["keyPassword"]
+        out["VLLM_MM_EVENTS_KAFKA__SSL_KEY_PASSWORD"] = (ref["secretName"], ref["secretKey"])
+    reg = k["schemaRegistry"]
+    if reg["url"] and reg["basicAuth"]["secretName"]:
+        out["VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO"] = (reg["basicAuth"]["secretName"],
+                                                                       reg["basicAuth"]["secretKey"])
+    if consumer:
+        sink = entry["sink"]
+        if sink["type"] in SINK_SECRET_ENV:
+            field, env_name = SINK_SECRET_ENV[sink["type"]]
+            if (sink.get(field) or {}).get("secretName"):
+                out[env_name] = (sink[field]["secretName"], sink[field]["secretKey"])
+        extra = entry.get("extraEnv", [])
+    else:
+        for field, env_name in (("hfToken", "HF_TOKEN"), ("apiKey", "VLLM_API_KEY")):
+            if v["vllm"][field]["secretName"]:
+                out[env_name] = (v["vllm"][field]["secretName"], v["vllm"][field]["secretKey"])
+        extra = v["vllm"]["extraEnv"]
+    for e in extra:
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            out[e["name"]] = (ref["name"], ref["key"])
+    return out
+
+
+def expected_secret_volumes(v: dict, entry: dict | None = None) -> set[str]:
+    """Secrets mounted as files: the Kafka and registry CAs and client certificate; a pgvector
+    consumer's CA."""
+    k, out = v["kafka"], set()
+    if k["securityProtocol"] in ("SSL", "SASL_SSL"):
+        out |= {s for s in (k["tls"]["caSecret"]["secretName"], k["tls"]["clientCertSecret"]["secretName"]) if s}
+    if k["schemaRegistry"]["url"] and k["schemaRegistry"]["caSecret"]["secretName"]:
+        out.add(k["schemaRegistry"]["caSecret"]["secretName"])
+    if entry and entry["sink"]["type"] == "pgvector" and (entry["sink"].get("sslRootCert") or {}).get("secretName"):
+        out.add(entry["sink"]["sslRootCert"]["secretName"])
+    return out
+
+
+def secret_env(c: dict) -> dict[str, tuple[str, str]]:
+    return {e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in c.get("env", []) if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def secret_volumes(d: dict) -> set[str]:
+    return {v["secret"]["secretName"] for v in pod_volumes(d).values() if "secret" in v}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_each_container_gets_exactly_the_secrets_it_needs(rendered, name):
+    r, v = rendered[name], rendered[name].values
+    entries = consumer_entries(v)
+    sink_secrets = {ref["secretName"] for e in entries.values() for ref in e["sink"].values()
+                    if isinstance(ref, dict) and ref.get("secretName")}
+    for d in r.deployments("vllm"):
+        env = secret_env(container(d))
+        assert env == expected_secret_env(v, "vllm")
+        assert secret_volumes(d) == expected_secret_volumes(v)
+        assert not {"QDRANT_API_KEY", "PGPASSWORD", "MILVUS_TOKEN", "PGSSLROOTCERT"} & set(env_of(container(d)))
+        assert not sink_secrets & ({s for s, _ in env.values()} | secret_volumes(d)), "vLLM must not see sink Secrets"
+    for entry_name, entry in entries.items():
+        d = r.consumer(entry_name)
+        env = secret_env(container(d))
+        assert env == expected_secret_env(v, "consumer", entry)
+        assert secret_volumes(d) == expected_secret_volumes(v, entry)
+        assert not {"HF_TOKEN", "VLLM_API_KEY"} & set(env_of(container(d)))
+        own = {ref["secretName"] for ref in entry["sink"].values() if isinstance(ref, dict) and ref.get("secretName")}
+        assert not (sink_secrets - own) & ({s for s, _ in env.values()} | secret_volumes(d)), \
+            f"consumer {entry_name} sees another consumer's sink Secret"
+
+
+def test_secret_split_is_real(rendered):
+    """The expectations above are not vacuous: in least-privilege vLLM and the consumers use
+    different object-store keys and Kafka users, and vLLM's env differs from a consumer's."""
+    r = rendered["least-privilege"]
+    vllm_env = secret_env(container(r.vllm()))
+    assert vllm_env["AWS_ACCESS_KEY_ID"] == ("s3-writer", "AWS_ACCESS_KEY_ID")
+    assert vllm_env["VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD"] == ("kafka-user-producer", "password")
+    assert vllm_env["VLLM_API_KEY"] == ("vllm-api-key", "api-key")
+    for d in r.deployments("consumer"):
+        env = secret_env(container(d))
+        assert env["AWS_ACCESS_KEY_ID"] == ("s3-reader", "AWS_ACCESS_KEY_ID")
+        assert env["VLLM_MM_EVENTS_KAFKA__SASL_USERNAME"] == ("kafka-user-indexer", "username")
+    assert secret_env(container(r.consumer("pgvector")))["PGPASSWORD"] == ("pg-indexer", "password")
+    assert "QDRANT_API_KEY" not in env_of(container(r.consumer("pgvector")))
+    assert "PGPASSWORD" not in env_of(container(r.consumer("qdrant")))
+
+
+def test_keda_uses_the_consumers_kafka_user(rendered, tmp_path):
+    (auth,) = rendered["kafka-sasl-ssl"].kind("TriggerAuthentication")
+    assert {t["name"] for t in auth["spec"]["secretTargetRef"] if t["parameter"] == "password"} == {"kafka-user-vllm"}
+    r = render_with(tmp_path, "kafka-sasl-ssl", {"kafka": {"sasl": {"consumerExistingSecret": "kafka-user-indexer"}}})
+    (auth,) = r.kind("TriggerAuthentication")
+    refs = {t["parameter"]: t["name"] for t in auth["spec"]["secretTargetRef"]}
+    assert refs["username"] == refs["password"] == "kafka-user-indexer"
+    assert secret_ref(container(r.vllm()), "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD")[0] == "kafka-user-vllm"
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_one_service_account_per_component(rendered, name):
+    r, v = rendered[name], rendered[name].values
+    accounts = {sa["metadata"]["name"]: sa for sa in r.kind("ServiceAccount")}
+    used = {}
+    for d in r.kind("Deployment"):
+        component = d["metadata"]["labels"]["app.kubernetes.io/component"]
+        spec = d["spec"]["template"]["spec"]
+        assert spec["serviceAccountName"] == f"{RELEASE}-vllm-mm-events-{component}"
+        assert spec["automountServiceAccountToken"] is False
+        sa = accounts[spec["serviceAccountName"]]
+        assert sa["automountServiceAccountToken"] is False
+        assert sa["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        used[component] = sa["metadata"]["name"]
+    # One per component that runs, none for a component that does not.
+    assert set(accounts) == set(used.values())
+    assert len(set(used.values())) == len(used)
+    for component, sa_name in used.items():
+        annotations = accounts[sa_name]["metadata"].get("annotations") or {}
+        own = v["serviceAccount"][component]["annotations"]
+        assert own.items() <= annotations.items()
+        irsa = v["objectStore"]["credentials"]["source"] == "irsa"
+        assert ("eks.amazonaws.com/role-arn" in annotations) == (irsa or "eks.amazonaws.com/role-arn" in own)
+
+
+def test_service_account_options(tmp_path):
+    r = render_with(tmp_path, "kafka-sasl-ssl", {"serviceAccount": {
+        "vllm": {"create": False, "name": "gpu-runner"},
+        "consumer": {"name": "indexer", "annotations": {"iam.gke.io/gcp-service-account": "reader@p.iam"},
+                     "automountServiceAccountToken": True}}})
+    (sa,) = r.kind("ServiceAccount")
+    assert sa["metadata"]["name"] == "indexer"
+    assert sa["metadata"]["annotations"] == {"iam.gke.io/gcp-service-account": "reader@p.iam"}
+    assert sa["automountServiceAccountToken"] is True
+    assert r.vllm()["spec"]["template"]["spec"]["serviceAccountName"] == "gpu-runner"
+    assert r.vllm()["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    for d in r.deployments("consumer"):
+        assert d["spec"]["template"]["spec"]["serviceAccountName"] == "indexer"
+        assert d["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
+def test_vllm_api_key_comes_from_a_secret_env_var(rendered):
+    c = container(rendered["least-privilege"].vllm())
+    assert secret_ref(c, "VLLM_API_KEY") == ("vllm-api-key", "api-key")
+    assert not [a for a in argv(c) if a.startswith("--api-key")], "the key must not be on the command line"
+    for name in VALUE_SETS:
+        if name != "least-privilege" and rendered[name].deployments("vllm"):
+            c = container(rendered[name].vllm())
+            assert "VLLM_API_KEY" not in env_of(c) and "--api-key" not in argv(c)
+
+
+def sink_tls_env(d: dict) -> dict[str, str]:
+    return {n: e["value"] for n, e in env_of(container(d)).items()
+            if n in ("QDRANT_HTTPS", "PGSSLMODE", "PGSSLROOTCERT")}
+
+
+def test_tls_to_the_stores_is_on_by_default(rendered, tmp_path):
+    # Qdrant: https unless turned off; the sink reads QDRANT_HTTPS ("1"/"true").
+    for name in ("minimal", "sink-qdrant", "least-privilege"):
+        assert sink_tls_env(rendered[name].consumer("qdrant")) == {"QDRANT_HTTPS": "true"}
+    # pgvector: sslmode require by default, verify-full with a mounted CA when asked for.
+    pg = {"name": "pg", "sink": {"type": "pgvector", "uri": "pgvector://u@pg:5432/db/t"}}
+    r = render_with(tmp_path, "default", {"consumers": [pg, {**QDRANT, "sink": {**QDRANT["sink"], "https": False}}]})
+    assert sink_tls_env(r.consumer("pg")) == {"PGSSLMODE": "require"}
+    assert not secret_volumes(r.consumer("pg"))
+    assert sink_tls_env(r.consumer("q")) == {"QDRANT_HTTPS": "false"}
+    for name in ("sink-pgvector", "least-privilege"):
+        d = rendered[name].consumer("pgvector")
+        env = sink_tls_env(d)
+        assert env["PGSSLMODE"] == "verify-full"
+        ca = env["PGSSLROOTCERT"]
+        mount = mounts(container(d))[str(Path(ca).parent)]
+        assert mount["readOnly"] is True
+        vol = pod_volumes(d)[mount["name"]]["secret"]
+        assert (vol["secretName"], vol["items"]) == ("pg-ca", [{"key": "ca.crt", "path": Path(ca).name}])
+    # Milvus: the sink has no TLS setting (it connects over http://), so the chart sets none.
+    assert sink_tls_env(rendered["sink-milvus"].consumer("milvus")) == {}
+
+
+# NetworkPolicy
+
+def network_policies(r: Rendered) -> dict[str, dict]:
+    return {p["metadata"]["name"]: p for p in r.kind("NetworkPolicy")}
+
+
+def selected_deployment(r: Rendered, policy: dict) -> dict:
+    sel = policy["spec"]["podSelector"]["matchLabels"]
+    (d,) = [d for d in r.kind("Deployment") if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+    return d
+
+
+def egress_ports(policy: dict) -> list[set[tuple]]:
+    return [{(p["port"], p.get("protocol", "TCP")) for p in rule["ports"]} for rule in policy["spec"]["egress"]]
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_network_policies_only_when_enabled(rendered, name):
+    r = rendered[name]
+    policies = network_policies(r)
+    if not r.values["networkPolicy"]["enabled"]:
+        assert not policies
+        return
+    # One per Deployment, each selecting exactly it.
+    assert sorted(policies) == sorted(d["metadata"]["name"] for d in r.kind("Deployment"))
+    for policy_name, p in policies.items():
+        d = selected_deployment(r, p)
+        assert d["metadata"]["name"] == policy_name
+        spec = p["spec"]
+        assert spec["policyTypes"] == ["Ingress", "Egress"]
+        # Ingress: the container's one port, nothing else.
+        (rule,) = spec["ingress"]
+        (port,) = container(d)["ports"]
+        assert rule["ports"] == [{"port": port["containerPort"], "protocol": "TCP"}]
+        # Egress: every rule names its ports (no rule opens every port).
+        assert spec["egress"] and all(rule.get("ports") for rule in spec["egress"])
+
+
+def test_network_policies_with_peers(rendered):
+    r = rendered["least-privilege"]
+    np = r.values["networkPolicy"]
+    policies = network_policies(r)
+    dns, store, kafka = (
+        (np["dns"]["to"], [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]),
+        ([{"ipBlock": {"cidr": "10.20.0.0/24"}}], [{"port": 9000, "protocol": "TCP"}]),
+        (np["kafka"]["to"], [{"port": 9093, "protocol": "TCP"}]))
+    common = [{"to": to, "ports": ports} for to, ports in (dns, store, kafka)]
+    vllm = policies[r.vllm()["metadata"]["name"]]["spec"]
+    assert vllm["ingress"][0]["from"] == np["vllm"]["ingressFrom"]
+    assert vllm["egress"] == common, "vLLM: DNS, object store, Kafka; no Hugging Face (huggingFace.enabled false)"
+    sinks = {"qdrant": [{"to": np["sinks"]["qdrant"]["to"], "ports": [{"port": 6333, "protocol": "TCP"}]}],
+             "pgvector": [{"to": [{"ipBlock": {"cidr": "10.30.5.10/32"}}],
+                           "ports": [{"port": 5432, "protocol": "TCP"}]}],
+             "lancedb": []}
+    for name, extra in sinks.items():
+        spec = policies[r.consumer(name)["metadata"]["name"]]["spec"]
+        assert spec["ingress"][0]["from"] == np["consumer"]["ingressFrom"]
+        assert spec["egress"] == common + extra, name
+
+
+def test_network_policy_ports_are_derived_from_the_values(rendered, tmp_path):
+    """Enabled without peers: any address, but only on the ports the values name."""
+    r = render_with(tmp_path, "kafka-sasl-ssl", {"networkPolicy": {"enabled": True}})
+    policies = network_policies(r)
+    tcp = lambda *ports: [{(p, "TCP")} for p in ports]  # noqa: E731
+    dns = [{(53, "UDP"), (53, "TCP")}]
+    # https://minio.storage.svc:9000, kafka-*:9093, https://schema-registry.kafka.svc:8081, the Hub on 443.
+    assert egress_ports(policies[r.vllm()["metadata"]["name"]]) == dns + tcp(9000, 9093, 8081, 443)
+    assert egress_ports(policies[r.consumer("qdrant")["metadata"]["name"]]) == dns + tcp(9000, 9093, 8081, 6333)
+    assert egress_ports(policies[r.consumer("milvus")["metadata"]["name"]]) == dns + tcp(9000, 9093, 8081, 19530)
+    for p in policies.values():
+        assert [rule for rule in p["spec"]["egress"] if "to" not in rule], "no peers given: any address"
+        assert "from" not in p["spec"]["ingress"][0]
+    # AWS S3 (no endpoint): 443; a plain-http endpoint without a port: 80; extra rules appended.
+    extra = {"to": [{"ipBlock": {"cidr": "169.254.169.254/32"}}], "ports": [{"port": 80, "protocol": "TCP"}]}
+    r = render_with(tmp_path, "aws-irsa", {"networkPolicy": {"enabled": True, "vllm": {"extraEgress": [extra]}}})
+    vllm = network_policies(r)[r.vllm()["metadata"]["name"]]["spec"]["egress"]
+    assert egress_ports({"spec": {"egress": vllm}}) == dns + tcp(443, 9092, 443) + [{(80, "TCP")}]
+    assert vllm[-1] == extra
+    r = render_with(tmp_path, "sink-lancedb", {"networkPolicy": {"enabled": True},
+                                               "objectStore": {"endpointUrl": "http://minio.minio.svc"}})
+    (p,) = [p for p in r.kind("NetworkPolicy") if "consumer" in p["metadata"]["name"]]
+    assert egress_ports(p) == dns + tcp(80, 9092)
+
+
 # ---- NOTES.txt ------------------------------------------------------------------------------
 
 def render_notes(tmp_path: Path, *args: str) -> str:
@@ -606,6 +934,49 @@ def test_notes(tmp_path):
     assert "mme-vllm-mm-events-consumer-milvus: milvus-indexer -> milvus://" in text
     assert "20 replicas for 12 partitions: 8 would sit idle" in text
     assert "Replicas above the topic's partition count sit idle" in text
+
+
+def warnings_in(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip().startswith("WARNING:")]
+
+
+def test_notes_warn_about_plaintext_connections(tmp_path):
+    # Defaults: Kafka PLAINTEXT, no API key, no NetworkPolicy.
+    text = render_notes(tmp_path / "default")
+    (kafka,) = warnings_in(text)
+    assert "Kafka uses PLAINTEXT" in kafka and "SASL_SSL" in kafka
+    assert "Note: vllm.apiKey is not set" in text and "Note: networkPolicy.enabled=false" in text
+    # An http object store, SASL_PLAINTEXT with PLAIN, an http registry with basic auth, Qdrant
+    # without https, pgvector without TLS, Milvus (no TLS in its sink).
+    text = render_notes(tmp_path / "plain", "-f", str(CI_VALUES["minimal"]), "-f", str(CI_VALUES["sink-milvus"]),
+                        "--set", "kafka.securityProtocol=SASL_PLAINTEXT", "--set", "kafka.sasl.mechanism=PLAIN",
+                        "--set", "kafka.sasl.existingSecret=k",
+                        "--set", "kafka.schemaRegistry.url=http://registry:8081",
+                        "--set", "kafka.schemaRegistry.basicAuth.secretName=r",
+                        "--set", "kafka.schemaRegistry.basicAuth.secretKey=user-info",
+                        "--set", "consumers[1].name=q", "--set", "consumers[1].sink.type=qdrant",
+                        "--set", "consumers[1].sink.uri=qdrant://q:6333/c", "--set", "consumers[1].sink.https=false",
+                        "--set", "consumers[2].name=pg", "--set", "consumers[2].sink.type=pgvector",
+                        "--set", "consumers[2].sink.uri=pgvector://u@pg:5432/d/t",
+                        "--set", "consumers[2].sink.sslMode=prefer")
+    warned = "\n".join(warnings_in(text))
+    for expected in ("Kafka uses SASL_PLAINTEXT", "with SASL PLAIN so does the password",
+                     "object store endpoint http://minio.minio.svc.cluster.local:9000 is plain http",
+                     "Schema Registry http://registry:8081 is plain http: its basic-auth credentials",
+                     "Consumer q: https is off", "Consumer pg: sslMode prefer does not require TLS",
+                     "Consumer milvus: the Milvus sink connects over plain http", "and the token"):
+        assert expected in warned, f"{expected!r} not in:\n{warned}"
+    assert len(warnings_in(text)) == 6
+    # Least privilege: nothing to warn about, and the curl example sends the API key.
+    text = render_notes(tmp_path / "lp", "-f", str(CI_VALUES["least-privilege"]))
+    assert not warnings_in(text) and "Security warnings" not in text
+    assert "Note: vllm.apiKey" not in text and "Note: networkPolicy" not in text
+    assert "get secret vllm-api-key -o jsonpath='{.data.api-key}' | base64 -d" in text
+    assert '-H "Authorization: Bearer $VLLM_API_KEY"' in text
+    # pgvector with sslmode require (the default): encrypted, but the notes point at verify-full.
+    text = render_notes(tmp_path / "pg", "--set", "consumers[0].name=pg", "--set", "consumers[0].sink.type=pgvector",
+                        "--set", "consumers[0].sink.uri=pgvector://u@pg:5432/d/t")
+    assert "Note: Consumer pg: sslMode require encrypts but does not check" in text
 
 
 # ---- rejected values --------------------------------------------------------------------------
@@ -651,8 +1022,55 @@ REJECTED = {
         "type": "lancedb", "uri": "lancedb:///data/lancedb/t"}}]}, ["consumers[0] (l)", "1 replica"]),
     "lancedb-off-volume": ({"consumers": [{"name": "l", "sink": {
         "type": "lancedb", "uri": "lancedb:///elsewhere/t"}}]}, ["consumers[0].sink.uri", "mountPath"]),
-    "irsa-without-serviceaccount": ({"serviceAccount": {"create": False}, "objectStore": {"credentials": {
-        "source": "irsa", "irsaRoleArn": "arn:aws:iam::123456789012:role/r"}}}, ["serviceAccount.create"]),
+    "irsa-without-serviceaccount": ({"serviceAccount": {"vllm": {"create": False}}, "objectStore": {"credentials": {
+        "source": "irsa", "irsaRoleArn": "arn:aws:iam::123456789012:role/r"}}}, ["serviceAccount.vllm.create"]),
+    "irsa-without-consumer-serviceaccount": (
+        {"serviceAccount": {"consumer": {"create": False}}, "consumers": [QDRANT],
+         "objectStore": {"credentials": {"source": "irsa", "irsaRoleArn": "arn:aws:iam::123456789012:role/r"}}},
+        ["serviceAccount.consumer.create"]),
+    # Least privilege.
+    "one-shared-serviceaccount": ({"serviceAccount": {"create": True}},
+                                  ["/serviceAccount", "additional properties 'create' not allowed"]),
+    "sa-annotation-not-string": ({"serviceAccount": {"consumer": {"annotations": {"a": 1}}}},
+                                 ["/serviceAccount/consumer/annotations/a", "want string"]),
+    **{f"inline-kafka-{setting}": ({"kafka": {"config": {setting: "hunter2"}}},
+                                   [f"/kafka/config/{setting}", "Secret reference", "VLLM_MM_EVENTS_KAFKA__<SETTING>"])
+       for setting in ("ssl.key.pem", "ssl.keystore.password", "ssl.key.password", "sasl.oauthbearer.client.secret",
+                       "sasl.username", "SASL.PASSWORD")},
+    "inline-registry-token": ({"kafka": {"schemaRegistry": {"config": {"bearer.auth.token": "t"}}}},
+                              ["/kafka/schemaRegistry/config/bearer.auth.token", "Secret reference"]),
+    "kafka-config-overrides-protocol": ({"kafka": {"securityProtocol": "SSL", "config": {
+        "security.protocol": "PLAINTEXT"}}}, ["/kafka/config/security.protocol", "kafka.securityProtocol"]),
+    "api-key-flag": ({"vllm": {"extraArgs": ["--max-model-len", "8192", "--api-key", "k"]}},
+                     ["/vllm/extraArgs/2", "vllm.apiKey"]),
+    "api-key-flag-equals": ({"vllm": {"extraArgs": ["--api-key=k"]}}, ["/vllm/extraArgs/0", "vllm.apiKey"]),
+    "api-key-literal-env": ({"vllm": {"extraEnv": [{"name": "VLLM_API_KEY", "value": "k"}]}},
+                            ["/vllm/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    "kafka-secret-literal-env": ({"consumers": [{**QDRANT, "extraEnv": [
+        {"name": "VLLM_MM_EVENTS_KAFKA__SSL_KEY_PEM", "value": "-----BEGIN PRIVATE KEY-----"}]}]},
+        ["/consumers/0/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    "shared-consumer-literal-env": ({"consumer": {"extraEnv": [{"name": "PGPASSWORD", "value": "p"}]}},
+                                    ["/consumer/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    "api-key-without-key": ({"vllm": {"apiKey": {"secretName": "s", "secretKey": ""}}}, ["/vllm/apiKey/secretKey"]),
+    "qdrant-https-string": ({"consumers": [{**QDRANT, "sink": {**QDRANT["sink"], "https": "yes"}}]},
+                            ["/consumers/0/sink/https", "want boolean"]),
+    "pg-unknown-sslmode": ({"consumers": [{"name": "p", "sink": {
+        "type": "pgvector", "uri": "pgvector://u@pg:5432/db/t", "sslMode": "strict"}}]},
+        ["/consumers/0/sink/sslMode", "'verify-full'"]),
+    "pg-verify-full-without-ca": ({"consumers": [{"name": "p", "sink": {
+        "type": "pgvector", "uri": "pgvector://u@pg:5432/db/t", "sslMode": "verify-full"}}]},
+        ["/consumers/0/sink", "missing property 'sslRootCert'"]),
+    "pg-verify-ca-empty-ca": ({"consumers": [{"name": "p", "sink": {
+        "type": "pgvector", "uri": "pgvector://u@pg:5432/db/t", "sslMode": "verify-ca",
+        "sslRootCert": {"secretName": "", "secretKey": "ca.crt"}}}]}, ["/consumers/0/sink/sslRootCert/secretName"]),
+    "pg-tls-on-qdrant": ({"consumers": [{**QDRANT, "sink": {**QDRANT["sink"], "sslMode": "require"}}]},
+                         ["/consumers/0/sink", "additional properties 'sslMode'"]),
+    "netpol-bad-peer": ({"networkPolicy": {"kafka": {"to": [{"ipblock": {"cidr": "10.0.0.0/8"}}]}}},
+                        ["/networkPolicy/kafka/to/0", "additional properties 'ipblock'"]),
+    "netpol-port-without-port": ({"networkPolicy": {"objectStore": {"ports": [{"protocol": "TCP"}]}}},
+                                 ["/networkPolicy/objectStore/ports/0", "missing property 'port'"]),
+    "netpol-dns-without-ports": ({"networkPolicy": {"dns": {"ports": []}}}, ["/networkPolicy/dns/ports"]),
+    "netpol-enabled-string": ({"networkPolicy": {"enabled": "yes"}}, ["/networkPolicy/enabled", "want boolean"]),
 }
 
 

@@ -30,11 +30,31 @@
 {{- printf "%s-consumer-%s" (include "vmme.fullname" .root) .name | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/* ServiceAccounts: one per component; args: (dict "root" $ "component" "vllm"|"consumer") */}}
 {{- define "vmme.serviceAccountName" -}}
-{{- if .Values.serviceAccount.create }}
-{{- default (include "vmme.fullname" .) .Values.serviceAccount.name }}
+{{- $sa := get .root.Values.serviceAccount .component }}
+{{- if $sa.create }}
+{{- default (printf "%s-%s" (include "vmme.fullname" .root) .component | trunc 63 | trimSuffix "-") $sa.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- default "default" $sa.name }}
+{{- end }}
+{{- end }}
+
+{{/* The ServiceAccount's annotations, as JSON: its own, plus the IRSA role with source=irsa
+(an eks.amazonaws.com/role-arn of its own wins, e.g. a read-only role for the consumers). */}}
+{{- define "vmme.serviceAccountAnnotations" -}}
+{{- $a := deepCopy ((get .root.Values.serviceAccount .component).annotations | default dict) }}
+{{- $o := .root.Values.objectStore.credentials }}
+{{- if and (eq $o.source "irsa") (not (get $a "eks.amazonaws.com/role-arn")) }}
+{{- $_ := set $a "eks.amazonaws.com/role-arn" $o.irsaRoleArn }}
+{{- end }}
+{{- toJson $a }}
+{{- end }}
+
+{{/* Whether any consumer Deployment is rendered. */}}
+{{- define "vmme.consumers.any" -}}
+{{- range $e := .Values.consumers }}
+{{- if (include "vmme.consumer.merged" (dict "root" $ "entry" $e) | fromJson).enabled }}true{{ end }}
 {{- end }}
 {{- end }}
 
@@ -108,6 +128,7 @@ vllm-mm-events/consumer: {{ .name }}
 {{- define "vmme.mounts.kafkaCa" -}}/etc/vllm-mm-events/kafka/ca{{- end }}
 {{- define "vmme.mounts.kafkaClient" -}}/etc/vllm-mm-events/kafka/client{{- end }}
 {{- define "vmme.mounts.registryCa" -}}/etc/vllm-mm-events/schema-registry/ca{{- end }}
+{{- define "vmme.mounts.pgCa" -}}/etc/vllm-mm-events/pgvector/ca{{- end }}
 
 {{/* Non-secret librdkafka settings, as JSON (templates return strings; callers use fromJson).
 Secret ones reach the pods as VLLM_MM_EVENTS_KAFKA__<SETTING> env vars from Secrets. */}}
@@ -205,25 +226,42 @@ Every credential is an env var from a secretKeyRef. Shared by vLLM and the consu
       key: {{ .secretKey }}
 {{- end }}
 
+{{/* The Secrets each component's container gets: the object store (the consumers' own keys
+when objectStore.credentials.consumerExistingSecret is set), Kafka, the Schema Registry.
+vLLM adds HF_TOKEN and VLLM_API_KEY, a consumer its own sink's Secret; nothing else.
+args: (dict "root" $ "component" "vllm"|"consumer") */}}
 {{- define "vmme.env.credentials" -}}
-{{- $o := .Values.objectStore.credentials }}
+{{- $consumer := eq .component "consumer" }}
+{{- $o := .root.Values.objectStore.credentials }}
 {{- if eq $o.source "static" }}
-{{ include "vmme.secretEnv" (dict "name" "AWS_ACCESS_KEY_ID" "secretName" $o.existingSecret "secretKey" $o.accessKeyIdKey) }}
-{{ include "vmme.secretEnv" (dict "name" "AWS_SECRET_ACCESS_KEY" "secretName" $o.existingSecret "secretKey" $o.secretAccessKeyKey) }}
+{{- $secret := ternary (default $o.existingSecret $o.consumerExistingSecret) $o.existingSecret $consumer }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_ACCESS_KEY_ID" "secretName" $secret "secretKey" $o.accessKeyIdKey) }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_SECRET_ACCESS_KEY" "secretName" $secret "secretKey" $o.secretAccessKeyKey) }}
 {{- if $o.sessionTokenKey }}
-{{ include "vmme.secretEnv" (dict "name" "AWS_SESSION_TOKEN" "secretName" $o.existingSecret "secretKey" $o.sessionTokenKey) }}
+{{ include "vmme.secretEnv" (dict "name" "AWS_SESSION_TOKEN" "secretName" $secret "secretKey" $o.sessionTokenKey) }}
 {{- end }}
 {{- end }}
-{{- $k := .Values.kafka }}
-{{- if include "vmme.kafka.sasl" . }}
-{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_USERNAME" "secretName" $k.sasl.existingSecret "secretKey" $k.sasl.usernameKey) }}
-{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD" "secretName" $k.sasl.existingSecret "secretKey" $k.sasl.passwordKey) }}
+{{- $k := .root.Values.kafka }}
+{{- if include "vmme.kafka.sasl" .root }}
+{{- $secret := include "vmme.kafka.saslSecret" . }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_USERNAME" "secretName" $secret "secretKey" $k.sasl.usernameKey) }}
+{{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD" "secretName" $secret "secretKey" $k.sasl.passwordKey) }}
 {{- end }}
-{{- if and (include "vmme.kafka.tls" .) $k.tls.keyPassword.secretName }}
+{{- if and (include "vmme.kafka.tls" .root) $k.tls.keyPassword.secretName }}
 {{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_KAFKA__SSL_KEY_PASSWORD" "secretName" $k.tls.keyPassword.secretName "secretKey" $k.tls.keyPassword.secretKey) }}
 {{- end }}
 {{- if and $k.schemaRegistry.url $k.schemaRegistry.basicAuth.secretName }}
 {{ include "vmme.secretEnv" (dict "name" "VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO" "secretName" $k.schemaRegistry.basicAuth.secretName "secretKey" $k.schemaRegistry.basicAuth.secretKey) }}
+{{- end }}
+{{- end }}
+
+{{/* The Kafka SASL Secret of a component; args: (dict "root" $ "component" "vllm"|"consumer") */}}
+{{- define "vmme.kafka.saslSecret" -}}
+{{- $s := .root.Values.kafka.sasl }}
+{{- if eq .component "consumer" }}
+{{- default $s.existingSecret $s.consumerExistingSecret }}
+{{- else }}
+{{- $s.existingSecret }}
 {{- end }}
 {{- end }}
 
@@ -331,8 +369,12 @@ Keys of the entry replace the shared ones; `keda`, `dlq` and `pdb` merge one lev
 {{- end }}
 {{- end }}
 {{- end }}
-{{- if and (eq .Values.objectStore.credentials.source "irsa") (not .Values.serviceAccount.create) }}
-{{- fail "objectStore.credentials.source=irsa: the chart annotates the ServiceAccount it creates, so serviceAccount.create must be true (or use source=chain and annotate your own ServiceAccount)" }}
+{{- if eq .Values.objectStore.credentials.source "irsa" }}
+{{- range $component, $used := dict "vllm" .Values.vllm.enabled "consumer" (include "vmme.consumers.any" $) }}
+{{- if and $used (not (get $.Values.serviceAccount $component).create) }}
+{{- fail (printf "objectStore.credentials.source=irsa: the chart annotates the ServiceAccounts it creates, so serviceAccount.%s.create must be true (or use source=chain and annotate your own ServiceAccount)" $component) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
 {{- $needed := add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) }}
@@ -362,5 +404,74 @@ VLLM_MM_EVENTS_S3_REGION: {{ . | quote }}
 {{- with .Values.kafka.schemaRegistry.url }}
 VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL: {{ . | quote }}
 VLLM_MM_EVENTS_SCHEMA_REGISTRY: {{ include "vmme.schemaRegistry.clientConfig" $ | quote }}
+{{- end }}
+{{- end }}
+
+
+{{/* ---------------------------------------------------------------- sink TLS
+Defaults when the entry leaves them out: TLS on. */}}
+{{- define "vmme.sink.qdrantHttps" -}}
+{{- ternary "true" "false" (ne (toString (dig "https" true .)) "false") }}
+{{- end }}
+
+{{- define "vmme.sink.pgSslMode" -}}
+{{- dig "sslMode" "require" . }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- NetworkPolicy
+The port of a URL: its own, else the scheme's (http 80, https 443), else .default.
+args: (dict "url" <url> "default" <port>) */}}
+{{- define "vmme.np.urlPort" -}}
+{{- $u := urlParse .url }}
+{{- $port := regexFind ":[0-9]+$" $u.host | trimPrefix ":" }}
+{{- if $port }}{{ $port }}
+{{- else if eq $u.scheme "https" }}443
+{{- else if eq $u.scheme "http" }}80
+{{- else }}{{ .default }}
+{{- end }}
+{{- end }}
+
+{{/* One egress rule: to the peers of a destination ([]: any address) on its ports ([]: the
+derived ones). args: (dict "comment" <text> "dest" <{to, ports}> "derived" <list of ports>) */}}
+{{- define "vmme.np.egressRule" -}}
+# {{ .comment }}
+- ports:
+    {{- if .dest.ports }}
+    {{- toYaml .dest.ports | nindent 4 }}
+    {{- else }}
+    {{- range .derived | uniq }}
+    - port: {{ int . }}
+      protocol: TCP
+    {{- end }}
+    {{- end }}
+  {{- with .dest.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+
+{{/* The egress rules vLLM and the consumers share: DNS, the object store, Kafka, the Schema
+Registry. */}}
+{{- define "vmme.np.commonEgress" -}}
+{{- $np := .Values.networkPolicy }}
+{{- $store := list 443 }}
+{{- with .Values.objectStore.endpointUrl }}
+{{- $store = list (include "vmme.np.urlPort" (dict "url" . "default" 443)) }}
+{{- end }}
+{{- $kafka := list }}
+{{- range .Values.kafka.bootstrapServers }}
+{{- $kafka = append $kafka (regexFind "[0-9]+$" .) }}
+{{- end }}
+# DNS
+- ports:
+    {{- toYaml $np.dns.ports | nindent 4 }}
+  {{- with $np.dns.to }}
+  to:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{ include "vmme.np.egressRule" (dict "comment" "Object store" "dest" $np.objectStore "derived" $store) }}
+{{ include "vmme.np.egressRule" (dict "comment" "Kafka" "dest" $np.kafka "derived" $kafka) }}
+{{- with .Values.kafka.schemaRegistry.url }}
+{{ include "vmme.np.egressRule" (dict "comment" "Schema Registry" "dest" $np.schemaRegistry "derived" (list (include "vmme.np.urlPort" (dict "url" . "default" 443)))) }}
 {{- end }}
 {{- end }}
