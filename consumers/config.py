@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from typing import Any, Mapping
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 from consumers.vectors import POOLINGS
 from publisher.config import KEYS as PUBLISHER_KEYS
@@ -32,6 +32,7 @@ from publisher.settings import (
     redact_url,
     setting,
     setting_from,
+    split_url,
 )
 
 ENV_CONFIG_FILE = "VLLM_MM_EVENTS_CONSUMER_CONFIG_FILE"
@@ -44,7 +45,11 @@ __all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SI
 
 def _as_sink(v: Any, key: str) -> str:
     v = as_str(v, key)
-    u = urlsplit(v)
+    u = split_url(v, key)
+    try:
+        u.port  # noqa: B018 - the sink's client reads it; a bad one is a config error here
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e} in {redact_url(v)!r}") from None
     if u.scheme not in SINK_SCHEMES:
         raise ConfigError(f"{key}: unknown sink {u.scheme + '://' if u.scheme else redact_url(v)!r}; expected one of "
                           + ", ".join(f"{s}://" for s in SINK_SCHEMES))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -212,8 +213,10 @@ def number(kind: type, minimum: float) -> Callable[[Any, str], Any]:
             raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got a boolean")
         try:
             n = kind(v)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got {short(v)}") from None
+        if kind is float and not math.isfinite(n):
+            raise ConfigError(f"{key}: expected a finite number >= {minimum}, got {short(v)}")
         if kind is int and isinstance(v, float) and v != n:
             raise ConfigError(f"{key}: expected an integer, got {v}")
         if n < minimum:
@@ -248,10 +251,18 @@ def as_dict(v: Any, key: str) -> dict[str, Any]:
     return dict(v)
 
 
+def split_url(v: str, key: str):
+    """``urlsplit``, with its ValueError (unbalanced brackets, a bad IPv6 host) as a ConfigError."""
+    try:
+        return urlsplit(v)
+    except ValueError as e:
+        raise ConfigError(f"{key}: not a valid URI ({e}): {redact_url(v)!r}") from None
+
+
 def as_object_store(v: Any, key: str) -> str:
     """``s3://bucket/prefix`` or ``file:///absolute/dir``."""
     v = as_str(v, key)
-    u = urlsplit(v)
+    u = split_url(v, key)
     if u.scheme == "s3":
         if not u.netloc:
             raise ConfigError(f"{key}: expected s3://bucket/prefix, the bucket is missing in {v!r}")
@@ -266,7 +277,7 @@ def as_object_store(v: Any, key: str) -> str:
 def as_event_uri(v: Any, key: str) -> str:
     """An event stream: where the publisher writes and the consumer reads."""
     v = as_str(v, key)
-    u = urlsplit(v)
+    u = split_url(v, key)
     if u.scheme == "kafka":
         topic = u.path.lstrip("/")
         if not u.netloc or not topic or "/" in topic:
@@ -288,7 +299,7 @@ def as_http_url(v: Any, key: str) -> str | None:
     v = as_opt_str(v, key)
     if v is None:
         return None
-    u = urlsplit(v)
+    u = split_url(v, key)
     if u.scheme not in ("http", "https", "mock") or not u.netloc:
         raise ConfigError(f"{key}: expected an http(s):// URL, got {redact_url(v)!r}")
     return v

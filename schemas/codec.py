@@ -51,6 +51,49 @@ class UnknownSchema(EventDecodeError):
     kind = "unknown_schema"
 
 
+def zero_width_array(schema: Any) -> str | None:
+    """The path of an array whose items take no bytes (``null``, an empty record, ``fixed`` of size 0),
+    or None. A reader of such a schema would loop over an item count the bytes never pay for
+    (2^62 items in a few bytes), so a writer schema that has one is refused before any body is read."""
+    named: dict[str, bool] = {}
+
+    def zero(s: Any) -> bool:
+        if isinstance(s, str):
+            return s == "null" or named.get(s, False)
+        if isinstance(s, list):
+            return bool(s) and all(zero(b) for b in s)
+        if not isinstance(s, dict):
+            return False
+        t = s.get("type")
+        if t == "record":
+            named[s.get("name", "")] = False  # recursion guard; a recursive record is not zero-width
+            z = all(zero(f.get("type")) for f in s.get("fields", []) if isinstance(f, dict))
+            named[s.get("name", "")] = z
+            return z
+        if t == "fixed":
+            return s.get("size") == 0
+        return t == "null"
+
+    def walk(s: Any, path: str) -> str | None:
+        if isinstance(s, list):
+            return next((p for b in s if (p := walk(b, path)) is not None), None)
+        if not isinstance(s, dict):
+            return None
+        t = s.get("type")
+        if t == "array":
+            return path if zero(s.get("items")) else walk(s.get("items"), path + "[]")
+        if t == "map":
+            return walk(s.get("values"), path + "{}")
+        if t == "record":
+            zero(s)  # registers the record's name
+            for f in s.get("fields", []):
+                if isinstance(f, dict) and (p := walk(f.get("type"), f"{path}.{f.get('name')}")) is not None:
+                    return p
+        return walk(t, path) if isinstance(t, (dict, list)) else None
+
+    return walk(schema, "")
+
+
 def schema_fingerprint(parsed_schema: Any) -> int:
     """CRC-64-AVRO of the schema's parsing canonical form (the Avro spec's Rabin fingerprint).
 
@@ -126,6 +169,9 @@ class AvroCodec:
             writer = fastavro.parse_schema(schema)
         except Exception as e:  # noqa: BLE001 - a registry entry we cannot read
             raise UnknownSchema(f"schema id {schema_id} is not a usable Avro schema: {e}") from None
+        if (where := zero_width_array(schema)) is not None:
+            raise UnknownSchema(f"schema id {schema_id}: the array at {where or '(top)'} has items of no size; "
+                                "refused (a reader would loop over counts no bytes pay for)")
         self._writers[schema_id] = writer
         return writer
 

@@ -154,8 +154,8 @@ def _header(data: bytes | memoryview) -> tuple[dict[str, Any], int]:
         raise BadObject("not a safetensors object: bad header length")
     try:
         header = json.loads(bytes(data[8:8 + n]))
-    except ValueError as e:
-        raise BadObject(f"not a safetensors object: header is not JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than any header is
+        raise BadObject(f"not a safetensors object: header is not JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise BadObject("not a safetensors object: header is not a JSON object")
     return header, 8 + n
@@ -181,7 +181,7 @@ def read_object(data: bytes | memoryview) -> StoredTensor:
     except KeyError as e:
         found = sorted(k for k in header if k != "__metadata__")
         raise BadObject(f"not an embedding object: no {e} in its safetensors header (tensors: {found})") from None
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: a JSON 1e999 is inf
         raise BadObject(f"not an embedding object: bad safetensors header ({e!r})") from None
     count = math.prod(shape)  # Python ints: an absurd shape cannot wrap around
     if min(shape, default=1) < 0 or begin < 0 or end - begin != count * np_dtype.itemsize \

@@ -14,6 +14,7 @@ from urllib.parse import unquote, urlsplit
 import fastavro
 
 from consumers.sources.base import EventSource, SourceRecord
+from schemas.codec import zero_width_array
 
 log = logging.getLogger("vllm_mm_events.consumer")
 
@@ -80,11 +81,20 @@ class AvroLogSource(EventSource):
         buf = io.BytesIO(head)
         fastavro.schemaless_reader(buf, _HEADER_SCHEMA)
         first_block = buf.tell()
-        self.sync = hdr["sync"]
-        self.codec = hdr["meta"].get("avro.codec", b"null").decode()
-        if self.codec not in ("null", "deflate"):
-            raise ValueError(f"source: {self.path} uses codec {self.codec!r}; this reader handles null and deflate")
-        self.writer_schema = fastavro.parse_schema(json.loads(hdr["meta"]["avro.schema"]))
+        codec = hdr["meta"].get("avro.codec", b"null")
+        if codec not in (b"null", b"deflate"):
+            raise ValueError(f"source: {self.path} uses codec {codec[:40]!r}; this reader handles null and deflate")
+        # The header is input like any other: its schema must parse, and must not make a reader loop.
+        try:
+            schema = json.loads(hdr["meta"]["avro.schema"])
+            writer = fastavro.parse_schema(schema)
+        except Exception as e:  # noqa: BLE001 - missing, not JSON, too deep, not Avro: all the same to us
+            raise ValueError(f"source: {self.path} has no usable writer schema in its header "
+                             f"({type(e).__name__}: {str(e)[:200]})") from None
+        if (where := zero_width_array(schema)) is not None:
+            raise ValueError(f"source: {self.path}: the writer schema's array at {where or '(top)'} has items "
+                             "of no size; refused")
+        self.sync, self.codec, self.writer_schema = hdr["sync"], codec.decode(), writer
         self.offset, self.skip = first_block, 0
         ck = self._read_checkpoint()
         if ck is not None:
