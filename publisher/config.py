@@ -68,6 +68,12 @@ class PublisherConfig(Settings):
         lambda: "full", choice(("full", "ids")),
         "ec_transfer_params for the caller: full (object URIs and S3 endpoint, for load_mm_embeddings) or "
         "ids (event id and item hashes only: no store locations for API clients).")
+    spool_dir: str | None = setting(
+        lambda: str(default_data_dir() / "spool"), as_opt_str,
+        "Durable outbox: finished requests wait here until their events are delivered, and are replayed "
+        "after a restart (empty: no outbox).")
+    max_spool_bytes: int = setting(lambda: 1 << 30, number(int, 1 << 20),
+                                   "Outbox size cap; then the backpressure policy applies.")
     backpressure: str = setting(
         lambda: "block", choice(BACKPRESSURE_POLICIES),
         "When in-flight limits are hit: block the engine until there is room, or drop and count.")

@@ -30,11 +30,12 @@ class KafkaSink(EventSink):
     """Apache Kafka via librdkafka: idempotent, acks=all, keyed by request_id.
 
     librdkafka retries transient errors itself; a record that still fails (for example
-    after ``message.timeout.ms``) is produced again up to ``resend_attempts`` times, then
-    reported failed.
+    after ``message.timeout.ms``, a broker away for longer) is produced again, through an
+    outage of any length (``resend_attempts`` None; a number bounds it, then it is reported
+    failed). Memory stays bounded by the caller's cap on events in flight.
     """
 
-    resend_attempts = 3
+    resend_attempts: int | None = None
 
     def __init__(self, bootstrap: str, topic: str, codec: AvroCodec, settings: Mapping[str, Any] | None = None,
                  registry_url: str | None = None, registry_settings: Mapping[str, Any] | None = None,
@@ -54,6 +55,7 @@ class KafkaSink(EventSink):
                                f"{topic}-value")
         self._producer = Producer(conf)
         self.resends = 0
+        self._closed = False
 
     @staticmethod
     def _ensure_topic(conf: Mapping[str, Any], topic: str, partitions: int) -> None:
@@ -76,9 +78,11 @@ class KafkaSink(EventSink):
         key = event["request_id"].encode()
 
         def delivered(err, _msg):
+            if self._closed:
+                return  # purged at close: the record stays in the caller's outbox, never reported failed
             if err is None:
                 on_done(None)
-            elif _attempt < self.resend_attempts:
+            elif self.resend_attempts is None or _attempt < self.resend_attempts:
                 self.resends += 1
                 log.warning("event %s: delivery failed (%s); producing it again", event["event_id"], err.name())
                 self.publish(event, on_done, _attempt + 1)
@@ -97,3 +101,10 @@ class KafkaSink(EventSink):
 
     def flush(self, timeout: float) -> int:
         return self._producer.flush(timeout)
+
+    def close(self) -> None:
+        """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
+        broker that is away; nothing is re-produced from here on."""
+        self._closed = True
+        self._producer.purge()
+        self._producer.flush(0)

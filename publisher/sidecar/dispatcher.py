@@ -25,6 +25,7 @@ from typing import Callable
 
 from publisher.event_sinks.base import EventSink
 from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
+from publisher.sidecar.outbox import Outbox, OutboxFull
 from publisher.stores.base import ObjectStore
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
@@ -53,6 +54,8 @@ class DispatcherStats:
         self.failed = 0
         self.dropped = 0  # dropped in the engine under backpressure=drop, never accepted here
         self.store_errors = 0
+        self.replayed = 0  # taken from the outbox at start: left unacknowledged by an earlier run
+        self.unspooled = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -61,8 +64,9 @@ class DispatcherStats:
 class EventDispatcher:
     def __init__(self, store: ObjectStore, sink: EventSink, producer: dict[str, str], *,
                  durability_timeout_s: float, remember: int = 65536,
-                 on_settled: Callable[[int], None] | None = None):
+                 on_settled: Callable[[int], None] | None = None, outbox: Outbox | None = None):
         self.store = store
+        self.outbox = outbox  # finished requests are spooled here until the sink has their events
         self.sink = sink
         self.producer = producer
         self.durability_timeout_s = durability_timeout_s
@@ -80,7 +84,16 @@ class EventDispatcher:
         """Accepted and not yet delivered or failed."""
         return self.stats.accepted - self._settled
 
-    def offer(self, req: FinishedRequest, keys: dict[str, str]) -> None:
+    def offer(self, req: FinishedRequest, keys: dict[str, str], spooled: bool = False) -> None:
+        """Take a finished request; ``spooled``: it came from the outbox (a replay), not the engine."""
+        if self.outbox is not None and not spooled:
+            try:
+                self.outbox.append(req, keys)
+            except OutboxFull as e:  # the sidecar stops reading before this; a last resort
+                self.stats.unspooled += 1
+                log.error("mm-events: request %s not spooled: %s", req.request_id, e)
+        if spooled:
+            self.stats.replayed += 1
         now = time.monotonic()
         self._seq += 1
         self.stats.accepted += 1
@@ -89,6 +102,8 @@ class EventDispatcher:
 
     def pump(self) -> float:
         """Do what is due; returns how long the caller may wait before the next pump."""
+        if self.outbox is not None:
+            self.outbox.sync()  # one fsync for what was offered since the last pump, before any is sent
         now = time.monotonic()
         due = []
         while self._waiting and self._waiting[0].next_try <= now:
@@ -142,13 +157,15 @@ class EventDispatcher:
             log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
                         req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
 
-        def done(err: Exception | None) -> None:
+        def done(err: Exception | None, permanent: bool = False) -> None:
             if err is None:
                 self.stats.published += 1
             else:
                 self.stats.failed += 1
                 log.error("mm-events: event %s for request %s was not delivered: %s",
                           req.event_id, req.request_id, err)
+            if self.outbox is not None and (err is None or permanent):
+                self.outbox.ack(req.event_id)  # a delivery failure stays spooled for the next start
             self._settled += 1
             if self._on_settled is not None:
                 self._on_settled(self._settled)
@@ -156,7 +173,7 @@ class EventDispatcher:
         try:
             self.sink.publish(event, done)
         except Exception as e:  # noqa: BLE001 - an encoding bug must not stop the sidecar
-            done(e)
+            done(e, permanent=True)  # it would fail again on every replay
 
     def close(self, timeout: float) -> int:
         """Bounded: publish what can be, report what could not. Returns the undelivered count."""
@@ -171,6 +188,9 @@ class EventDispatcher:
         self.sink.flush(max(0.0, deadline - time.monotonic()))
         left = self.in_flight
         if left:
-            log.error("mm-events: shutdown left %d event(s) undelivered", left)
+            where = f"; they stay in the outbox ({self.outbox.dir}) for the next start" if self.outbox else ""
+            log.error("mm-events: shutdown left %d event(s) undelivered%s", left, where)
         self.sink.close()
+        if self.outbox is not None:
+            self.outbox.close()
         return left

@@ -116,7 +116,7 @@ def _arm_watchdog(timeout: float) -> None:
     t.start()
 
 
-def _worker_main(conn: Connection, init: WorkerInit) -> None:
+def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
     import torch
 
     from publisher.config import PublisherConfig
@@ -160,10 +160,24 @@ def _worker_main(conn: Connection, init: WorkerInit) -> None:
             return
 
 
-def _scheduler_main(conn: Connection, init: SchedulerInit) -> None:
+PARKED = 64  # requests read past the in-flight cap and held back, so control messages get through
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> None:
     from publisher.config import PublisherConfig
     from publisher.event_sinks import open_event_sink
     from publisher.sidecar.dispatcher import EventDispatcher
+    from publisher.sidecar.outbox import Outbox
     from publisher.stores import open_store
     from schemas.codec import AvroCodec
 
@@ -179,34 +193,60 @@ def _scheduler_main(conn: Connection, init: SchedulerInit) -> None:
     # The engine reads how many events have settled from this shared word, to apply the
     # drop policy without waiting on us.
     settled = mmap.mmap(init.gauge_fd, 8)
+    outbox = Outbox(c.spool_dir, c.event_sink, c.max_spool_bytes, fsync=c.fsync) if c.spool_dir else None
     dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
-                                 on_settled=lambda n: struct.pack_into("<Q", settled, 0, n))
+                                 on_settled=lambda n: struct.pack_into("<Q", settled, 0, n), outbox=outbox)
+    for req, keys in outbox.take_replay() if outbox else ():
+        dispatcher.offer(req, keys, spooled=True)  # what an earlier run left unacknowledged
     conn.send(Ready(os.getpid()))
     # One loop, one thread: read what the engine sent, pump, repeat. When max_pending_events
     # are in flight it stops reading, the socket fills, and the engine's send blocks: the
     # "block" policy, applied by the kernel.
+    # At the cap it still reads a little (up to PARKED requests, held back), so a Close or a
+    # drop count behind them is seen even while the sink is away for good.
+    parked: list[RequestFinished] = []
+
+    def full() -> bool:
+        return dispatcher.in_flight >= c.max_pending_events or (outbox is not None and outbox.full())
+
     while True:
         wait = dispatcher.pump()
-        if dispatcher.in_flight >= c.max_pending_events:
-            time.sleep(min(wait, 0.01))
-            continue
+        while parked and not full():
+            msg = parked.pop(0)
+            dispatcher.offer(msg.request, msg.keys)
         try:
-            if not conn.poll(wait):
+            if full() and len(parked) >= PARKED:
+                if not _alive(engine_pid):
+                    raise EOFError("the engine is gone")
+                time.sleep(min(wait, 0.01))
+                continue
+            if not conn.poll(min(wait, 0.01) if full() else wait):
                 continue
             while True:
                 msg = conn.recv()
                 if isinstance(msg, RequestFinished):
-                    dispatcher.offer(msg.request, msg.keys)
+                    if full() or parked:
+                        parked.append(msg)
+                    else:
+                        dispatcher.offer(msg.request, msg.keys)
                 elif isinstance(msg, EventsDropped):
                     dispatcher.stats.dropped += msg.count
                 elif isinstance(msg, Close):
                     _arm_watchdog(msg.timeout)
+                    for p in parked:  # spooled, so not lost when the flush cannot send them
+                        dispatcher.offer(p.request, p.keys)
                     left = dispatcher.close(msg.timeout)
-                    conn.send(Closed(dict(dispatcher.stats.as_dict(), undelivered=left)))
+                    report = dict(dispatcher.stats.as_dict(), undelivered=left)
+                    try:
+                        conn.send(Closed(report))
+                    except OSError:  # the engine stopped waiting for the report
+                        log.info("mm-events scheduler sidecar stopped: %s", report)
                     return
-                if not conn.poll(0) or dispatcher.in_flight >= c.max_pending_events:
+                if not conn.poll(0) or (full() and len(parked) >= PARKED):
                     break
         except (EOFError, OSError):
+            for p in parked:
+                dispatcher.offer(p.request, p.keys)
             _arm_watchdog(c.shutdown_timeout_s)
             left = dispatcher.close(c.shutdown_timeout_s)  # the engine died: publish what we can, bounded
             log.info("mm-events scheduler sidecar stopped after its engine: %s",
@@ -222,13 +262,14 @@ def main(argv: list[str]) -> int:
 
     setup_logging()
     role, fd = argv[0], int(argv[1])
+    engine_pid = os.getppid()  # the launcher's parent; the sidecar outlives the launcher
     if os.fork() > 0:  # detach: the launcher exits, the sidecar is reparented away from vLLM
         os._exit(0)
     os.setsid()
     conn = Connection(fd)
     init = conn.recv()
     try:
-        (_worker_main if role == "worker" else _scheduler_main)(conn, init)
+        (_worker_main if role == "worker" else _scheduler_main)(conn, init, engine_pid)
     except Exception as e:  # noqa: BLE001 - tell the engine, then die loudly
         log.exception("mm-events %s sidecar failed", role)
         try:

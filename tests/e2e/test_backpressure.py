@@ -15,7 +15,7 @@ def test_drop_policy_with_a_dead_broker(tmp_path, tiny_llava):
     extra = {"object_store": (tmp_path / "objects").as_uri(),
              "event_sink": "kafka://127.0.0.1:1/never",  # nothing listens there
              "kafka": {"message.timeout.ms": 1000}, "backpressure": "drop", "max_pending_events": 2,
-             "shutdown_timeout_s": 3}
+             "shutdown_timeout_s": 3, "spool_dir": str(tmp_path / "spool")}
     batches = [[{"images": [100 + i]} for i in range(6)]]
     t0 = time.monotonic()
     results, log = run_driver({"model": str(tiny_llava), "extra_config": extra, "batches": batches}, tmp_path)
@@ -27,4 +27,5 @@ def test_drop_policy_with_a_dead_broker(tmp_path, tiny_llava):
     undelivered = int(re.search(r"'undelivered': (\d+)", sched).group(1))
     assert failed + undelivered == 2, sched  # every accepted event is accounted for
     assert "dropped the event of" in log and "delivery failed" in log
+    assert "stay in the outbox" in log  # undelivered, but kept for the next start
     assert time.monotonic() - t0 < 240

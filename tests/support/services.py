@@ -16,6 +16,26 @@ Containers (testcontainers, for a contributor with a Docker engine): the same th
 from pinned images, behind the same attributes (see ``INTERFACE``). ``$VLLM_MM_EVENTS_SERVICES``
 picks the backend: ``native``, ``containers`` or ``auto`` (default: containers when a Docker
 engine answers a short ping, else native). ``make(service)`` builds an unstarted server on it.
+
+Faults, for reliability tests (Kafka and MinIO; see ``FAULTS``). Natively each server is one process
+group of its own:
+
+- ``kill()``: SIGKILL the whole process group and wait until no process of it is left. Its port(s) stay
+  reserved for it (a bound, non-listening socket: connections are refused and no other socket on this
+  machine is given the port) and its data directory is kept.
+- ``terminate()``: a clean shutdown (SIGTERM, wait) that, unlike ``stop()``, keeps the port(s) and data.
+- ``pause()`` / ``resume()``: SIGSTOP / SIGCONT the process group. Paused, the server hangs: the kernel
+  still accepts connections into the listen backlog and open connections stay open, nothing answers.
+- ``restart()``: start the same server again on the same port(s) and data directory (Kafka: same KRaft
+  metadata and log dirs, hence the same cluster id, topics and committed offsets; MinIO: same data and
+  credentials, hence the same buckets and objects) and wait until it serves again. After ``kill()`` or
+  ``terminate()``, or on a running (or paused) server: a clean shutdown first. Not after ``stop()``,
+  which removes the data for good.
+- ``alive``: the server's process exists (paused or not); ``paused``: it is paused.
+
+Every wait is bounded; a timeout's error carries the server's log tail. On containers, ``pause()``,
+``resume()``, ``alive`` and ``paused`` are Docker's pause/unpause/inspect; ``kill()``, ``terminate()``
+and ``restart()`` raise NotImplementedError (see ``CONTAINER_FAULTS_UNSUPPORTED``).
 """
 
 from __future__ import annotations
@@ -91,6 +111,257 @@ def _stop(proc: subprocess.Popen | None, timeout: float = 15) -> None:
         proc.wait()
 
 
+def log_tail(path: Path, chars: int = 3000) -> str:
+    try:
+        return path.read_bytes()[-chars:].decode(errors="replace")
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The scheduler state letter of each thread of ``pid`` (``T``: stopped); [] once it is gone."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):  # a thread that just ended
+            states.append(stat.read_text().rpartition(")")[2].split()[0])
+    return states
+
+
+class ServerExited(RuntimeError):
+    """A native server's process ended while something waited for it."""
+
+
+class _Waits:
+    """Hooks the readiness waits call: the native servers check their process and show their log."""
+
+    def _check_process(self) -> None:
+        pass
+
+    def _log_hint(self) -> str:
+        return ""
+
+
+class _NativeServer(_Waits):
+    """A native server: one process in a process group of its own, with the fault operations (see the
+    module docstring). Subclasses give ``_argv()``, ``_ports()``, ``_log`` and call ``_launch()``."""
+
+    dir: Path
+    name: str
+    _log: Path
+    _restart_timeout: float
+
+    def _init_process(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self._paused = False
+        self._removed = False  # stop() removed the data directory
+        self._reservations: list[socket.socket] = []
+        self._launches = 0
+        self._log_offset = 0
+
+    def _argv(self) -> tuple[list[str], dict[str, str] | None]:
+        raise NotImplementedError
+
+    def _ports(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    # -- hooks of the readiness waits ----------------------------------------------------------------
+
+    def _check_process(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise ServerExited(f"{self.name} exited with {self.proc.returncode}; log ({self._log}):\n"
+                               f"{log_tail(self._log)}")
+
+    def _log_hint(self) -> str:
+        return f"; log ({self._log}):\n{log_tail(self._log)}"
+
+    # -- launching --------------------------------------------------------------------------------------
+
+    def _spawn(self) -> None:
+        self._release_ports()
+        argv, env = self._argv()
+        self._launches += 1
+        with self._log.open("wb" if self._launches == 1 else "ab") as out:
+            if self._launches > 1:
+                out.write(f"\n==== launch {self._launches} at {time.strftime('%H:%M:%S')} ====\n".encode())
+                out.flush()
+            self._log_offset = out.tell()
+            self.proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self._paused = False
+
+    def _launch(self, timeout: float) -> None:
+        """Start the process and wait until it serves, within ``timeout`` seconds. A start that fails to
+        bind a port (still held by a socket of the previous run, or by anyone) is retried until then."""
+        deadline = time.monotonic() + timeout
+        port = self._ports()[0]
+        while True:
+            self._spawn()
+            try:
+                while True:
+                    self._check_process()
+                    with socket.socket() as s:
+                        if s.connect_ex(("127.0.0.1", port)) == 0:
+                            break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"{self.name}: port {port} not open after {timeout:g}s{self._log_hint()}")
+                    time.sleep(0.1)
+                self._wait_ready(max(1.0, deadline - time.monotonic()))
+                return
+            except ServerExited:
+                if b"already in use" not in self._log.read_bytes()[self._log_offset:]:
+                    raise
+                if time.monotonic() + 1 > deadline:
+                    raise TimeoutError(f"{self.name}: port(s) {self._ports()} still in use after {timeout:g}s"
+                                       f"{self._log_hint()}") from None
+                time.sleep(0.5)  # bind failed (address already in use): try again
+
+    def _wait_ready(self, timeout: float) -> None:
+        raise NotImplementedError
+
+    # -- ports kept while the server is down ---------------------------------------------------------
+
+    def _reserve_ports(self) -> None:
+        """Hold the server's ports while it is down: a bound socket that never listens refuses
+        connections, and the kernel gives a bound port to no other socket (bind to port 0, or the
+        source port of a connect: which could otherwise connect a client to itself on this port)."""
+        self._release_ports()
+        for port in self._ports():
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old run's TIME_WAIT sockets
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                s.close()  # best effort: restart() copes with a busy port by retrying
+                continue
+            self._reservations.append(s)
+
+    def _release_ports(self) -> None:
+        while self._reservations:
+            self._reservations.pop().close()
+
+    # -- faults -----------------------------------------------------------------------------------------
+
+    def _started_proc(self, op: str) -> subprocess.Popen:
+        if self._removed:
+            raise RuntimeError(f"{op}(): {self.name} was stopped for good (stop() removed its data directory)")
+        if self.proc is None:
+            raise RuntimeError(f"{op}(): {self.name} was never started")
+        return self.proc
+
+    def _running_proc(self, op: str) -> subprocess.Popen:
+        proc = self._started_proc(op)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{op}(): {self.name} is not running (exit status {proc.returncode})")
+        return proc
+
+    def _signal_group(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):  # already gone
+            os.killpg(self.proc.pid, sig)
+
+    def _reap(self, deadline: float, what: str) -> None:
+        """Wait until the process has exited and no process of its group is left."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} (pid {self.proc.pid}) still running after {what}"
+                               f"{self._log_hint()}") from None
+        while True:
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: process group {self.proc.pid} not empty after {what}"
+                                   f"{self._log_hint()}")
+            time.sleep(0.05)
+
+    @property
+    def alive(self) -> bool:
+        """The server's process exists, paused or not."""
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def paused(self) -> bool:
+        return self.alive and self._paused
+
+    def kill(self, timeout: float = 30) -> None:
+        """SIGKILL the process group and wait until it is gone; the port(s) stay reserved, the data kept.
+        A server that is already down stays down."""
+        if self._started_proc("kill").poll() is None:
+            self._signal_group(signal.SIGKILL)
+        self._reap(time.monotonic() + timeout, "SIGKILL")
+        self._paused = False
+        self._reserve_ports()
+
+    def terminate(self, timeout: float = 60) -> None:
+        """Shut down cleanly (SIGTERM to the group, wait), keeping the port(s) and the data, unlike stop().
+        A server that does not exit within ``timeout`` is SIGKILLed and TimeoutError raised."""
+        proc = self._started_proc("terminate")
+        if proc.poll() is None:
+            self._signal_group(signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
+            self._signal_group(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise TimeoutError(f"{self.name} did not shut down within {timeout:g}s of SIGTERM; SIGKILLed "
+                                   f"it instead (data and port(s) kept){self._log_hint()}") from None
+        self._reap(time.monotonic() + 10, "SIGTERM")
+        self._paused = False
+        self._reserve_ports()
+
+    def pause(self, timeout: float = 10) -> None:
+        """SIGSTOP the process group; returns once every thread of the server is stopped."""
+        proc = self._running_proc("pause")
+        self._signal_group(signal.SIGSTOP)
+        self._paused = True
+        deadline = time.monotonic() + timeout
+        while not all(state in "tTZX" for state in _thread_states(proc.pid)):  # Z, X: a thread ending
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: threads not all stopped {timeout:g}s after SIGSTOP "
+                                   f"({''.join(_thread_states(proc.pid))}){self._log_hint()}")
+            time.sleep(0.02)
+
+    def resume(self, timeout: float = 10) -> None:
+        """SIGCONT the process group (harmless when it is not paused)."""
+        proc = self._running_proc("resume")
+        self._signal_group(signal.SIGCONT)
+        self._paused = False
+        deadline = time.monotonic() + timeout
+        while any(state in "tT" for state in _thread_states(proc.pid)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: still stopped {timeout:g}s after SIGCONT{self._log_hint()}")
+            time.sleep(0.02)
+
+    def restart(self, timeout: float | None = None) -> Any:
+        """Start the server again on the same port(s) and data directory and wait until it serves
+        (``timeout``: the class's default). After kill()/terminate(), or a crash; a running or paused
+        server is shut down cleanly first."""
+        proc = self._started_proc("restart")
+        if proc.poll() is None:
+            self.terminate()
+        else:
+            self._reap(time.monotonic() + 10, "its exit")
+        try:
+            self._launch(self._restart_timeout if timeout is None else timeout)
+        except BaseException:
+            if not self.alive:
+                self._reserve_ports()  # down still: keep its ports for the next restart()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Clean shutdown for good: the process, its port reservation and its data directory go."""
+        if self.alive:
+            self._signal_group(signal.SIGCONT)  # a paused server could not act on SIGTERM
+        _stop(self.proc)
+        self._release_ports()
+        self._removed = True
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 # ---- Kafka -------------------------------------------------------------------------------
 
 def kafka_libs() -> Path:
@@ -110,7 +381,7 @@ def kafka_libs() -> Path:
     return libs
 
 
-class _KafkaClients:
+class _KafkaClients(_Waits):
     """What tests use of a broker, whichever backend runs it (``host``/``port``: where clients connect)."""
 
     host: str
@@ -121,27 +392,50 @@ class _KafkaClients:
         return f"{self.host}:{self.port}"
 
     def _wait_ready(self, timeout: float = 60) -> None:
+        """Until a metadata request lists the broker and every partition has a leader (after a restart,
+        once the logs are recovered and the broker unfenced: topics and the group coordinator serve)."""
+        from confluent_kafka import KafkaException
         from confluent_kafka.admin import AdminClient
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         deadline = time.monotonic() + timeout
+        last = "no answer yet"
         while time.monotonic() < deadline:
-            md = admin.list_topics(timeout=5)
-            if md.brokers:
-                return
+            self._check_process()
+            try:
+                md = admin.list_topics(timeout=min(5.0, max(0.5, deadline - time.monotonic())))
+            except KafkaException as e:
+                last = str(e)
+            else:
+                leaderless = [f"{t.topic}[{p.id}]" for t in md.topics.values() for p in t.partitions.values()
+                              if p.leader < 0 or p.error is not None]
+                if md.brokers and not leaderless:
+                    return
+                last = f"brokers {sorted(md.brokers)}, partitions without a leader: {leaderless[:10]}"
             time.sleep(0.2)
-        raise TimeoutError("Kafka broker did not report itself ready")
+        raise TimeoutError(f"Kafka broker at {self.bootstrap} not ready after {timeout:g}s ({last})"
+                           f"{self._log_hint()}")
 
 
-class KafkaBroker(_KafkaClients):
+class KafkaBroker(_KafkaClients, _NativeServer):
     name = f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)"
     backend = "native"
     host = "127.0.0.1"
+    _restart_timeout = 180.0  # after SIGKILL the broker recovers its logs first
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.port, self.controller_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
+        self._log = self.dir / "kafka.log"
+        self.cluster_id: str | None = None
+        self._init_process()
+
+    def _ports(self) -> tuple[int, ...]:
+        return self.port, self.controller_port
+
+    def _argv(self) -> tuple[list[str], dict[str, str] | None]:
+        return (["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", f"{kafka_libs()}/*",
+                 "kafka.Kafka", str(self.dir / "server.properties")], None)
 
     def start(self) -> "KafkaBroker":
         libs = kafka_libs()
@@ -157,21 +451,13 @@ class KafkaBroker(_KafkaClients):
             *(f"{key}={value}" for key, value in KAFKA_SETTINGS.items()), "",
         ]))
         cp = f"{libs}/*"
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # Formatted once: restart() reuses the KRaft metadata and log dirs, hence this cluster id.
+        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         subprocess.run(["java", "-cp", cp, "kafka.tools.StorageTool", "format", "--standalone",
-                        f"--cluster-id={cluster_id}", "-c", str(props)], check=True, capture_output=True)
-        log = self.dir / "kafka.log"
-        self.proc = subprocess.Popen(
-            ["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", cp, "kafka.Kafka", str(props)],
-            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+                        f"--cluster-id={self.cluster_id}", "-c", str(props)], check=True, capture_output=True)
         atexit.register(self.stop)  # never leave a broker behind, even if the caller forgets
-        wait_port(self.port, 90, self.proc, log)
-        self._wait_ready()
+        self._launch(150)
         return self
-
-    def stop(self) -> None:
-        _stop(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---- MinIO -------------------------------------------------------------------------------
@@ -190,7 +476,7 @@ def minio_binary() -> Path:
     return binary
 
 
-class _S3Clients:
+class _S3Clients(_Waits):
     """What tests use of an S3 server, whichever backend runs it."""
 
     host: str
@@ -210,15 +496,18 @@ class _S3Clients:
         import urllib.request
 
         deadline = time.monotonic() + timeout
+        last = "no answer yet"
         while time.monotonic() < deadline:
+            self._check_process()
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/minio/health/ready", timeout=2) as r:
                     if r.status == 200:
                         return
-            except OSError:
-                pass
+                    last = f"HTTP {r.status}"
+            except OSError as e:
+                last = str(e)
             time.sleep(0.2)
-        raise TimeoutError("MinIO did not become ready")
+        raise TimeoutError(f"MinIO at {self.endpoint} not ready after {timeout:g}s ({last}){self._log_hint()}")
 
     def client(self):
         import boto3
@@ -232,32 +521,31 @@ class _S3Clients:
         return name
 
 
-class MinioServer(_S3Clients):
+class MinioServer(_S3Clients, _NativeServer):
     name = f"MinIO {MINIO_VERSION}"
     backend = "native"
     host = "127.0.0.1"
+    _restart_timeout = 60.0
 
     def __init__(self) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="minio-"))
         self.port, self.console_port = free_port(), free_port()
-        self.proc: subprocess.Popen | None = None
+        self._log = self.dir / "minio.log"
+        self._init_process()
 
-    def start(self) -> "MinioServer":
-        log = self.dir / "minio.log"
+    def _ports(self) -> tuple[int, ...]:
+        return self.port, self.console_port
+
+    def _argv(self) -> tuple[list[str], dict[str, str] | None]:
         env = dict(os.environ, MINIO_ROOT_USER=MINIO_USER, MINIO_ROOT_PASSWORD=MINIO_PASSWORD,
                    MINIO_BROWSER="off", MINIO_UPDATE="off")
-        self.proc = subprocess.Popen(
-            [str(minio_binary()), "server", "--quiet", "--address", f"127.0.0.1:{self.port}",
-             "--console-address", f"127.0.0.1:{self.console_port}", str(self.dir / "data")],
-            env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
-        atexit.register(self.stop)
-        wait_port(self.port, 60, self.proc, log)
-        self._wait_ready()
-        return self
+        return ([str(minio_binary()), "server", "--quiet", "--address", f"127.0.0.1:{self.port}",
+                 "--console-address", f"127.0.0.1:{self.console_port}", str(self.dir / "data")], env)
 
-    def stop(self) -> None:
-        _stop(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def start(self) -> "MinioServer":
+        atexit.register(self.stop)
+        self._launch(90)
+        return self
 
 
 # ---- PostgreSQL + pgvector ------------------------------------------------------------------
@@ -454,7 +742,57 @@ class _ContainerServer:
             self.container.stop()
 
 
-class KafkaContainerBroker(_KafkaClients, _ContainerServer):
+CONTAINER_FAULTS_UNSUPPORTED = (
+    "{op}() is not available on the container backend: the container publishes its port on a random host "
+    "port, and Docker gives a stopped container a new random host port when it starts again (moby/moby#31926, "
+    "#8723); the Kafka container also advertises the first one (written into its start script). So no restart() "
+    "could bring the server back on the same port, and a kill() or terminate() would lose the session's server. "
+    "pause()/resume() work (docker pause/unpause); for kill/terminate/restart run the native backend "
+    "({env}=native).")
+
+
+class _ContainerFaults:
+    """The fault operations Docker can give without moving the server's port (see CONTAINER_FAULTS_UNSUPPORTED)."""
+
+    container: Any
+    _address: tuple[str, int] | None
+    _started: Any  # _ContainerServer's: the address, or RuntimeError when not started
+
+    def _state(self) -> str:
+        wrapped = self.container.get_wrapped_container()
+        wrapped.reload()
+        return wrapped.status  # created, running, paused, restarting, removing, exited, dead
+
+    @property
+    def alive(self) -> bool:
+        return self._address is not None and self._state() in ("running", "paused")
+
+    @property
+    def paused(self) -> bool:
+        return self._address is not None and self._state() == "paused"
+
+    def pause(self, timeout: float = 10) -> None:
+        """docker pause: the cgroup freezer stops every process of the container; connections stay open."""
+        self._started()
+        self.container.get_wrapped_container().pause()
+
+    def resume(self, timeout: float = 10) -> None:
+        """docker unpause (nothing to do when it is not paused)."""
+        self._started()
+        if self._state() == "paused":
+            self.container.get_wrapped_container().unpause()
+
+    def kill(self, timeout: float = 30) -> None:
+        raise NotImplementedError(CONTAINER_FAULTS_UNSUPPORTED.format(op="kill", env=SERVICES_ENV))
+
+    def terminate(self, timeout: float = 60) -> None:
+        raise NotImplementedError(CONTAINER_FAULTS_UNSUPPORTED.format(op="terminate", env=SERVICES_ENV))
+
+    def restart(self, timeout: float | None = None) -> Any:
+        raise NotImplementedError(CONTAINER_FAULTS_UNSUPPORTED.format(op="restart", env=SERVICES_ENV))
+
+
+class KafkaContainerBroker(_KafkaClients, _ContainerFaults, _ContainerServer):
     image = KAFKA_IMAGE
     name = f"Apache Kafka 4.1 (Confluent Platform {KAFKA_IMAGE.rsplit(':', 1)[1]}, KRaft, single node)"
     container_port = 9093  # KafkaContainer's external listener; it advertises the mapped host port
@@ -470,7 +808,7 @@ class KafkaContainerBroker(_KafkaClients, _ContainerServer):
         self.container.start(timeout=120)  # first start formats the KRaft log; slow machines need > 30 s
 
 
-class MinioContainerServer(_S3Clients, _ContainerServer):
+class MinioContainerServer(_S3Clients, _ContainerFaults, _ContainerServer):
     image = MINIO_IMAGE
     name = f"MinIO {MINIO_IMAGE.rsplit(':', 1)[1]}"
     container_port = 9000
@@ -523,10 +861,14 @@ SERVICES = ("kafka", "minio", "postgres")
 NATIVE: dict[str, type] = {"kafka": KafkaBroker, "minio": MinioServer, "postgres": PostgresServer}
 CONTAINERS: dict[str, type] = {"kafka": KafkaContainerBroker, "minio": MinioContainerServer,
                                "postgres": PostgresContainerServer}
+# The fault operations of Kafka and MinIO (see the module docstring; on containers some raise
+# NotImplementedError, see CONTAINER_FAULTS_UNSUPPORTED).
+FAULTS = ("alive", "paused", "kill", "terminate", "pause", "resume", "restart")
 # What tests, benchmarks and tests/conftest.py use of each server; both backends provide all of it.
 INTERFACE = {
-    "kafka": ("name", "backend", "host", "port", "bootstrap", "start", "stop"),
-    "minio": ("name", "backend", "host", "port", "endpoint", "env", "client", "create_bucket", "start", "stop"),
+    "kafka": ("name", "backend", "host", "port", "bootstrap", "start", "stop", *FAULTS),
+    "minio": ("name", "backend", "host", "port", "endpoint", "env", "client", "create_bucket", "start", "stop",
+              *FAULTS),
     "postgres": ("name", "backend", "host", "port", "dsn", "uri", "env", "start", "stop"),
 }
 

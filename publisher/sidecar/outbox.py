@@ -1,0 +1,190 @@
+"""The durable outbox of the scheduler sidecar: a finished request is on disk before its event is
+sent, and stays there until the sink acknowledges it; a publisher that starts again replays what
+was never acknowledged (same ``event_id``: a consumer sees at most a repeat, never a loss).
+
+Layout: ``<spool_dir>/<stream>/slot-<n>/``. ``<stream>`` is a digest of the event sink's URI,
+so events are only ever replayed into the stream they were meant for. One slot per running
+publisher, held with ``flock``; a publisher that starts takes the lowest free slot and
+replays what a dead one left in it:
+
+- ``<seq>.seg``: records ``[u32 length][u32 crc32][JSON]``, one per finished request (its
+  snapshot and object keys), appended and fsynced in groups (``sync``: one fsync for every
+  request offered since the last one). A torn last record (crash mid-write) fails its length or
+  CRC check and is dropped on replay: it was never synced, so no event was sent for it.
+- ``acks``: one event id per line, appended when the sink acknowledged; not fsynced (a lost ack
+  only means a repeat). A segment whose records are all acknowledged is deleted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import struct
+import zlib
+from pathlib import Path
+
+from publisher.sidecar.events import FinishedRequest, MediaItem
+
+log = logging.getLogger("vllm_mm_events.outbox")
+_HEADER = struct.Struct("<II")
+SEGMENT_BYTES = 8 << 20
+ACKS_COMPACT_BYTES = 1 << 20
+
+
+class OutboxFull(Exception):
+    """``max_spool_bytes`` reached: the caller applies its backpressure policy."""
+
+
+def _encode(req: FinishedRequest, keys: dict[str, str]) -> bytes:
+    return json.dumps({"req": dataclasses.asdict(req), "keys": keys}, separators=(",", ":")).encode()
+
+
+def _decode(payload: bytes) -> tuple[FinishedRequest, dict[str, str]]:
+    d = json.loads(payload)
+    r = d["req"]
+    r["items"] = tuple(MediaItem(**i) for i in r["items"])
+    return FinishedRequest(**r), dict(d["keys"])
+
+
+class Outbox:
+    def __init__(self, spool_dir: str | os.PathLike, stream: str, max_bytes: int, fsync: bool = True):
+        self.max_bytes = max_bytes
+        self.fsync = fsync
+        self.dir = self._take_slot(Path(spool_dir) / hashlib.sha256(stream.encode()).hexdigest()[:16])
+        self._acks = open(self.dir / "acks", "a")
+        self._segments: dict[int, set[str]] = {}  # seq -> event ids not yet acknowledged
+        self._sizes: dict[int, int] = {}
+        self._where: dict[str, int] = {}  # event id -> its segment
+        self._replay: list[tuple[FinishedRequest, dict[str, str]]] = []
+        self._load()
+        self._seq = max(self._segments, default=0) + 1
+        self._file = None
+        self._dirty = False
+
+    # ---- slots ---------------------------------------------------------------------------
+    def _take_slot(self, root: Path) -> Path:
+        root.mkdir(mode=0o750, parents=True, exist_ok=True)
+        for n in range(1024):
+            slot = root / f"slot-{n}"
+            slot.mkdir(mode=0o750, exist_ok=True)
+            fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self._lock_fd = fd  # held for the life of the process
+            return slot
+        raise RuntimeError(f"spool_dir: no free slot under {root} (1024 publishers running?)")
+
+    # ---- replay --------------------------------------------------------------------------
+    def _load(self) -> None:
+        acked = set((self.dir / "acks").read_text().split()) if (self.dir / "acks").exists() else set()
+        for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
+            seq, data, pos, live = int(path.stem), path.read_bytes(), 0, set()
+            while pos + _HEADER.size <= len(data):
+                n, crc = _HEADER.unpack_from(data, pos)
+                payload = data[pos + _HEADER.size:pos + _HEADER.size + n]
+                if len(payload) < n or zlib.crc32(payload) != crc:
+                    log.warning("mm-events outbox: dropped a torn record at the end of %s", path)
+                    break
+                pos += _HEADER.size + n
+                try:
+                    req, keys = _decode(payload)
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("mm-events outbox: skipped an unreadable record in %s: %s", path, e)
+                    continue
+                if req.event_id not in acked:
+                    live.add(req.event_id)
+                    self._where[req.event_id] = seq
+                    self._replay.append((req, keys))
+            if live:
+                self._segments[seq], self._sizes[seq] = live, len(data)
+            else:
+                path.unlink()
+        if not self._segments:  # nothing left to acknowledge: start the ack list afresh
+            self._acks.truncate(0)
+        if self._replay:
+            log.info("mm-events outbox: replaying %d unacknowledged event(s) from %s", len(self._replay), self.dir)
+
+    def take_replay(self) -> list[tuple[FinishedRequest, dict[str, str]]]:
+        """What a previous publisher left unacknowledged, oldest first (once)."""
+        out, self._replay = self._replay, []
+        return out
+
+    # ---- writing -------------------------------------------------------------------------
+    @property
+    def bytes(self) -> int:
+        return sum(self._sizes.values())
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes
+
+    def append(self, req: FinishedRequest, keys: dict[str, str]) -> None:
+        """Spool one finished request (durable after the next ``sync``)."""
+        if self.full():
+            raise OutboxFull(f"spool holds {self.bytes} bytes (max_spool_bytes {self.max_bytes})")
+        payload = _encode(req, keys)
+        if self._file is None or self._sizes.get(self._seq, 0) >= SEGMENT_BYTES:
+            self._rotate()
+        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._sizes[self._seq] = self._sizes.get(self._seq, 0) + _HEADER.size + len(payload)
+        self._segments.setdefault(self._seq, set()).add(req.event_id)
+        self._where[req.event_id] = self._seq
+        self._dirty = True
+
+    def _rotate(self) -> None:
+        if self._file is not None:
+            self.sync()
+            self._file.close()
+            self._seq += 1
+        fd = os.open(self.dir / f"{self._seq}.seg", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o640)
+        self._file = os.fdopen(fd, "ab")
+
+    def sync(self) -> None:
+        """Make every appended record durable: one write-out and fsync for the group."""
+        if self._dirty and self._file is not None:
+            self._file.flush()
+            if self.fsync:
+                os.fsync(self._file.fileno())
+            self._dirty = False
+
+    def ack(self, event_id: str) -> None:
+        """The sink has the event: forget it (its segment goes once all of it is acknowledged)."""
+        seq = self._where.pop(event_id, None)
+        if seq is None:
+            return
+        self._acks.write(event_id + "\n")
+        live = self._segments.get(seq)
+        if live is not None:
+            live.discard(event_id)
+            if not live and seq != self._seq:
+                del self._segments[seq], self._sizes[seq]
+                (self.dir / f"{seq}.seg").unlink(missing_ok=True)
+        self._acks.flush()
+        if not any(self._segments.values()) and self._acks.tell() > ACKS_COMPACT_BYTES:
+            self._restart_files()  # everything is acknowledged: drop the history
+
+    def _restart_files(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for seq in list(self._segments):
+            (self.dir / f"{seq}.seg").unlink(missing_ok=True)
+        self._segments.clear()
+        self._sizes.clear()
+        self._seq += 1
+        self._acks.truncate(0)
+        self._acks.seek(0)
+
+    def close(self) -> None:
+        self.sync()
+        if self._file is not None:
+            self._file.close()
+        self._acks.close()
+        os.close(self._lock_fd)
