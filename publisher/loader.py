@@ -61,6 +61,9 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
     if params.get("error"):
         raise ValueError(f"the request was refused: {params['error']}")
     refs = sorted(params.get("mm_embeddings") or [], key=lambda r: r["item_index"])
+    if any("uri" not in r for r in refs):
+        raise ValueError("these params name no object locations (the server runs with return_params=ids); "
+                         "read the embeddings from the event instead")
     endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
     offered = params.get("s3_endpoint_url")
     if offered and offered != endpoint:

@@ -55,7 +55,9 @@ def main() -> None:
             prompts.append(p)
             params.append(SamplingParams(max_tokens=r.get("max_tokens", 4), extra_args=r.get("extra_args")))
         for r, o in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
-            tensors = load_mm_embeddings(o, timeout=60, **reader_args(spec["extra_config"]))
+            refs = (o.ec_transfer_params or {}).get("mm_embeddings") or []
+            located = all("uri" in ref for ref in refs)  # return_params=ids names no locations
+            tensors = load_mm_embeddings(o, timeout=60, **reader_args(spec["extra_config"])) if located else []
             if tensors:
                 save_file({str(i): t.contiguous() for i, t in enumerate(tensors)}, out / f"{o.request_id}.safetensors")
             results.append({"request_id": o.request_id, "images": r.get("images", []),

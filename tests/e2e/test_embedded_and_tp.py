@@ -106,3 +106,23 @@ def test_tp2_event_same_as_tp1(tp1, tp2):
             ta = load_file(local_path(a["uri"]))["embedding"]
             tb = load_file(local_path(b["uri"]))["embedding"]
             torch.testing.assert_close(ta, tb, rtol=1e-4, atol=1e-5)
+
+
+def test_return_params_ids_shows_callers_no_store_locations(tmp_path, tiny_llava):
+    """return_params=ids: the caller gets the event id and item hashes; the event names the objects."""
+    extra = {"return_params": "ids", "object_store": (tmp_path / "objects").as_uri(),
+             "event_sink": (tmp_path / "events.avro").as_uri(), "spool_dir": str(tmp_path / "spool")}
+    results, _ = run_driver({"model": str(tiny_llava), "extra_config": extra, "batches": [[{"images": [40, 41]}]]},
+                            tmp_path / "run")
+    (params,) = [r["ec_transfer_params"] for r in results]
+    assert set(params) == {"event_id", "mm_embeddings"}
+    assert [sorted(ref) for ref in params["mm_embeddings"]] == [["item_index", "mm_hash", "modality", "source"]] * 2
+    assert str(tmp_path) not in json.dumps(params)  # no server paths, no endpoint
+    (event,) = read_event_log(tmp_path / "events.avro")
+    assert event["event_id"] == params["event_id"]
+    assert [i["mm_hash"] for i in event["embeddings"]] == [r["mm_hash"] for r in params["mm_embeddings"]]
+    assert all(local_path(i["uri"]).is_file() for i in event["embeddings"])
+    with pytest.raises(ValueError, match="return_params=ids"):
+        from publisher import load_mm_embeddings
+
+        load_mm_embeddings(params)
