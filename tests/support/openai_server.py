@@ -22,6 +22,7 @@ class OpenAIServer:
                  extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "server.log"
         ec = {"ec_connector": "MMEmbeddingPublisher", "ec_role": "ec_both", "ec_connector_extra_config": extra_config}
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
