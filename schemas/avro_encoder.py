@@ -25,6 +25,13 @@ def _varint(out: bytearray, n: int) -> None:
     out.append(n)
 
 
+def encode_long(n: int) -> bytes:
+    """One Avro long on its own (zig-zag varint): how container blocks give their counts and lengths."""
+    out = bytearray()
+    _varint(out, n)
+    return bytes(out)
+
+
 def _string(out: bytearray, v: str) -> None:
     b = v.encode()
     _varint(out, len(b))

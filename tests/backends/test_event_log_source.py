@@ -9,19 +9,10 @@ from consumers.sources.event_log import AvroLogSource
 from publisher.event_sinks.avro_file import AvroFileSink
 from publisher.stores.local import LocalDirStore
 from schemas import event_schema
+from schemas.avro_encoder import encode_long
 from schemas.codec import AvroCodec
 
 import synth
-
-
-def zigzag(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def read_all(path, polls: int = 50) -> list:
@@ -53,9 +44,9 @@ def sync_of(path) -> bytes:
 
 
 @pytest.mark.parametrize("header", [
-    zigzag(-1) + zigzag(-5),  # negative count and length
-    zigzag(3) + zigzag(0),  # three records in no bytes
-    zigzag(1) + zigzag(1 << 40),  # a length no block can have
+    encode_long(-1) + encode_long(-5),  # negative count and length
+    encode_long(3) + encode_long(0),  # three records in no bytes
+    encode_long(1) + encode_long(1 << 40),  # a length no block can have
 ], ids=["negative", "empty-body", "over-cap"])
 def test_an_impossible_block_header_is_one_dead_letter_and_the_rest_is_read(log, header, monkeypatch):
     monkeypatch.setattr(event_log, "MAX_BLOCK_BYTES", 1 << 20)

@@ -22,6 +22,7 @@ import fastavro  # noqa: E402
 import numpy as np  # noqa: E402
 
 from publisher.stores.local import LocalDirStore  # noqa: E402
+from schemas.avro_encoder import encode_long  # noqa: E402
 from schemas.codec import AvroCodec  # noqa: E402
 from schemas.objects import encode_array  # noqa: E402
 
@@ -55,16 +56,6 @@ def _events() -> list[dict]:
     return events
 
 
-def _varint(n: int) -> bytes:
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def _obj(header: dict | bytes, body: bytes = b"") -> bytes:
     h = header if isinstance(header, bytes) else json.dumps(header).encode()
     return struct.pack("<Q", len(h)) + h + body
@@ -83,9 +74,9 @@ def codec_seeds(events: list[dict]) -> dict[str, bytes]:
         "magic-only": one[:10],
         "empty": b"",
         "json": b'{"event_id": "x"}',
-        "huge-string-length": one[:10] + _varint(1 << 40) + b"abc",
-        "negative-string-length": one[:10] + _varint(-5) + b"abc",
-        "huge-array-count": one[:10] + body[:60] + _varint(1 << 40),
+        "huge-string-length": one[:10] + encode_long(1 << 40) + b"abc",
+        "negative-string-length": one[:10] + encode_long(-5) + b"abc",
+        "huge-array-count": one[:10] + body[:60] + encode_long(1 << 40),
     }
     return seeds
 
@@ -159,14 +150,14 @@ def event_log_block_seeds(events: list[dict]) -> dict[str, bytes]:
         "header-only": b"\x00",
         "truncated-block": b"\x00" + blk[:len(blk) // 2],
         "wrong-sync": b"\x00" + blk[:-16] + b"\xff" * 16 + one,
-        "count-too-high": b"\x00" + _varint(5) + blk[1:],
-        "zero-count": b"\x00" + _varint(0) + blk[1:],
-        "bad-deflate": b"\x01" + _varint(2) + _varint(4) + b"\xff\xff\xff\xff" + targets.LOG_SYNC,
+        "count-too-high": b"\x00" + encode_long(5) + blk[1:],
+        "zero-count": b"\x00" + encode_long(0) + blk[1:],
+        "bad-deflate": b"\x01" + encode_long(2) + encode_long(4) + b"\xff\xff\xff\xff" + targets.LOG_SYNC,
         "garbage-then-block": b"\x00" + b"\x02\x06abc" + targets.LOG_SYNC + one,
         # bit 2: commit all, then a new reader must resume after them
         "resume-after-real-blocks": b"\x06" + one,
         "resume-after-dead-letter": b"\x04" + b"\x02\x06abc" + targets.LOG_SYNC + one,
-        "resume-after-corrupt-header": b"\x04" + _varint(0) + blk[1:] + one,
+        "resume-after-corrupt-header": b"\x04" + encode_long(0) + blk[1:] + one,
     }
     return seeds
 
