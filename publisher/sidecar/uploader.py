@@ -1,8 +1,14 @@
-"""Worker sidecar: serialize each captured tensor and store it once, with retries.
+"""Worker sidecar: serialize each captured tensor and store it once, retrying through outages.
 
 A few threads drain one queue. The queue is bounded by the shared ring: an item holds
 its ring region from capture until its upload ends, so memory stays bounded whatever the
-store's speed.
+store's speed, and an outage of the store ends in the engine's backpressure policy once
+the ring is full, not in lost objects.
+
+A failed upload is retried with capped exponential backoff until ``retry_for_s`` after
+the item was captured (the publisher passes ``durability_timeout_s``: past it the
+scheduler publishes the event without the object anyway). A permanent error (access
+denied, no such bucket) gets a few more tries only: an operator has to fix it.
 """
 
 from __future__ import annotations
@@ -11,13 +17,14 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from publisher.sidecar.encode import encode_embedding
-from publisher.stores.base import ObjectStore
+from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
+from publisher.stores.base import ObjectStore, PermanentStoreError
 
 log = logging.getLogger("vllm_mm_events.uploader")
 _STOP = object()
@@ -31,24 +38,21 @@ class UploadJob:
     mm_hash: str
     modality: str
     source: str
+    captured_at: float = field(default_factory=time.monotonic)
 
 
-class UploaderStats:
-    def __init__(self) -> None:
-        self.uploaded = 0
-        self.already_stored = 0
-        self.failed = 0
-        self.bytes_uploaded = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+class UploaderStats(ReportCounters):
+    names = ("uploaded", "already_stored", "upload_failed", "retries", "bytes_uploaded")
 
 
 class ObjectUploader:
-    retry_delays = (0.2, 1.0, 5.0)
+    first_retry_s = 0.2
+    max_retry_s = 5.0
+    permanent_attempts = 3
     max_batch = 64
 
-    def __init__(self, store: ObjectStore, model: str, storage_dtype: str, threads: int = 2):
+    def __init__(self, store: ObjectStore, model: str, storage_dtype: str, threads: int = 2,
+                 retry_for_s: float = 60.0, metrics: PublisherMetrics | None = None):
         # A group-committing store gets one thread that lingers for company; others get
         # parallel threads and no linger (an S3 PUT is a round trip, not a sync).
         self.linger_s = store.commit_linger_s
@@ -56,11 +60,14 @@ class ObjectUploader:
         self.store = store
         self.model = model
         self.storage_dtype = storage_dtype
-        self.stats = UploaderStats()
+        self.retry_for_s = retry_for_s
+        self.stats = UploaderStats(metrics)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._pending = 0
         self._idle = threading.Condition(self._lock)
+        self._closing = threading.Event()
+        self._close_by = float("inf")
         self._threads = [threading.Thread(target=self._run, name=f"mm-events-upload-{i}", daemon=True)
                          for i in range(threads)]
         for t in self._threads:
@@ -68,7 +75,7 @@ class ObjectUploader:
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
-            setattr(self.stats, name, getattr(self.stats, name) + n)
+            self.stats.inc(name, n)
 
     def submit(self, job: UploadJob) -> None:
         with self._lock:
@@ -108,35 +115,78 @@ class ObjectUploader:
             try:
                 obj = encode_embedding(job.tensor, mm_hash=job.mm_hash, modality=job.modality,
                                        model=self.model, storage_dtype=self.storage_dtype, source=job.source)
-                encoded.append((job.key, obj.data, obj.object_metadata()))
+                encoded.append((job, (job.key, obj.data, obj.object_metadata())))
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
-                self._count("failed")
+                self._count("upload_failed")
                 log.exception("mm-events: could not serialize item %s", job.mm_hash)
         if not encoded:
             return
         try:
-            results = self.store.put_many(encoded)
-        except Exception as e:  # noqa: BLE001 - retried one by one below
-            log.warning("mm-events: batch upload of %d objects failed (%s); retrying one by one", len(encoded), e)
-            results = [self._put_with_retries(*item) for item in encoded]
-        for (key, data, _), wrote in zip(encoded, results):
+            results = self.store.put_many([item for _, item in encoded])
+        except Exception as e:  # noqa: BLE001 - retried below
+            log.warning("mm-events: batch upload of %d objects failed (%s); retrying until each is stored",
+                        len(encoded), e)
+            results = self._retry(encoded)
+        for (_, (key, data, _)), wrote in zip(encoded, results):
             if wrote is None:
                 continue
             self._count("uploaded" if wrote else "already_stored")
             if wrote:
                 self._count("bytes_uploaded", len(data))
 
-    def _put_with_retries(self, key: str, data: bytes, meta: dict[str, str]) -> bool | None:
-        for attempt, delay in enumerate(self.retry_delays):
-            time.sleep(delay)
-            try:
-                return self.store.put_if_absent(key, data, meta)
-            except Exception as e:  # noqa: BLE001 - retried, then counted
-                log.warning("mm-events: upload of %s failed (attempt %d): %s", key, attempt + 2, e)
-        self._count("failed")
-        log.error("mm-events: giving up on %s after %d attempts; events naming it will list it missing",
-                  key, len(self.retry_delays) + 1)
-        return None
+    def _retry(self, encoded: list[tuple[UploadJob, tuple[str, bytes, dict[str, str]]]]) -> list[bool | None]:
+        """Retry in rounds with capped exponential backoff; None for an item never stored.
+
+        A round goes through the items in order and stops at the first transient failure: the
+        store is still away, and one probe per round is enough (against a hung server, each
+        try costs a client timeout). An item is given up at its deadline (``retry_for_s``
+        after capture, or the close budget), or after a few permanent refusals (access denied:
+        an operator has to act). Its ring region stays held meanwhile: a long outage fills the
+        ring, and then the engine's backpressure policy decides, as for a slow store."""
+        results: list[bool | None] = [None] * len(encoded)
+        left = list(range(len(encoded)))
+        refusals = [0] * len(encoded)
+        delay, attempt = self.first_retry_s, 1
+        while left:
+            now = time.monotonic()
+            deadlines = {i: min(encoded[i][0].captured_at + self.retry_for_s, self._close_by) for i in left}
+            for i in [i for i in left if deadlines[i] <= now]:
+                self._give_up(encoded[i][1][0], attempt)
+            left = [i for i in left if deadlines[i] > now]
+            if not left:
+                break
+            wait = min(delay, min(deadlines.values()) - now)
+            if self._closing.is_set():
+                time.sleep(max(0.0, wait))
+            else:
+                self._closing.wait(max(0.0, wait))  # close() wakes it to apply the flush budget
+            attempt += 1
+            still = []
+            for n, i in enumerate(left):
+                key, data, meta = encoded[i][1]
+                self._count("retries")
+                try:
+                    results[i] = self.store.put_if_absent(key, data, meta)
+                except PermanentStoreError as e:
+                    refusals[i] += 1
+                    log.warning("mm-events: upload of %s refused (attempt %d): %s", key, attempt, e)
+                    if refusals[i] >= self.permanent_attempts:
+                        self._give_up(key, attempt)
+                    else:
+                        still.append(i)
+                except Exception as e:  # noqa: BLE001 - the store is still away: try again next round
+                    log.warning("mm-events: upload of %s failed (attempt %d; %d object(s) waiting, retried until "
+                                "%.0f s after capture): %s", key, attempt, len(left), self.retry_for_s, e)
+                    still += left[n:]
+                    break
+            left = still
+            delay = min(delay * 2, self.max_retry_s)
+        return results
+
+    def _give_up(self, key: str, attempts: int) -> None:
+        self._count("upload_failed")
+        log.error("mm-events: giving up on %s after %d attempt(s); events naming it will list it missing", key,
+                  attempts)
 
     def drain(self, timeout: float) -> int:
         """Wait until queued uploads finish; returns how many are still pending."""
@@ -145,6 +195,8 @@ class ObjectUploader:
             return self._pending
 
     def close(self, timeout: float) -> int:
+        self._close_by = time.monotonic() + timeout
+        self._closing.set()
         left = self.drain(timeout)
         for _ in self._threads:
             self._queue.put(_STOP)

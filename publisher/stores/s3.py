@@ -54,7 +54,14 @@ class S3Store(ObjectStore):
     def put_if_absent(self, key: str, data: bytes, metadata: dict[str, str]) -> bool:
         sha_hex = metadata.get("sha256") or hashlib.sha256(data).hexdigest()
         sha_b64 = base64.b64encode(bytes.fromhex(sha_hex)).decode()
-        return self._lite.put_if_absent(self.bucket, key, data, sha_hex, sha_b64, metadata, self.CONTENT_TYPE)
+        from publisher.stores.s3_put_head import S3Error
+
+        try:
+            return self._lite.put_if_absent(self.bucket, key, data, sha_hex, sha_b64, metadata, self.CONTENT_TYPE)
+        except S3Error as e:
+            if e.code in self.PERMANENT_CODES or e.status == 403:
+                raise PermanentStoreError(f"{self.uri(key)}: {e.code}") from None
+            raise  # 5xx, throttling: the uploader retries until its deadline
 
     def put_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[bool]:
         return list(self._pool.map(lambda item: self.put_if_absent(*item), items))
