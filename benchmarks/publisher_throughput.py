@@ -9,10 +9,13 @@ requests follow one warm-up round, and the median round counts. Configurations:
 
   none          no connector
   noop          a connector that does nothing (ec_both): vLLM's own connector plumbing
-  local+kafka   the publisher: local directory store + Apache Kafka
+  local+kafka   the publisher: local directory store + Apache Kafka, durable outbox (spool) on
+  local+kafka-nospool   the same with the outbox off (spool_dir "")
   s3+kafka      the publisher: MinIO + Apache Kafka (servers share the 2 cores: a floor)
 
-Prints requests/s and the ratios against no connector and against the no-op connector.
+Prints requests/s and the ratios against no connector and against the no-op connector and,
+for configurations with a spool, the window between a request's finish and its spool record
+being fsynced (the publisher's ``spool_lag_seconds`` histogram, scraped from its /metrics).
 """
 
 from __future__ import annotations
@@ -66,10 +69,31 @@ def worker(spec: dict) -> None:
             times.append(n / dt)
     time.sleep(0.5)  # let the sidecars finish the last round
     cpu1 = cpu_by_process()
+    lag = spool_lag(spec["extra"]["metrics_port"]) if spec.get("extra", {}).get("spool_dir") else None
     total = n * spec["rounds"]
     cpu_us = {k: (cpu1.get(k, 0) - cpu0.get(k, 0)) / total * 1e6 for k in cpu1}
     del llm
-    print("RESULT " + json.dumps({"rps": times, "cpu_us_per_request": cpu_us}), flush=True)
+    print("RESULT " + json.dumps({"rps": times, "cpu_us_per_request": cpu_us, "spool_lag": lag}), flush=True)
+
+
+def spool_lag(port: int) -> dict[str, float]:
+    """Mean and bucket-bound p50/p99 of the publisher's spool_lag_seconds histogram, in ms."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    name = "vllm_mm_events_publisher_spool_lag_seconds"
+    fam = next(f for f in text_string_to_metric_families(text) if f.name == name)
+    buckets = sorted((float(x.labels["le"]), x.value) for x in fam.samples if x.name.endswith("_bucket"))
+    count = next(x.value for x in fam.samples if x.name.endswith("_count"))
+    total = next(x.value for x in fam.samples if x.name.endswith("_sum"))
+
+    def quantile(q: float) -> float:
+        return next(le for le, n in buckets if n >= q * count) * 1000
+
+    return {"n": count, "mean_ms": total / count * 1000 if count else 0.0, "p50_le_ms": quantile(0.5),
+            "p99_le_ms": quantile(0.99)}
 
 
 def cpu_by_process() -> dict[str, float]:
@@ -116,6 +140,10 @@ def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str,
         if "side stopped" in ln:
             print(f"      {ln.split('] ', 1)[-1]}")
     result = json.loads(line[7:])
+    if result.get("spool_lag"):
+        lag = result["spool_lag"]
+        print(f"      spool lag (finish -> fsynced): mean {lag['mean_ms']:.2f} ms, p50 <= {lag['p50_le_ms']:g} ms, "
+              f"p99 <= {lag['p99_le_ms']:g} ms over {lag['n']:.0f} requests")
     return result["rps"], result["cpu_us_per_request"]
 
 
@@ -152,8 +180,10 @@ def main() -> None:
                     "connector": {"none": None, "noop": "noop"}.get(name, "publisher")}
             env = {}
             topic = f"bench-{uuid.uuid4().hex[:6]}"
-            if name == "local+kafka":
-                spec["extra"] = {"object_store": (work / "objects").as_uri(),
+            if name in ("local+kafka", "local+kafka-nospool"):
+                spool = str(work / f"spool-{i}") if name == "local+kafka" else ""
+                spec["extra"] = {"object_store": (work / "objects").as_uri(), "spool_dir": spool,
+                                 "metrics_port": services.free_port(), "metrics_host": "127.0.0.1",
                                  "event_sink": f"kafka://{kafka.bootstrap}/{topic}"}
             elif name == "s3+kafka":
                 bucket = minio.create_bucket(f"bench-{uuid.uuid4().hex[:6]}")

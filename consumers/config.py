@@ -22,10 +22,12 @@ from publisher.settings import (
     ConfigError,
     Key,
     Settings,
+    as_bind_host,
     as_bool,
     as_event_uri,
     as_object_store,
     as_opt_str,
+    as_port,
     as_str,
     choice,
     number,
@@ -92,25 +94,11 @@ def _as_object_stores(v: Any, key: str) -> tuple[str, ...]:
     return tuple(as_object_store(s, f"{key}[{i}]") for i, s in enumerate(v))
 
 
-def _as_host(v: Any, key: str) -> str:
-    v = as_str(v, key)
-    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", v):
-        raise ConfigError(f"{key}: expected a host name or IP address to bind, got {v!r}")
-    return v
-
-
 def _as_dlq(v: Any, key: str) -> str | None:
     v = as_opt_str(v, key)
     if v is None or v == "none":
         return v
     return as_event_uri(v, key)
-
-
-def _as_port(v: Any, key: str) -> int:
-    n = number(int, 0)(v, key)
-    if n > 65535:
-        raise ConfigError(f"{key}: expected a TCP port 0-65535 (0: no metrics server), got {n}")
-    return n
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -150,8 +138,8 @@ class ConsumerConfig(Settings):
     stall_timeout_s: float = setting(
         lambda: 300.0, number(float, 1.0),
         "/healthz turns 503 when a batch has been in work this long without being committed.")
-    metrics_port: int = setting(lambda: 9400, _as_port, "Prometheus /metrics and /healthz (0: off).")
-    metrics_host: str = setting(lambda: "0.0.0.0", _as_host, "Address the metrics server binds.")
+    metrics_port: int = setting(lambda: 9400, as_port, "Prometheus /metrics and /healthz (0: off).")
+    metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the metrics server binds.")
     progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1), "How often a progress line is logged.")
     log_format: str = setting(lambda: "text", choice(LOG_FORMATS), "text, or json (one object per line).")
     # Connections: the publisher's own keys (same env vars, same defaults).

@@ -16,12 +16,14 @@ from publisher.settings import (
     ConfigError,
     Key,
     Settings,
+    as_bind_host,
     as_bool,
     as_dict,
     as_event_uri,
     as_http_url,
     as_object_store,
     as_opt_str,
+    as_port,
     choice,
     number,
     redact_mapping,
@@ -72,6 +74,11 @@ class PublisherConfig(Settings):
         lambda: str(default_data_dir() / "spool"), as_opt_str,
         "Durable outbox: finished requests wait here until their events are delivered, and are replayed "
         "after a restart (empty: no outbox).")
+    durable_before_return: bool = setting(
+        lambda: False, as_bool,
+        "Hold each response until its request is fsynced into the spool: no window in which a returned "
+        "request's event could be lost with the node (costs one fsync round trip per finished request on "
+        "vLLM's scheduler loop; see the README). Needs spool_dir.")
     max_spool_bytes: int = setting(lambda: 1 << 30, number(int, 1 << 20),
                                    "Outbox size cap; then the backpressure policy applies.")
     backpressure: str = setting(
@@ -88,9 +95,18 @@ class PublisherConfig(Settings):
     shutdown_timeout_s: float = setting(lambda: 15.0, number(float, 0.0), "Bounded flush on engine shutdown.")
     fsync: bool = setting(lambda: True, as_bool,
                           "Local store and event log: fsync before calling an object durable.")
+    metrics_port: int = setting(
+        lambda: 0, as_port,
+        "Prometheus /metrics of the publisher's sidecars on this host, summed (0: off). The first sidecar "
+        "to bind it serves every sidecar's metrics.")
+    metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the publisher's metrics server binds.")
     topic_partitions: int = setting(
         lambda: 0, number(int, 0),
         "Create the Kafka topic with this many partitions if missing (0: leave to the broker).")
+
+    def __post_init__(self) -> None:
+        if self.durable_before_return and not self.spool_dir:
+            raise ConfigError("durable_before_return: needs spool_dir (the spool is what the response waits for)")
 
     @classmethod
     def load(cls, extra_config: Mapping[str, Any] | None = None,

@@ -225,6 +225,22 @@ def number(kind: type, minimum: float) -> Callable[[Any, str], Any]:
     return parse
 
 
+def as_port(v: Any, key: str) -> int:
+    """A TCP port to listen on; 0 turns the server off."""
+    n = number(int, 0)(v, key)
+    if n > 65535:
+        raise ConfigError(f"{key}: expected a TCP port 0-65535 (0: off), got {n}")
+    return n
+
+
+def as_bind_host(v: Any, key: str) -> str:
+    """A host name or IP address to bind a server to."""
+    v = as_str(v, key)
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,253}", v):
+        raise ConfigError(f"{key}: expected a host name or IP address to bind, got {v!r}")
+    return v
+
+
 def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
     """A parser for one of ``options``."""
     def parse(v: Any, key: str) -> str:

@@ -18,6 +18,8 @@ DoneCallback = Callable[[Exception | None], None]
 class EventSink(ABC):
     """Usable as a context manager (closes on exit)."""
 
+    resends: int = 0  # records produced again after a failed delivery attempt (a sink that re-sends counts them)
+
     @abstractmethod
     def publish(self, event: Mapping[str, Any], on_done: DoneCallback) -> None:
         """Hand one event record over; ``on_done`` reports its fate later, exactly once."""

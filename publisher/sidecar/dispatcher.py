@@ -25,6 +25,7 @@ from typing import Callable
 
 from publisher.event_sinks.base import EventSink
 from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
+from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
 from publisher.sidecar.outbox import Outbox, OutboxFull
 from publisher.stores.base import ObjectStore
 
@@ -46,31 +47,25 @@ class _Pending:
     delay: float = field(compare=False, default=0.0)
 
 
-class DispatcherStats:
-    def __init__(self) -> None:
-        self.accepted = 0
-        self.published = 0
-        self.incomplete = 0
-        self.failed = 0
-        self.dropped = 0  # dropped in the engine under backpressure=drop, never accepted here
-        self.store_errors = 0
-        self.replayed = 0  # taken from the outbox at start: left unacknowledged by an earlier run
-        self.unspooled = 0
-
-    def as_dict(self) -> dict[str, int]:
-        return dict(vars(self))
+class DispatcherStats(ReportCounters):
+    # dropped: in the engine under backpressure=drop, never accepted here; replayed: taken from the
+    # outbox at start (left unacknowledged by an earlier run); resent: produced again by the sink.
+    names = ("accepted", "published", "incomplete", "failed", "dropped", "store_errors", "replayed", "unspooled",
+             "resent")
 
 
 class EventDispatcher:
     def __init__(self, store: ObjectStore, sink: EventSink, producer: dict[str, str], *,
                  durability_timeout_s: float, remember: int = 65536,
-                 on_settled: Callable[[int], None] | None = None, outbox: Outbox | None = None):
+                 on_settled: Callable[[int], None] | None = None, outbox: Outbox | None = None,
+                 metrics: PublisherMetrics | None = None, on_spooled: Callable[[int], None] | None = None):
         self.store = store
         self.outbox = outbox  # finished requests are spooled here until the sink has their events
         self.sink = sink
         self.producer = producer
         self.durability_timeout_s = durability_timeout_s
-        self.stats = DispatcherStats()
+        self.stats = DispatcherStats(metrics)
+        self.metrics = metrics
         self._on_settled = on_settled  # told the running count of settled (delivered or failed) events
         self._settled = 0
         self._waiting: list[_Pending] = []
@@ -78,6 +73,10 @@ class EventDispatcher:
         self._durable: OrderedDict[str, StoredItem] = OrderedDict()
         self._remember = remember
         self._force_at = float("inf")  # on close: publish with what is durable by then
+        self._unsynced: list[float] = []  # finish times of requests spooled since the last sync
+        self._on_spooled = on_spooled  # told the running count of engine requests whose spool write is settled
+        self._spool_settled = 0  # engine requests synced into the spool (or that failed to be)
+        self._spool_pending = 0
 
     @property
     def in_flight(self) -> int:
@@ -87,16 +86,19 @@ class EventDispatcher:
     def offer(self, req: FinishedRequest, keys: dict[str, str], spooled: bool = False) -> None:
         """Take a finished request; ``spooled``: it came from the outbox (a replay), not the engine."""
         if self.outbox is not None and not spooled:
+            self._spool_pending += 1
             try:
                 self.outbox.append(req, keys)
+                if self.metrics is not None:
+                    self._unsynced.append(req.finished_time)
             except OutboxFull as e:  # the sidecar stops reading before this; a last resort
-                self.stats.unspooled += 1
+                self.stats.inc("unspooled")
                 log.error("mm-events: request %s not spooled: %s", req.request_id, e)
         if spooled:
-            self.stats.replayed += 1
+            self.stats.inc("replayed")
         now = time.monotonic()
         self._seq += 1
-        self.stats.accepted += 1
+        self.stats.inc("accepted")
         heapq.heappush(self._waiting, _Pending(now + FIRST_CHECK_S, self._seq, req, keys,
                                                now + self.durability_timeout_s, FIRST_CHECK_S))
 
@@ -104,6 +106,16 @@ class EventDispatcher:
         """Do what is due; returns how long the caller may wait before the next pump."""
         if self.outbox is not None:
             self.outbox.sync()  # one fsync for what was offered since the last pump, before any is sent
+            if self._unsynced:  # the window in which a returned response's event was not yet durable
+                now = time.time()
+                for finished in self._unsynced:
+                    self.metrics.spool_lag.observe(max(0.0, now - finished))
+                self._unsynced.clear()
+            if self._spool_pending:
+                self._spool_settled += self._spool_pending
+                self._spool_pending = 0
+                if self._on_spooled is not None:
+                    self._on_spooled(self._spool_settled)
         now = time.monotonic()
         due = []
         while self._waiting and self._waiting[0].next_try <= now:
@@ -111,6 +123,12 @@ class EventDispatcher:
         if due:
             self._resolve(due)
         self.sink.poll(0)
+        resent = self.sink.resends - self.stats.resent
+        if resent:
+            self.stats.inc("resent", resent)
+        if self.metrics is not None:
+            self.metrics.in_flight.set(self.in_flight)
+            self.metrics.spool_bytes.set(self.outbox.bytes if self.outbox is not None else 0)
         if self._waiting:
             return max(0.0, min(MAX_WAIT, self._waiting[0].next_try - time.monotonic()))
         return MAX_WAIT
@@ -121,7 +139,7 @@ class EventDispatcher:
             try:
                 infos = self.store.head_many(unknown)
             except Exception as e:  # noqa: BLE001 - retried on the next pass
-                self.stats.store_errors += 1
+                self.stats.inc("store_errors")
                 log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
                 infos = []
             for key, info in zip(unknown, infos):
@@ -131,6 +149,8 @@ class EventDispatcher:
         for p in due:
             stored = {h: self._durable[k] for h, k in p.keys.items() if k in self._durable}
             if len(stored) == len(p.keys) or now >= min(p.deadline, self._force_at):
+                if self.metrics is not None:
+                    self.metrics.durability_wait.observe(now - (p.deadline - self.durability_timeout_s))
                 self._publish(p.req, stored)
             else:
                 p.delay = min(p.delay * 2, 0.25)
@@ -153,15 +173,15 @@ class EventDispatcher:
     def _publish(self, req: FinishedRequest, stored: dict[str, StoredItem]) -> None:
         event = build_event(req, stored, self.producer)
         if event["missing_embeddings"]:
-            self.stats.incomplete += 1
+            self.stats.inc("incomplete")
             log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
                         req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
 
         def done(err: Exception | None, permanent: bool = False) -> None:
             if err is None:
-                self.stats.published += 1
+                self.stats.inc("published")
             else:
-                self.stats.failed += 1
+                self.stats.inc("failed")
                 log.error("mm-events: event %s for request %s was not delivered: %s",
                           req.event_id, req.request_id, err)
             if self.outbox is not None and (err is None or permanent):

@@ -25,7 +25,7 @@ class WorkerInit:
 @dataclass(frozen=True)
 class SchedulerInit:
     config: dict[str, Any]
-    gauge_fd: int  # an 8-byte shared word where the sidecar counts settled events
+    gauge_fd: int  # two shared 8-byte words: events settled, and finished requests durable in the spool
     producer: dict[str, str]  # the event's ``producer`` record
 
 

@@ -128,7 +128,8 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
     store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region,
                           fsync=c.fsync, max_connections=max(10, c.upload_threads * 2))
     ring = attach_ring(init.ring_fd, init.ring_size)
-    uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads)
+    uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads,
+                              retry_for_s=c.durability_timeout_s, metrics=_metrics(c))
     send_lock = threading.Lock()
     conn.send(Ready(os.getpid()))
 
@@ -158,6 +159,19 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
             with send_lock:
                 conn.send(Closed(dict(uploader.stats.as_dict(), not_uploaded=left)))
             return
+
+
+def _metrics(c, serve: bool = False):
+    """This sidecar's metrics when ``metrics_port`` is set; the scheduler sidecar also serves them."""
+    if not c.metrics_port:
+        return None
+    from publisher.sidecar import metrics
+
+    d = metrics.enable_multiprocess(c.metrics_port)
+    if serve:
+        metrics.forget_dead_processes(d)
+        metrics.serve(c.metrics_port, c.metrics_host)
+    return metrics.PublisherMetrics()
 
 
 PARKED = 64  # requests read past the in-flight cap and held back, so control messages get through
@@ -192,10 +206,12 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
         return
     # The engine reads how many events have settled from this shared word, to apply the
     # drop policy without waiting on us.
-    settled = mmap.mmap(init.gauge_fd, 8)
+    settled = mmap.mmap(init.gauge_fd, 16)
     outbox = Outbox(c.spool_dir, c.event_sink, c.max_spool_bytes, fsync=c.fsync) if c.spool_dir else None
+    metrics = _metrics(c, serve=True)
     dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
-                                 on_settled=lambda n: struct.pack_into("<Q", settled, 0, n), outbox=outbox)
+                                 on_settled=lambda n: struct.pack_into("<Q", settled, 0, n), outbox=outbox,
+                                 metrics=metrics, on_spooled=lambda n: struct.pack_into("<Q", settled, 8, n))
     for req, keys in outbox.take_replay() if outbox else ():
         dispatcher.offer(req, keys, spooled=True)  # what an earlier run left unacknowledged
     conn.send(Ready(os.getpid()))
@@ -230,7 +246,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                     else:
                         dispatcher.offer(msg.request, msg.keys)
                 elif isinstance(msg, EventsDropped):
-                    dispatcher.stats.dropped += msg.count
+                    dispatcher.stats.inc("dropped", msg.count)
                 elif isinstance(msg, Close):
                     _arm_watchdog(msg.timeout)
                     for p in parked:  # spooled, so not lost when the flush cannot send them

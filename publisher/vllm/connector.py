@@ -82,14 +82,16 @@ def served_model_name(vllm_config: "VllmConfig") -> str:
     return name or vllm_config.model_config.model
 
 
+SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
+
 OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
 
 
-def metadata_bytes(request: "Request") -> int:
-    """The size of the request's metadata as the event would carry it (keys + values, UTF-8)."""
+def request_metadata(request: "Request") -> tuple[dict[str, str], int]:
+    """The request's metadata as the event carries it, and its size (keys + values, UTF-8)."""
     sp = request.sampling_params
     metadata = stringify_metadata(sp.extra_args if sp is not None else None)
-    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    return metadata, sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
 
 
 def classify_item(feature) -> str | None:
@@ -207,17 +209,19 @@ class MMEmbeddingPublisher(ECConnectorBase):
         from publisher.sidecar.process import Sidecar
 
         c = self.config
-        # A shared word where the sidecar counts settled events: the drop policy reads it.
+        # Two shared words the sidecar counts in: settled events (the drop policy reads it) and
+        # finished requests durable in the spool (durable_before_return waits on it).
         self._gauge_fd = os.memfd_create("vllm-mm-events-settled", os.MFD_CLOEXEC)
-        os.ftruncate(self._gauge_fd, 8)
-        self._settled = mmap.mmap(self._gauge_fd, 8)
+        os.ftruncate(self._gauge_fd, 16)
+        self._settled = mmap.mmap(self._gauge_fd, 16)
         self.sidecar = Sidecar(SchedulerInit(
             c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype)),
             pass_fds=(self._gauge_fd,))
         self._sent = 0
         self.dropped_events = 0
         self._step_items: dict[str, tuple[str, str]] = {}
-        self._verdicts: dict[str, str | None] = {}  # request_id -> refusal reason (None: fine)
+        # request_id -> (refusal reason or None, the event's metadata): computed once per request
+        self._verdicts: dict[str, tuple[str | None, dict[str, str]]] = {}
         self._refuse: set[str] = set()
         self._randomized_ids = not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
         self._endpoint = c.s3_endpoint_url if c.object_store.startswith("s3://") else None
@@ -242,14 +246,14 @@ class MMEmbeddingPublisher(ECConnectorBase):
         """
         rid = request.request_id
         if rid not in self._verdicts:
-            self._verdicts[rid] = self._refusal(request)
-        if self._verdicts[rid] is None:
+            metadata, size = request_metadata(request)
+            self._verdicts[rid] = (self._refusal(request, size), metadata)
+        if self._verdicts[rid][0] is None:
             return True
         self._refuse.add(rid)
         return False
 
-    def _refusal(self, request: "Request") -> str | None:
-        size = metadata_bytes(request)
+    def _refusal(self, request: "Request", size: int) -> str | None:
         if size > self.config.max_metadata_bytes:
             return (f"its metadata (vllm_xargs / extra_args) is {size} bytes, over max_metadata_bytes "
                     f"({self.config.max_metadata_bytes}); its event could not be published")
@@ -270,13 +274,13 @@ class MMEmbeddingPublisher(ECConnectorBase):
             return set()
         refused, self._refuse = self._refuse, set()
         for rid in refused:
-            log.warning("mm-events: refused request %s: %s", rid, self._verdicts.get(rid))
+            log.warning("mm-events: refused request %s: %s", rid, self._verdicts.get(rid, (None,))[0])
         return refused
 
     def request_finished(self, request: "Request") -> tuple[bool, dict[str, Any] | None]:
         # On the scheduler loop: build a snapshot and enqueue; no I/O.
         rid = request.request_id
-        refusal = self._verdicts.pop(rid, None)
+        refusal, metadata = self._verdicts.pop(rid, (None, None))
         if refusal is not None:
             return False, {"mm_embeddings": [], "error": refusal}
         features = request.mm_features
@@ -291,7 +295,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             refs.append({"uri": self.location.uri(key), "mm_hash": f.identifier, "modality": f.modality,
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
                          "dtype": self.config.storage_dtype, "source": source})
-        snapshot = self._snapshot(request, tuple(items))
+        snapshot = self._snapshot(request, tuple(items), metadata)
         self._hand_over(snapshot, keys)
         if self.config.return_params == "ids":  # no store locations for API clients
             return False, {"event_id": snapshot.event_id, "mm_embeddings": [
@@ -313,23 +317,39 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # With backpressure=block this send waits while the sidecar is full (it stops reading).
         if self.sidecar.send(RequestFinished(snapshot, keys)):
             self._sent += 1
+            if self.config.durable_before_return:
+                self._wait_spooled(snapshot.request_id)
         else:
             self.dropped_events += 1
 
-    def _metadata(self, extra_args) -> dict[str, str]:
-        """The event's metadata. Requests with media and oversized metadata were refused up front;
-        a text-only one (publish_text_only) cannot be, so its event says what was left out."""
-        metadata = stringify_metadata(extra_args)
-        size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+    def _wait_spooled(self, request_id: str) -> None:
+        """durable_before_return: hold the response until the sidecar has fsynced this request into
+        its spool (one IPC round trip and one fsync, on the scheduler loop). Bounded: a sidecar
+        that does not answer in time costs a warning, never a wedged engine."""
+        deadline = time.monotonic() + SPOOL_WAIT_S
+        pause = 20e-6
+        while struct.unpack_from("<Q", self._settled, 8)[0] < self._sent:
+            if time.monotonic() > deadline or not self.sidecar.alive:
+                log.warning("mm-events: request %s returned before its spool record was durable (sidecar slow or "
+                            "gone after %.0f s)", request_id, SPOOL_WAIT_S)
+                return
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def _metadata(self, request: "Request") -> dict[str, str]:
+        """The event's metadata for a request without a verdict. Requests with media and oversized
+        metadata were refused up front; a text-only one (publish_text_only) cannot be, so its event
+        says what was left out."""
+        metadata, size = request_metadata(request)
         if size > self.config.max_metadata_bytes:
             return {OVERSIZE_METADATA_KEY: f"{size} bytes of metadata left out: over max_metadata_bytes "
                                            f"({self.config.max_metadata_bytes})"}
         return metadata
 
-    def _snapshot(self, request: "Request", items: tuple[MediaItem, ...]) -> FinishedRequest:
+    def _snapshot(self, request: "Request", items: tuple[MediaItem, ...],
+                  metadata: dict[str, str] | None) -> FinishedRequest:
         rid = request.request_id
         external = _INTERNAL_SUFFIX.sub("", rid) if self._randomized_ids else rid
-        sp = request.sampling_params
         reason = request.get_finished_reason()
         headers = request.trace_headers or {}
         lora = request.lora_request
@@ -342,7 +362,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             stop_reason=None if stop is None else str(stop),
             num_prompt_tokens=request.num_prompt_tokens,
             num_output_tokens=request.num_output_tokens,
-            metadata=self._metadata(sp.extra_args if sp is not None else None),
+            metadata=self._metadata(request) if metadata is None else metadata,
             items=items,
             lora_name=lora.lora_name if lora is not None else None,
             arrival_time=request.arrival_time,

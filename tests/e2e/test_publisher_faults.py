@@ -1,24 +1,30 @@
-"""The publisher through a Kafka outage, on the real OpenAI server: the broker is killed (SIGKILL)
-and stays away longer than librdkafka's message.timeout.ms, or hangs (SIGSTOP); the engine keeps
-serving; once the broker is back, every returned request has exactly its event (a repeat may only
-repeat the same event_id), and every object an event names exists with the event's checksum.
+"""The publisher through outages, on the real OpenAI server: the broker is killed (SIGKILL) and
+stays away longer than librdkafka's message.timeout.ms, or hangs (SIGSTOP); the object store is
+killed and restarted 20 s later; the whole pod is killed. The engine keeps serving; once the server
+is back, every returned request has exactly its event (a repeat may only repeat the same event_id),
+and every object an event names exists with the event's checksum.
 
-The broker is the session's: it is always running and healthy again when a test ends.
+The servers are the session's: each is running and healthy again when a test ends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
+import threading
 import time
 import uuid
+from typing import Callable
 from urllib.parse import unquote, urlsplit
 
 import pytest
+import requests
 
 from openai_server import OpenAIServer, image_part
 from pipeline import consume
+from services import free_port
 
 pytestmark = pytest.mark.e2e
 MESSAGE_TIMEOUT_MS = 3000
@@ -28,18 +34,38 @@ TEXT = {"type": "text", "text": "what is in this image ?"}
 def publisher_config(tmp_path, kafka, topic) -> dict:
     return {"object_store": (tmp_path / "objects").as_uri(), "event_sink": f"kafka://{kafka.bootstrap}/{topic}",
             "topic_partitions": 1, "spool_dir": str(tmp_path / "spool"), "durability_timeout_s": 10,
-            "kafka": {"message.timeout.ms": MESSAGE_TIMEOUT_MS, "reconnect.backoff.max.ms": 500}}
+            "kafka": {"message.timeout.ms": MESSAGE_TIMEOUT_MS, "reconnect.backoff.max.ms": 500},
+            "metrics_port": free_port(), "metrics_host": "127.0.0.1"}
+
+
+def scrape(config: dict) -> dict[str, float]:
+    """The publisher's /metrics, as {sample name: value} (label-free samples; histogram buckets by le)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(f"http://127.0.0.1:{config['metrics_port']}/metrics", timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            le = sample.labels.get("le")
+            out[sample.name + (f"{{le={le}}}" if le else "")] = sample.value
+    return out
 
 
 @pytest.fixture
 def server(tmp_path, tiny_llava, kafka):
     topic = f"faults.{uuid.uuid4().hex[:6]}"
-    s = OpenAIServer(tiny_llava, publisher_config(tmp_path, kafka, topic), tmp_path).wait_ready()
-    yield s, topic
+    config = publisher_config(tmp_path, kafka, topic)
+    s = OpenAIServer(tiny_llava, config, tmp_path).wait_ready()
+    yield s, topic, config
     s.stop()
 
 
-def summary(kafka, topic, returned: list[str], allow_missing: bool = False) -> str:
+def read_local(uri: str) -> bytes:
+    return open(unquote(urlsplit(uri).path), "rb").read()
+
+
+def summary(kafka, topic, returned: list[str], allow_missing: bool = False,
+            read: Callable[[str], bytes] = read_local) -> str:
     events = [e for e, _ in consume(kafka.bootstrap, topic, expected=len(returned), timeout=120)]
     ids = [e["request_id"] for e in events]
     lost = set(returned) - set(ids)
@@ -49,7 +75,7 @@ def summary(kafka, topic, returned: list[str], allow_missing: bool = False) -> s
     bad = 0
     for e in events:
         for item in e["embeddings"]:
-            data = open(unquote(urlsplit(item["uri"]).path), "rb").read()
+            data = read(item["uri"])
             bad += hashlib.sha256(data).hexdigest() != item["sha256"] or len(data) != item["size_bytes"]
     line = (f"returned={len(returned)} events={len(events)} lost={len(lost)} dup={len(events) - len(set(ids))} "
             f"bad_objects={bad}")
@@ -71,7 +97,7 @@ def chat(s, seed) -> str:
 
 
 def test_broker_killed_longer_than_the_message_timeout(server, kafka):
-    s, topic = server
+    s, topic, config = server
     returned = [chat(s, 300), chat(s, 301)]
     kafka.kill()
     try:
@@ -82,12 +108,15 @@ def test_broker_killed_longer_than_the_message_timeout(server, kafka):
         kafka.restart()
     returned.append(chat(s, 306))
     summary(kafka, topic, returned)
+    m = scrape(config)
+    assert m["vllm_mm_events_publisher_events_published_total"] == len(returned), m
+    assert m["vllm_mm_events_publisher_events_resent_total"] > 0, m
     log = s.stop()
     assert "producing it again" in log and "'failed': 0" in log, log[-3000:]
 
 
 def test_broker_hangs_then_continues(server, kafka):
-    s, topic = server
+    s, topic, _ = server
     returned = [chat(s, 310)]
     kafka.pause()
     try:
@@ -100,17 +129,32 @@ def test_broker_hangs_then_continues(server, kafka):
     assert "'failed': 0" in s.stop()
 
 
-def kill_pod(s: OpenAIServer) -> None:
-    """As when a node dies: the server's process group and the publisher's sidecars, SIGKILL."""
+def sidecars(tag: str, role: str = "") -> list:
+    """This server's publisher sidecars (they detach from its process tree; found by an env tag)."""
     import psutil
 
-    sidecars = [p for p in psutil.process_iter(["cmdline"])
-                if "publisher.sidecar.process" in " ".join(p.info["cmdline"] or [])]
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        try:
+            if "publisher.sidecar.process" in cmd and f" {role}" in cmd and p.environ().get("MM_TEST_TAG") == tag:
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def kill_pod(s: OpenAIServer, tag: str) -> None:
+    """As when a node dies: the server's process group and its publisher sidecars, SIGKILL."""
+    import psutil
+
+    procs = sidecars(tag)
+    assert procs, "no sidecars found for this server"
     os.killpg(s.proc.pid, signal.SIGKILL)
-    for p in sidecars:
+    for p in procs:
         p.kill()
     s.proc.wait(30)
-    psutil.wait_procs(sidecars, timeout=30)
+    psutil.wait_procs(procs, timeout=30)
 
 
 def test_engine_and_sidecars_killed_then_restarted_on_the_same_spool(tmp_path, tiny_llava, kafka):
@@ -119,14 +163,15 @@ def test_engine_and_sidecars_killed_then_restarted_on_the_same_spool(tmp_path, t
     missing, never named)."""
     topic = f"faults.{uuid.uuid4().hex[:6]}"
     config = publisher_config(tmp_path, kafka, topic)
-    first = OpenAIServer(tiny_llava, config, tmp_path / "first").wait_ready()
+    tag = uuid.uuid4().hex
+    first = OpenAIServer(tiny_llava, config, tmp_path / "first", env={"MM_TEST_TAG": tag}).wait_ready()
     try:
         returned = [chat(first, 320)]
         kafka.pause()
         try:
             returned += [chat(first, seed) for seed in (321, 322, 323)]
             time.sleep(1.0)  # the responses are out; the sidecar's spool fsync follows within a pump
-            kill_pod(first)
+            kill_pod(first, tag)
         finally:
             kafka.resume()
     finally:
@@ -138,3 +183,86 @@ def test_engine_and_sidecars_killed_then_restarted_on_the_same_spool(tmp_path, t
     finally:
         log = second.stop()
     assert "replaying" in log and "'replayed': " in log, log[-3000:]
+
+
+def test_object_store_killed_and_restarted_20s_later(tmp_path, tiny_llava, kafka, minio):
+    """Uploads are retried with backoff while MinIO is down; the engine keeps serving (the ring holds
+    the bytes); an outage shorter than durability_timeout_s leaves no event with missing_embeddings."""
+    bucket = minio.create_bucket(f"faults-{uuid.uuid4().hex[:8]}")
+    topic = f"faults.{uuid.uuid4().hex[:6]}"
+    config = {**publisher_config(tmp_path, kafka, topic), "object_store": f"s3://{bucket}/emb",
+              "s3_endpoint_url": minio.endpoint, "durability_timeout_s": 90}
+    env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
+    s = OpenAIServer(tiny_llava, config, tmp_path, env=env).wait_ready()
+    try:
+        returned = [chat(s, 330), chat(s, 331)]
+        minio.kill()
+        try:
+            t0 = time.monotonic()
+            returned += [chat(s, seed) for seed in range(332, 336)]  # served while the store is down
+            time.sleep(max(0.0, 20 - (time.monotonic() - t0)))
+        finally:
+            minio.restart()
+        returned.append(chat(s, 336))
+        s3 = minio.client()
+
+        def read(uri: str) -> bytes:
+            u = urlsplit(uri)
+            assert u.scheme == "s3" and u.netloc == bucket, uri
+            return s3.get_object(Bucket=bucket, Key=u.path.lstrip("/"))["Body"].read()
+
+        summary(kafka, topic, returned, read=read)
+        assert len(s3.list_objects_v2(Bucket=bucket)["Contents"]) == len(returned)  # one distinct image each
+        m = scrape(config)
+        ns = "vllm_mm_events_publisher_"
+        assert m[ns + "objects_stored_total"] == m[ns + "events_published_total"] == len(returned), m
+        assert m[ns + "upload_retries_total"] > 0 and m[ns + "store_check_errors_total"] > 0, m
+        assert m[ns + "uploads_failed_total"] == m[ns + "events_incomplete_total"] == 0, m
+        assert m[ns + "durability_wait_seconds_count"] == len(returned), m
+        assert m[ns + "durability_wait_seconds_bucket{le=5.0}"] < len(returned), m  # some waited out the outage
+        assert m[ns + "events_in_flight"] == 0 and m[ns + "spool_bytes"] >= 0, m
+    finally:
+        log = s.stop()
+    retried = re.search(r"'retries': (\d+)", log)
+    assert retried and int(retried.group(1)) > 0 and "giving up" not in log, log[-3000:]
+
+
+def test_durable_before_return_holds_each_response_until_its_request_is_spooled(tmp_path, tiny_llava, kafka):
+    """With durable_before_return, a response leaves only once its request is fsynced into the spool: while
+    the scheduler sidecar is frozen the response is held; and a pod killed right after the last response
+    (no grace at all) still leaves every returned request's event to the next engine on the spool."""
+    topic = f"faults.{uuid.uuid4().hex[:6]}"
+    config = {**publisher_config(tmp_path, kafka, topic), "durable_before_return": True}
+    tag = uuid.uuid4().hex
+    first = OpenAIServer(tiny_llava, config, tmp_path / "first", env={"MM_TEST_TAG": tag}).wait_ready()
+    try:
+        returned = [chat(first, 340)]
+        (scheduler_sidecar,) = sidecars(tag, "scheduler")
+        kafka.pause()
+        try:
+            scheduler_sidecar.suspend()
+            got: list[tuple[str, float]] = []
+            t0 = time.monotonic()
+            client = threading.Thread(target=lambda: got.append((chat(first, 341), time.monotonic() - t0)))
+            client.start()
+            client.join(2.0)
+            held = client.is_alive()  # no response while its request cannot be spooled
+            scheduler_sidecar.resume()
+            client.join(30)
+            assert held and got and got[0][1] >= 2.0, got
+            returned.append(got[0][0])
+            returned += [chat(first, seed) for seed in (342, 343)]
+            kill_pod(first, tag)  # at once: no time for anything after the responses
+        finally:
+            if scheduler_sidecar.is_running():
+                scheduler_sidecar.resume()
+            kafka.resume()
+    finally:
+        if first.proc.poll() is None:
+            first.stop()
+    second = OpenAIServer(tiny_llava, config, tmp_path / "second").wait_ready()
+    try:
+        summary(kafka, topic, returned, allow_missing=True)  # an object not stored by the kill is listed missing
+    finally:
+        log = second.stop()
+    assert "replaying" in log, log[-3000:]
