@@ -46,13 +46,20 @@ def object_uri(scheme: str, root: str, key: str) -> str:
 
 
 def split_object_uri(uri: str) -> tuple[str, str, str]:
-    """An object's URI -> (scheme, root, key): (``s3``, bucket, key) or (``file``, directory, file name)."""
+    """An object's URI -> (scheme, root, key): (``s3``, bucket, key) or (``file``, directory, file name).
+
+    Strict, as URIs come from outside: no query, fragment or NUL; an s3 key has no ``.``/``..``
+    segments. ``ValueError`` (naming ``uri``) for anything else."""
     u = urlsplit(uri)
-    if u.scheme == "s3" and u.netloc and u.path.strip("/"):
-        return "s3", u.netloc, u.path.lstrip("/")
-    if u.scheme == "file" and u.netloc in ("", "localhost") and u.path.startswith("/"):
-        path = unquote(u.path)
-        parent, _, name = path.rpartition("/")
-        if name:
-            return "file", parent or "/", name
-    raise ValueError(f"uri: expected s3://bucket/key or file:///path, got {uri!r}")
+    if not u.query and not u.fragment and "\0" not in uri:
+        if u.scheme == "s3" and u.netloc and u.path.strip("/"):
+            key = u.path.lstrip("/")
+            if any(part in (".", "..") for part in key.split("/")):
+                raise ValueError(f"uri: a key with '.' or '..' segments is not an object's: {uri[:200]!r}")
+            return "s3", u.netloc, key
+        if u.scheme == "file" and u.netloc in ("", "localhost") and u.path.startswith("/"):
+            path = unquote(u.path)
+            parent, _, name = path.rpartition("/")
+            if name and "\0" not in path:
+                return "file", parent or "/", name
+    raise ValueError(f"uri: expected s3://bucket/key or file:///path, got {uri[:200]!r}")

@@ -15,10 +15,9 @@ from __future__ import annotations
 import os
 import threading
 from typing import Iterable
-from urllib.parse import unquote, urlsplit
 
 from publisher.stores.base import ForbiddenObject, ObjectStore, PermanentStoreError
-from schemas.uris import StoreLocation
+from schemas.uris import StoreLocation, split_object_uri
 
 DEFAULT_MAX_OBJECT_BYTES = 256 << 20
 
@@ -46,26 +45,22 @@ class ObjectReader:
 
     def resolve(self, uri: str) -> tuple[str, str, str]:
         """An object URI -> (scheme, root, key) inside an allowed store; ``ForbiddenObject`` otherwise."""
-        u = urlsplit(uri)
-        if u.scheme == "s3" and u.netloc and u.path.strip("/") and not u.query and not u.fragment:
-            key = u.path.lstrip("/")
-            if "\0" in key or any(p in (".", "..") for p in key.split("/")):
-                raise ForbiddenObject(f"{uri}: a key with '.' or '..' segments is not an object's")
+        try:
+            scheme, root, key = split_object_uri(uri)
+        except ValueError as e:
+            raise ForbiddenObject(str(e).removeprefix("uri: ")) from None
+        if scheme == "s3":
             for loc in self.locations:
-                if loc.scheme == "s3" and loc.root == u.netloc and (
+                if loc.scheme == "s3" and loc.root == root and (
                         not loc.prefix or key.startswith(loc.prefix.rstrip("/") + "/")):
-                    return "s3", u.netloc, key
+                    return "s3", root, key
             if self.any_bucket:
-                return "s3", u.netloc, key
-        elif u.scheme == "file" and u.netloc in ("", "localhost") and not u.query and not u.fragment:
-            path = unquote(u.path)
-            if "\0" not in path and path.startswith("/"):
-                real = os.path.realpath(path)  # resolves '..' and every symlink before the check
-                for loc, root in self._dirs:
-                    if real.startswith(root.rstrip("/") + "/"):
-                        return "file", loc.root, os.path.relpath(real, root)
+                return "s3", root, key
         else:
-            raise ForbiddenObject(f"{uri[:200]!r}: expected s3://bucket/key or file:///path")
+            real = os.path.realpath(os.path.join(root, key))  # resolves '..' and every symlink before the check
+            for loc, store_root in self._dirs:
+                if real.startswith(store_root.rstrip("/") + "/"):
+                    return "file", loc.root, os.path.relpath(real, store_root)
         allowed = ", ".join(loc.uri("").rstrip("/") for loc in self.locations) or "none"
         raise ForbiddenObject(f"{uri[:200]}: outside the configured object store(s) ({allowed})")
 
