@@ -167,7 +167,7 @@ def rendered() -> dict[str, Rendered]:
 # ---- lint and schema validation of the output ----------------------------------------------
 
 def test_ci_value_sets_cover_the_issue():
-    assert {"minio-static", "aws-irsa", "kafka-sasl-ssl", "least-privilege",
+    assert {"minio-static", "aws-irsa", "kafka-sasl-ssl", "least-privilege", "publisher-spool-pvc",
             *(f"sink-{s}" for s in SINKS)} <= set(CI_VALUES)
 
 
@@ -196,7 +196,8 @@ def test_kubeconform_strict_on_everything_rendered(rendered, tmp_path):
     kinds = {d["kind"] for r in rendered.values() for d in r.docs}
     # Every kind the chart can render was rendered by some value set, so all were validated.
     assert kinds == {"ServiceAccount", "Service", "Deployment", "PodDisruptionBudget", "ConfigMap", "Ingress",
-                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication", "NetworkPolicy"}
+                     "ServiceMonitor", "ScaledObject", "TriggerAuthentication", "NetworkPolicy",
+                     "PersistentVolumeClaim"}
 
 
 def test_kubeconform_rejects_an_invalid_manifest(tmp_path):
@@ -250,6 +251,11 @@ def test_ec_transfer_config_parses_with_the_publisher_config(rendered, name):
     assert parsed.allow_client_embeddings == p["allowClientEmbeddings"]
     assert parsed.fsync == p["fsync"]
     assert parsed.topic_partitions == p["topicPartitions"]
+    # The outbox on its volume (or none), the metrics port (0: off).
+    assert parsed.spool_dir == (p["spool"]["mountPath"].rstrip("/") if p["spool"]["enabled"] else None)
+    assert extra["spool_dir"] == (parsed.spool_dir or "")
+    assert parsed.max_spool_bytes == p["spool"]["maxBytes"]
+    assert parsed.metrics_port == extra["metrics_port"] == p["metricsPort"]
     # Nothing the publisher itself would mask as a secret is in the JSON (anyone who can read
     # the Deployment sees it).
     assert redact_mapping(parsed.kafka) == parsed.kafka
@@ -584,11 +590,14 @@ def test_kafka_sasl_ssl_with_schema_registry(rendered):
     assert set(monitors) == {f"{RELEASE}-vllm-mm-events-vllm", f"{RELEASE}-vllm-mm-events-consumers"}
     for m in monitors.values():
         assert m["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-        (ep,) = m["spec"]["endpoints"]
-        assert ep["path"] == "/metrics" and ep["port"] in ("http", "metrics")
         selected = [s for s in r.kind("Service")
                     if m["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
-        assert selected and all(ep["port"] in [p["name"] for p in s["spec"]["ports"]] for s in selected)
+        # vLLM: its own metrics on the API port and the publisher's; a consumer: its metrics port.
+        endpoints = m["spec"]["endpoints"]
+        assert [ep["port"] for ep in endpoints] in (["http", "pub-metrics"], ["metrics"])
+        for ep in endpoints:
+            assert ep["path"] == "/metrics"
+            assert [s for s in selected if ep["port"] in [p["name"] for p in s["spec"]["ports"]]], ep
     (ing,) = r.kind("Ingress")
     backend = ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
     assert backend == {"name": r.vllm()["metadata"]["name"], "port": {"number": 8000}}
@@ -605,6 +614,204 @@ def test_readme_examples_are_the_tested_values():
     for doc in (REPO / "README.md", REPO / "helm" / "DEPLOY-SECTION.md"):
         if doc.exists() and "## Deploy on Kubernetes" in doc.read_text():
             assert body in doc.read_text(), f"{doc.name}: its Deploy on Kubernetes values differ from the tested ones"
+
+
+# ---- the publisher's outbox and metrics -------------------------------------------------------
+
+QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+QUANTITY_UNITS = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+MiB = 1 << 20
+VLLM_SETS = [n for n in VALUE_SETS if values_for(n)["vllm"]["enabled"]]
+
+
+def quantity_bytes(q) -> int:
+    """A Kubernetes quantity (1280Mi, 1.5Gi, 2G, a number) in bytes."""
+    if isinstance(q, (int, float)):
+        return int(q)
+    m = QUANTITY.match(q)
+    assert m, f"not a quantity: {q!r}"
+    return int(float(m[1]) * QUANTITY_UNITS[m[2]])
+
+
+def publisher_extra(r: Rendered) -> dict:
+    return ec_transfer_config(r)["ec_connector_extra_config"]
+
+
+def spool_volume(r: Rendered) -> tuple[dict, dict]:
+    """The spool's volumeMount and volume in the vLLM pod."""
+    d = r.vllm()
+    (mount,) = [m for m in container(d).get("volumeMounts", []) if m["name"] == "spool"]
+    return mount, pod_volumes(d)["spool"]
+
+
+def pvc(r: Rendered) -> dict:
+    return r.one("PersistentVolumeClaim", f"{RELEASE}-vllm-mm-events-vllm-spool")
+
+
+def kubeconform_ok(tmp_path: Path, *renders: Rendered) -> None:
+    files = []
+    for i, r in enumerate(renders):
+        files.append(tmp_path / f"kubeconform-{i}.yaml")
+        files[-1].write_text(r.text)
+    res = subprocess.run(k8s_tools.kubeconform_command(*files), capture_output=True, text=True, timeout=300)
+    summary = json.loads(res.stdout)["summary"]
+    assert res.returncode == 0 and summary["invalid"] == summary["errors"] == summary["skipped"] == 0, res.stdout
+    assert summary["valid"] == sum(len(r.docs) for r in renders), summary
+
+
+@pytest.mark.parametrize("name", VLLM_SETS)
+def test_publisher_spool_is_on_its_volume(rendered, name):
+    """The outbox directory the publisher is told is the spool volume's mount (the root
+    filesystem is read-only), and the volume is larger than max_spool_bytes."""
+    r = rendered[name]
+    s = r.values["publisher"]["spool"]
+    extra = publisher_extra(r)
+    mount, volume = spool_volume(r)
+    assert extra["spool_dir"] == mount["mountPath"] == s["mountPath"].rstrip("/")
+    assert "subPath" not in mount and not mount.get("readOnly")
+    assert extra["max_spool_bytes"] == s["maxBytes"]
+    assert container(r.vllm())["securityContext"]["readOnlyRootFilesystem"] is True
+    if s["volume"] == "emptyDir":
+        assert set(volume) == {"name", "emptyDir"}
+        assert quantity_bytes(volume["emptyDir"]["sizeLimit"]) >= s["maxBytes"] + 16 * MiB
+        assert not r.kind("PersistentVolumeClaim")
+    else:
+        claim = s["persistentVolumeClaim"]
+        assert set(volume) == {"name", "persistentVolumeClaim"}
+        assert volume["persistentVolumeClaim"]["claimName"] == (claim["existingClaim"] or pvc(r)["metadata"]["name"])
+
+
+def test_spool_defaults(rendered, tmp_path):
+    """Defaults: an emptyDir of maxBytes + 25% (1 GiB: 1280Mi) at /var/lib/vllm-mm-events/spool."""
+    r = rendered["default"]
+    extra = publisher_extra(r)
+    assert extra["spool_dir"] == "/var/lib/vllm-mm-events/spool" and extra["max_spool_bytes"] == 1 << 30
+    _, volume = spool_volume(r)
+    assert volume["emptyDir"] == {"sizeLimit": "1280Mi"}
+    # Small caps get at least 64Mi of headroom; a sizeLimit given is used as is (in any unit).
+    r = render_with(tmp_path, "default", {"publisher": {"spool": {"maxBytes": 8 * MiB}}})
+    assert spool_volume(r)[1]["emptyDir"] == {"sizeLimit": "72Mi"}
+    for size in ("2Gi", "1.1Gi", "2G", "1090519040", 1090519040):
+        r = render_with(tmp_path, "default", {"publisher": {"spool": {"emptyDir": {"sizeLimit": size}}}})
+        assert str(spool_volume(r)[1]["emptyDir"]["sizeLimit"]) == str(size)
+    # A custom path is mounted and passed as is (less a trailing slash).
+    r = render_with(tmp_path, "minimal", {"publisher": {"spool": {"mountPath": "/data/outbox/"}}})
+    assert publisher_extra(r)["spool_dir"] == spool_volume(r)[0]["mountPath"] == "/data/outbox"
+    assert PublisherConfig.from_dict(publisher_extra(r)).spool_dir == "/data/outbox"
+
+
+def test_spool_disabled_passes_an_empty_spool_dir(tmp_path):
+    """spool.enabled=false: spool_dir "" (the publisher runs without an outbox), no volume and no
+    claim, whatever the volume settings say."""
+    for overlay in ({"publisher": {"spool": {"enabled": False}}},
+                    {"publisher": {"spool": {"enabled": False, "volume": "persistentVolumeClaim"}}}):
+        r = render_with(tmp_path, "minimal", overlay)
+        extra = publisher_extra(r)
+        assert extra["spool_dir"] == ""
+        assert PublisherConfig.from_dict(extra).spool_dir is None
+        assert "spool" not in pod_volumes(r.vllm())
+        assert not [m for m in container(r.vllm())["volumeMounts"] if m["name"] == "spool"]
+        assert not r.kind("PersistentVolumeClaim")
+
+
+def test_spool_on_persistent_volume_claims(rendered, tmp_path):
+    """A claim the chart creates (ReadWriteOnce for one replica, ReadWriteMany shared by several,
+    sized per engine) or an existing one; all pass kubeconform."""
+    # ReadWriteOnce, one replica, the default storage class, derived size.
+    rwo = render_with(tmp_path, "minimal", {"publisher": {"spool": {
+        "volume": "persistentVolumeClaim", "persistentVolumeClaim": {"annotations": {"backup/enabled": "true"}}}}})
+    claim = pvc(rwo)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and "storageClassName" not in claim["spec"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "1280Mi"
+    assert claim["metadata"]["annotations"] == {"backup/enabled": "true"}
+    assert claim["metadata"]["labels"]["app.kubernetes.io/component"] == "vllm"
+    assert spool_volume(rwo)[1]["persistentVolumeClaim"] == {"claimName": claim["metadata"]["name"]}
+    # ReadWriteMany shared by 3 replicas: 3 slots' worth by default.
+    rwx = render_with(tmp_path, "minimal", {"vllm": {"replicaCount": 3}, "publisher": {"spool": {
+        "volume": "persistentVolumeClaim", "maxBytes": 512 * MiB,
+        "persistentVolumeClaim": {"accessModes": ["ReadWriteMany"], "storageClassName": "nfs"}}}})
+    claim = pvc(rwx)
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "nfs"
+    assert claim["spec"]["resources"]["requests"]["storage"] == f"{3 * (512 + 128)}Mi"
+    assert publisher_extra(rwx)["max_spool_bytes"] == 512 * MiB
+    # The ci value set: a size given, a path of its own.
+    ci = rendered["publisher-spool-pvc"]
+    assert pvc(ci)["spec"]["resources"]["requests"]["storage"] == "6Gi"
+    assert publisher_extra(ci)["spool_dir"] == "/var/lib/vllm-mm-events/outbox"
+    # An existing claim: no claim rendered, any replica count (its access mode is the user's).
+    existing = render_with(tmp_path, "minimal", {"vllm": {"replicaCount": 2}, "publisher": {"spool": {
+        "volume": "persistentVolumeClaim", "persistentVolumeClaim": {"existingClaim": "mm-spool"}}}})
+    assert not existing.kind("PersistentVolumeClaim")
+    assert spool_volume(existing)[1]["persistentVolumeClaim"] == {"claimName": "mm-spool"}
+    kubeconform_ok(tmp_path, rwo, rwx, existing)
+
+
+def vllm_monitor(r: Rendered) -> dict:
+    return r.one("ServiceMonitor", f"{RELEASE}-vllm-mm-events-vllm")
+
+
+@pytest.mark.parametrize("name", VLLM_SETS)
+def test_publisher_metrics_port(rendered, name):
+    """publisher.metricsPort: the metrics_port key, a container port, a ClusterIP Service of its
+    own, the vLLM ServiceMonitor's second endpoint and a NetworkPolicy rule."""
+    r = rendered[name]
+    port = r.values["publisher"]["metricsPort"]
+    assert port > 0
+    assert publisher_extra(r)["metrics_port"] == port
+    ports = {p["name"]: p for p in container(r.vllm())["ports"]}
+    assert ports["pub-metrics"] == {"name": "pub-metrics", "containerPort": port, "protocol": "TCP"}
+    svc = r.one("Service", f"{RELEASE}-vllm-mm-events-vllm-metrics")
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [{"name": "pub-metrics", "port": port, "targetPort": "pub-metrics",
+                                     "protocol": "TCP"}]
+    assert svc["spec"]["selector"].items() <= r.vllm()["spec"]["template"]["metadata"]["labels"].items()
+    # The API Service (maybe a LoadBalancer) does not carry it.
+    api = r.one("Service", r.vllm()["metadata"]["name"])
+    assert [p["name"] for p in api["spec"]["ports"]] == ["http"]
+    if r.values["metrics"]["serviceMonitor"]["enabled"]:
+        m = vllm_monitor(r)
+        assert [(ep["port"], ep["path"]) for ep in m["spec"]["endpoints"]] == [
+            ("http", "/metrics"), ("pub-metrics", "/metrics")]
+        assert m["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    if r.values["networkPolicy"]["enabled"]:
+        np = r.values["networkPolicy"]["vllm"]
+        rule = network_policies(r)[r.vllm()["metadata"]["name"]]["spec"]["ingress"][1]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        assert rule.get("from", []) == (np["metricsFrom"] or np["ingressFrom"])
+
+
+def test_publisher_metrics_defaults_and_custom_port(rendered):
+    assert publisher_extra(rendered["default"])["metrics_port"] == 9401
+    r = rendered["publisher-spool-pvc"]
+    assert PublisherConfig.from_dict(publisher_extra(r)).metrics_port == 9500
+    assert [ep["port"] for ep in vllm_monitor(r)["spec"]["endpoints"]] == ["http", "pub-metrics"]
+
+
+def test_publisher_metrics_port_zero_removes_everything(tmp_path):
+    r = render_with(tmp_path, "least-privilege", {"publisher": {"metricsPort": 0},
+                                                  "metrics": {"serviceMonitor": {"enabled": True}}})
+    extra = publisher_extra(r)
+    assert extra["metrics_port"] == 0 and PublisherConfig.from_dict(extra).metrics_port == 0
+    assert [p["name"] for p in container(r.vllm())["ports"]] == ["http"]
+    assert not [s for s in r.kind("Service") if s["metadata"]["name"].endswith("-vllm-metrics")]
+    assert "pub-metrics" not in r.text
+    assert [ep["port"] for ep in vllm_monitor(r)["spec"]["endpoints"]] == ["http"]
+    (rule,) = network_policies(r)[r.vllm()["metadata"]["name"]]["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 8000, "protocol": "TCP"}]
+    kubeconform_ok(tmp_path, r)
+
+
+def test_publisher_metrics_scrapers_default_to_the_api_peers(tmp_path):
+    """networkPolicy.vllm.metricsFrom [] : the ingressFrom peers; both []: any source, that port only."""
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    r = render_with(tmp_path, "minimal", {"networkPolicy": {"enabled": True, "vllm": {"ingressFrom": peers}}})
+    api, metrics = network_policies(r)[r.vllm()["metadata"]["name"]]["spec"]["ingress"]
+    assert api["from"] == metrics["from"] == peers
+    assert metrics["ports"] == [{"port": 9401, "protocol": "TCP"}]
+    r = render_with(tmp_path, "minimal", {"networkPolicy": {"enabled": True}})
+    api, metrics = network_policies(r)[r.vllm()["metadata"]["name"]]["spec"]["ingress"]
+    assert "from" not in api and "from" not in metrics
 
 
 # ---- least privilege --------------------------------------------------------------------------
@@ -850,10 +1057,10 @@ def test_network_policies_only_when_enabled(rendered, name):
         assert d["metadata"]["name"] == policy_name
         spec = p["spec"]
         assert spec["policyTypes"] == ["Ingress", "Egress"]
-        # Ingress: the container's one port, nothing else.
-        (rule,) = spec["ingress"]
-        (port,) = container(d)["ports"]
-        assert rule["ports"] == [{"port": port["containerPort"], "protocol": "TCP"}]
+        # Ingress: the container's own ports (one rule each: vLLM's API and the publisher's
+        # metrics, a consumer's metrics), nothing else.
+        assert [rule["ports"] for rule in spec["ingress"]] == [
+            [{"port": port["containerPort"], "protocol": "TCP"}] for port in container(d)["ports"]]
         # Egress: every rule names its ports (no rule opens every port).
         assert spec["egress"] and all(rule.get("ports") for rule in spec["egress"])
 
@@ -869,6 +1076,8 @@ def test_network_policies_with_peers(rendered):
     common = [{"to": to, "ports": ports} for to, ports in (dns, store, kafka)]
     vllm = policies[r.vllm()["metadata"]["name"]]["spec"]
     assert vllm["ingress"][0]["from"] == np["vllm"]["ingressFrom"]
+    assert vllm["ingress"][1]["ports"] == [{"port": r.values["publisher"]["metricsPort"], "protocol": "TCP"}]
+    assert vllm["ingress"][1]["from"] == np["vllm"]["metricsFrom"] != np["vllm"]["ingressFrom"]
     assert vllm["egress"] == common, "vLLM: DNS, object store, Kafka; no Hugging Face (huggingFace.enabled false)"
     sinks = {"qdrant": [{"to": np["sinks"]["qdrant"]["to"], "ports": [{"port": 6333, "protocol": "TCP"}]}],
              "pgvector": [{"to": [{"ipBlock": {"cidr": "10.30.5.10/32"}}],
@@ -934,6 +1143,18 @@ def test_notes(tmp_path):
     assert "mme-vllm-mm-events-consumer-milvus: milvus-indexer -> milvus://" in text
     assert "20 replicas for 12 partitions: 8 would sit idle" in text
     assert "Replicas above the topic's partition count sit idle" in text
+
+
+def test_notes_describe_the_publisher_outbox_and_metrics(tmp_path):
+    text = render_notes(tmp_path / "default")
+    assert "Publisher outbox: /var/lib/vllm-mm-events/spool on an emptyDir of 1280Mi." in text
+    assert "not the loss of the pod" in text
+    assert "port-forward svc/mme-vllm-mm-events-vllm-metrics 9401:9401" in text
+    text = render_notes(tmp_path / "pvc", "-f", str(CI_VALUES["publisher-spool-pvc"]))
+    assert "on PersistentVolumeClaim mme-vllm-mm-events-vllm-spool." in text
+    assert "port-forward svc/mme-vllm-mm-events-vllm-metrics 9500:9500" in text
+    text = render_notes(tmp_path / "off", "--set", "publisher.spool.enabled=false", "--set", "publisher.metricsPort=0")
+    assert "Publisher outbox: off" in text and "Publisher metrics" not in text
 
 
 def warnings_in(text: str) -> list[str]:
@@ -1071,6 +1292,40 @@ REJECTED = {
                                  ["/networkPolicy/objectStore/ports/0", "missing property 'port'"]),
     "netpol-dns-without-ports": ({"networkPolicy": {"dns": {"ports": []}}}, ["/networkPolicy/dns/ports"]),
     "netpol-enabled-string": ({"networkPolicy": {"enabled": "yes"}}, ["/networkPolicy/enabled", "want boolean"]),
+    # The publisher's outbox and metrics port.
+    "metrics-port-negative": ({"publisher": {"metricsPort": -1}}, ["/publisher/metricsPort", "minimum"]),
+    "metrics-port-too-large": ({"publisher": {"metricsPort": 70000}}, ["/publisher/metricsPort", "maximum"]),
+    "metrics-port-string": ({"publisher": {"metricsPort": "9401"}}, ["/publisher/metricsPort", "want integer"]),
+    "metrics-port-is-api-port": ({"publisher": {"metricsPort": 8000}}, ["publisher.metricsPort", "vllm.port"]),
+    "metrics-from-bad-peer": ({"networkPolicy": {"vllm": {"metricsFrom": [{"pods": {}}]}}},
+                              ["/networkPolicy/vllm/metricsFrom/0", "additional properties 'pods'"]),
+    "spool-max-below-1mib": ({"publisher": {"spool": {"maxBytes": 1000}}}, ["/publisher/spool/maxBytes", "minimum"]),
+    "spool-max-string": ({"publisher": {"spool": {"maxBytes": "1Gi"}}}, ["/publisher/spool/maxBytes", "want integer"]),
+    "spool-relative-path": ({"publisher": {"spool": {"mountPath": "spool"}}}, ["/publisher/spool/mountPath"]),
+    "spool-root-path": ({"publisher": {"spool": {"mountPath": "/"}}}, ["/publisher/spool/mountPath"]),
+    "spool-unknown-volume": ({"publisher": {"spool": {"volume": "hostPath"}}},
+                             ["/publisher/spool/volume", "'emptyDir', 'persistentVolumeClaim'"]),
+    "spool-bad-size": ({"publisher": {"spool": {"emptyDir": {"sizeLimit": "lots"}}}},
+                       ["/publisher/spool/emptyDir/sizeLimit"]),
+    "spool-bad-access-mode": ({"publisher": {"spool": {"persistentVolumeClaim": {"accessModes": ["ReadOnlyMany"]}}}},
+                              ["/publisher/spool/persistentVolumeClaim/accessModes/0"]),
+    "spool-typo": ({"publisher": {"spool": {"maxbytes": 1 << 30}}},
+                   ["/publisher/spool", "additional properties 'maxbytes'"]),
+    "spool-on-tmp": ({"publisher": {"spool": {"mountPath": "/tmp"}}},
+                     ["publisher.spool.mountPath", "already a mount"]),
+    "spool-emptydir-not-above-max": (
+        {"publisher": {"spool": {"emptyDir": {"sizeLimit": "1Gi"}}}},
+        ["publisher.spool.emptyDir.sizeLimit", "must be larger than publisher.spool.maxBytes"]),
+    "spool-emptydir-below-max": ({"publisher": {"spool": {"maxBytes": 4 << 30, "emptyDir": {"sizeLimit": "3Gi"}}}},
+                                 ["publisher.spool.emptyDir.sizeLimit", "(4294967296)"]),
+    "spool-rwo-claim-two-replicas": ({"vllm": {"replicaCount": 2}, "publisher": {"spool": {
+        "volume": "persistentVolumeClaim"}}}, ["publisher.spool.persistentVolumeClaim.accessModes", "ReadWriteMany"]),
+    "spool-claim-too-small": ({"publisher": {"spool": {"volume": "persistentVolumeClaim", "persistentVolumeClaim": {
+        "size": "1Gi"}}}}, ["publisher.spool.persistentVolumeClaim.size", "must hold 1 engine slot"]),
+    "spool-shared-claim-too-small": ({"vllm": {"replicaCount": 3}, "publisher": {"spool": {
+        "volume": "persistentVolumeClaim", "persistentVolumeClaim": {"accessModes": ["ReadWriteMany"],
+                                                                     "size": "2Gi"}}}},
+                                     ["publisher.spool.persistentVolumeClaim.size", "must hold 3 engine slot(s)"]),
 }
 
 

@@ -198,7 +198,10 @@ publisher.config.KEYS; unset optional ones are left out so the publisher's own d
       "publish_text_only" $p.publishTextOnly
       "allow_client_embeddings" $p.allowClientEmbeddings
       "fsync" $p.fsync
-      "topic_partitions" (int64 $p.topicPartitions) }}
+      "topic_partitions" (int64 $p.topicPartitions)
+      "spool_dir" (include "vmme.spool.dir" .)
+      "max_spool_bytes" (int64 $p.spool.maxBytes)
+      "metrics_port" (int64 $p.metricsPort) }}
 {{- with .Values.objectStore.endpointUrl }}
 {{- $_ := set $extra "s3_endpoint_url" . }}
 {{- end }}
@@ -376,10 +379,112 @@ Keys of the entry replace the shared ones; `keda`, `dlq` and `pdb` merge one lev
 {{- end }}
 {{- end }}
 {{- end }}
+{{- include "vmme.validate.publisher" . }}
 {{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
 {{- $needed := add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) }}
 {{- if and (not (kindIs "invalid" $tgp)) (le (int $tgp) $needed) }}
 {{- fail (printf "vllm.terminationGracePeriodSeconds: %d must be larger than vllm.shutdownTimeoutSeconds + publisher.shutdownTimeoutS = %d, or the publisher's flush is cut short" (int $tgp) $needed) }}
+{{- end }}
+{{- end }}
+
+{{/* ---------------------------------------------------------------- publisher outbox
+spool_dir: the spool volume's mount path, or "" (no outbox) with publisher.spool.enabled=false. */}}
+{{- define "vmme.spool.dir" -}}
+{{- if .Values.publisher.spool.enabled }}
+{{- trimSuffix "/" .Values.publisher.spool.mountPath }}
+{{- end }}
+{{- end }}
+
+{{- define "vmme.spool.claimName" -}}
+{{- $c := .Values.publisher.spool.persistentVolumeClaim }}
+{{- default (printf "%s-spool" (include "vmme.vllm.fullname" .) | trunc 63 | trimSuffix "-") $c.existingClaim }}
+{{- end }}
+
+{{/* Engines whose slots share one spool volume: vllm.replicaCount on a ReadWriteMany claim, else 1. */}}
+{{- define "vmme.spool.engines" -}}
+{{- $s := .Values.publisher.spool }}
+{{- if and (eq $s.volume "persistentVolumeClaim") (has "ReadWriteMany" $s.persistentVolumeClaim.accessModes) }}
+{{- max 1 (int64 .Values.vllm.replicaCount) }}
+{{- else }}1
+{{- end }}
+{{- end }}
+
+{{/* The smallest volume an engine's slot needs: maxBytes plus the acks file, the record that
+crosses the cap and filesystem overhead. */}}
+{{- define "vmme.spool.minBytes" -}}
+{{- add (int64 .Values.publisher.spool.maxBytes) 16777216 }}
+{{- end }}
+
+{{/* The default volume size, in Mi: per engine maxBytes + 25%, at least maxBytes + 64Mi. */}}
+{{- define "vmme.spool.defaultSize" -}}
+{{- $max := int64 .Values.publisher.spool.maxBytes }}
+{{- $per := max (div (mul $max 5) 4) (add $max 67108864) }}
+{{- printf "%dMi" (div (add (mul $per (include "vmme.spool.engines" . | int64)) 1048575) 1048576) }}
+{{- end }}
+
+{{- define "vmme.spool.emptyDirSize" -}}
+{{- $q := .Values.publisher.spool.emptyDir.sizeLimit }}
+{{- if or (kindIs "invalid" $q) (eq (toString $q) "") }}{{ include "vmme.spool.defaultSize" . }}
+{{- else if kindIs "string" $q }}{{ $q }}
+{{- else }}{{ int64 $q }}
+{{- end }}
+{{- end }}
+
+{{- define "vmme.spool.claimSize" -}}
+{{- $q := .Values.publisher.spool.persistentVolumeClaim.size }}
+{{- if or (kindIs "invalid" $q) (eq (toString $q) "") }}{{ include "vmme.spool.defaultSize" . }}
+{{- else if kindIs "string" $q }}{{ $q }}
+{{- else }}{{ int64 $q }}
+{{- end }}
+{{- end }}
+
+{{/* A Kubernetes quantity (a string like 1280Mi, 1.5Gi, 2G, or a number) in bytes. */}}
+{{- define "vmme.quantityBytes" -}}
+{{- if kindIs "string" . }}
+{{- $mult := dict "" 1.0 "m" 0.001 "k" 1e3 "M" 1e6 "G" 1e9 "T" 1e12 "P" 1e15 "E" 1e18
+      "Ki" 1024.0 "Mi" 1048576.0 "Gi" 1073741824.0 "Ti" 1099511627776.0 "Pi" 1125899906842624.0
+      "Ei" 1152921504606846976.0 }}
+{{- $num := regexReplaceAll "^([0-9.]+).*$" . "${1}" }}
+{{- $suffix := regexReplaceAll "^[0-9.]+" . "" }}
+{{- mulf (float64 $num) (get $mult $suffix) | floor | int64 }}
+{{- else }}
+{{- int64 . }}
+{{- end }}
+{{- end }}
+
+{{/* The outbox volume and the metrics port (vmme.validate). */}}
+{{- define "vmme.validate.publisher" -}}
+{{- $p := .Values.publisher }}
+{{- $v := .Values.vllm }}
+{{- if and $v.enabled (gt (int64 $p.metricsPort) 0) (eq (int64 $p.metricsPort) (int64 $v.port)) }}
+{{- fail (printf "publisher.metricsPort: %d is vllm.port; the publisher's metrics need a port of their own" (int64 $p.metricsPort)) }}
+{{- end }}
+{{- $s := $p.spool }}
+{{- if and $v.enabled $s.enabled }}
+{{- $dir := include "vmme.spool.dir" . }}
+{{- $taken := list "/dev/shm" "/home/vllm" "/tmp" (trimSuffix "/" $v.modelCache.mountPath) (include "vmme.mounts.kafkaCa" .) (include "vmme.mounts.kafkaClient" .) (include "vmme.mounts.registryCa" .) }}
+{{- if has $dir $taken }}
+{{- fail (printf "publisher.spool.mountPath: %s is already a mount of the vLLM container; choose a path of its own, e.g. /var/lib/vllm-mm-events/spool" $dir) }}
+{{- end }}
+{{- $need := include "vmme.spool.minBytes" . | int64 }}
+{{- $engines := include "vmme.spool.engines" . | int64 }}
+{{- if eq $s.volume "emptyDir" }}
+{{- $size := include "vmme.quantityBytes" (include "vmme.spool.emptyDirSize" .) | int64 }}
+{{- if lt $size $need }}
+{{- fail (printf "publisher.spool.emptyDir.sizeLimit: %s (%d bytes) must be larger than publisher.spool.maxBytes (%d) by at least 16Mi, i.e. >= %d bytes: a publisher may fill its slot up to maxBytes plus its acks file, and an emptyDir over its sizeLimit gets the pod evicted and the spool deleted (left empty it is sized from maxBytes)" (include "vmme.spool.emptyDirSize" .) $size (int64 $s.maxBytes) $need) }}
+{{- end }}
+{{- else }}
+{{- $c := $s.persistentVolumeClaim }}
+{{- if not $c.existingClaim }}
+{{- if and (gt (int64 $v.replicaCount) 1) (not (has "ReadWriteMany" $c.accessModes)) }}
+{{- fail (printf "publisher.spool.persistentVolumeClaim.accessModes: %s: vllm.replicaCount is %d, but one ReadWriteOnce/ReadWriteOncePod claim cannot be mounted by pods on different nodes; use [ReadWriteMany] (each engine takes its own slot in the shared spool) or volume: emptyDir" (join "," $c.accessModes) (int64 $v.replicaCount)) }}
+{{- end }}
+{{- $size := include "vmme.quantityBytes" (include "vmme.spool.claimSize" .) | int64 }}
+{{- if lt $size (mul $need $engines) }}
+{{- fail (printf "publisher.spool.persistentVolumeClaim.size: %s (%d bytes) must hold %d engine slot(s) of publisher.spool.maxBytes (%d) plus 16Mi each, i.e. >= %d bytes (left empty it is sized from maxBytes)" (include "vmme.spool.claimSize" .) $size $engines (int64 $s.maxBytes) (mul $need $engines)) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
