@@ -11,6 +11,7 @@ requests follow one warm-up round, and the median round counts. Configurations:
   noop          a connector that does nothing (ec_both): vLLM's own connector plumbing
   local+kafka   the publisher: local directory store + Apache Kafka, durable outbox (spool) on
   local+kafka-nospool   the same with the outbox off (spool_dir "")
+  local+kafka-durable   the same with durable_before_return (each response waits for its spool fsync)
   s3+kafka      the publisher: MinIO + Apache Kafka (servers share the 2 cores: a floor)
 
 Prints requests/s and the ratios against no connector and against the no-op connector and,
@@ -180,9 +181,10 @@ def main() -> None:
                     "connector": {"none": None, "noop": "noop"}.get(name, "publisher")}
             env = {}
             topic = f"bench-{uuid.uuid4().hex[:6]}"
-            if name in ("local+kafka", "local+kafka-nospool"):
-                spool = str(work / f"spool-{i}") if name == "local+kafka" else ""
+            if name in ("local+kafka", "local+kafka-nospool", "local+kafka-durable"):
+                spool = "" if name.endswith("nospool") else str(work / f"spool-{i}")
                 spec["extra"] = {"object_store": (work / "objects").as_uri(), "spool_dir": spool,
+                                 "durable_before_return": name.endswith("durable"),
                                  "metrics_port": services.free_port(), "metrics_host": "127.0.0.1",
                                  "event_sink": f"kafka://{kafka.bootstrap}/{topic}"}
             elif name == "s3+kafka":

@@ -105,21 +105,25 @@ class ReportCounters:
 class PublisherMetrics:
     """This sidecar's metrics. ``counters[name]`` mirrors the report counter ``name``."""
 
-    def __init__(self) -> None:
-        from prometheus_client import Counter, Gauge, Histogram
+    def __init__(self, registry=None) -> None:
+        """``registry``: where the metrics register (default: prometheus_client's global one; in
+        multiprocess mode the scrape reads the shared files, so any registry serves)."""
+        from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-        self.counters = {name: Counter(f"{NS}_{metric}", help_) for name, (metric, help_) in COUNTERS.items()}
+        r = REGISTRY if registry is None else registry
+        self.counters = {name: Counter(f"{NS}_{metric}", help_, registry=r)
+                         for name, (metric, help_) in COUNTERS.items()}
         self.in_flight = Gauge(f"{NS}_events_in_flight", "Finished requests whose events are not yet delivered.",
-                               multiprocess_mode="livesum")
+                               multiprocess_mode="livesum", registry=r)
         self.spool_bytes = Gauge(f"{NS}_spool_bytes", "Bytes held by the durable outbox.",
-                                 multiprocess_mode="livesum")
+                                 multiprocess_mode="livesum", registry=r)
         self.durability_wait = Histogram(
             f"{NS}_durability_wait_seconds", "From a request's finish to its objects being durable (or the timeout).",
-            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120))
+            buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
         self.spool_lag = Histogram(
             f"{NS}_spool_lag_seconds", "From a request's finish in the scheduler to its spool record being fsynced: "
             "the window in which a returned response's event is not yet durable.",
-            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5))
+            buckets=(.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 5), registry=r)
 
     def inc(self, name: str, n: float = 1) -> None:
         if n:
