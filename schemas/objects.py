@@ -44,10 +44,18 @@ class BadObject(ValueError):
 def model_slug(model: str) -> str:
     """A readable, collision-safe path segment for a model name or path.
 
-    ``llava-hf/llava-1.5-7b-hf`` -> ``llava-hf--llava-1.5-7b-hf-3f2a9c1e``. The hash suffix
-    keeps two models whose names sanitize alike (or two local paths) apart.
+    A hub id keeps its organisation: ``llava-hf/llava-1.5-7b-hf`` ->
+    ``llava-hf--llava-1.5-7b-hf-3f2a9c1e``. A local path keeps only its last component:
+    ``/root/.cache/models/tiny-llava`` -> ``tiny-llava-<hash>`` (where a model sits on one
+    machine says nothing to a reader on another). The hash, of the whole name, keeps two
+    models whose names sanitize alike (or two local copies) apart.
     """
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", model.strip("/").replace("/", "--")).strip("-.")[-80:]
+    name = model.strip()
+    if name.startswith(("/", "./", "../", "~")) or name.rstrip("/").count("/") > 1:
+        readable = name.rstrip("/").rsplit("/", 1)[-1]
+    else:
+        readable = name.strip("/").replace("/", "--")
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "-", readable).strip("-.")[-80:]
     digest = hashlib.sha256(model.encode()).hexdigest()[:8]
     return f"{readable or 'model'}-{digest}"
 

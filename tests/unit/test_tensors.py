@@ -54,5 +54,10 @@ def test_keys_are_content_addressed():
 def test_slug_keeps_similar_names_apart_and_paths_safe():
     assert model_slug("a/b") != model_slug("a-b")  # sanitize alike, hash differs
     assert "/" not in model_slug("/tmp/models/x")
+    # A hub id keeps its organisation; a local path only its last component (plus the hash of the whole).
+    assert model_slug("llava-hf/llava-1.5-7b-hf").startswith("llava-hf--llava-1.5-7b-hf-")
+    assert model_slug("/root/.cache/vllm-mm-events/models/tiny-llava").startswith("tiny-llava-")
+    assert model_slug("./models/tiny-llava/").startswith("tiny-llava-")
+    assert model_slug("/a/tiny-llava") != model_slug("/b/tiny-llava")
     evil = object_key("", "m", "../../etc/passwd", "float32")
     assert ".." not in evil and evil.endswith(".safetensors")
