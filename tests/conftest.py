@@ -3,15 +3,16 @@
 In CI (``CI=true``) a skipped test is a failure: end-to-end tests must run, not skip.
 
 The servers run natively or in containers (``$VLLM_MM_EVENTS_SERVICES``, see tests/support/services.py).
-Every test is marked with what it needs (``kafka``, ``minio``, ``postgres``, ``vllm``, ``helm``), from
-the fixtures it uses, so ``pytest -m "not (kafka or minio or postgres or vllm or helm)"`` runs the
-tests that need none of them.
+Every test is marked with what it needs (``kafka``, ``minio``, ``postgres``, ``toxiproxy``, ``vllm``,
+``helm``), from the fixtures it uses, so ``pytest -m "not (kafka or minio or postgres or toxiproxy or vllm
+or helm)"`` runs the tests that need none of them.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -28,11 +29,13 @@ MARKERS = {
     "kafka": "needs the Kafka broker (fixture kafka; native or container)",
     "minio": "needs the MinIO S3 server (fixture minio; native or container)",
     "postgres": "needs PostgreSQL + pgvector (fixture postgres; native or container)",
+    "toxiproxy": "puts Toxiproxy (network faults) between a client and a server (fixture toxiproxy; native)",
     "vllm": "runs the real vLLM engine on the tiny model (fixture tiny_llava)",
     "helm": "runs the helm and kubeconform CLIs (tests/helm)",
 }
 # Fixture -> marker; item.fixturenames includes fixtures used through other fixtures.
-FIXTURE_MARKERS = {"kafka": "kafka", "minio": "minio", "postgres": "postgres", "tiny_llava": "vllm"}
+FIXTURE_MARKERS = {"kafka": "kafka", "minio": "minio", "postgres": "postgres", "tiny_llava": "vllm",
+                   "toxiproxy": "toxiproxy", "proxied_kafka": "kafka"}
 # Parametrized fixtures that reach a server through request.getfixturevalue() for one param only,
 # which item.fixturenames cannot see: (fixture, param) -> marker. A test that uses a server fixture
 # without its marker fails at teardown (see _markers_cover_the_servers_used), so a gap here shows.
@@ -140,6 +143,35 @@ def postgres(pytestconfig, services_backend):
     announce(pytestconfig, f"PostgreSQL ({server.backend}): {server.name} at {server.host}:{server.port}")
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def toxiproxy(pytestconfig) -> services.ToxiproxyServer:
+    """Toxiproxy, native on any backend (a Go binary: nothing to containerize); tests make their proxies
+    with ``toxiproxy.proxy(...)`` and delete them when done."""
+    server = services.ToxiproxyServer().start()
+    announce(pytestconfig, f"Toxiproxy (native): {server.name} (reports {server.version!r}) at {server.api}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxied_kafka(pytestconfig, toxiproxy):
+    """(broker, proxy): a native Kafka broker of the module's own behind a Toxiproxy proxy, leaving the
+    session's ``kafka`` untouched by the faults. The broker advertises the proxy's port (see
+    ``KafkaBroker(advertised_port=...)``), so a client bootstrapped at ``proxy.listen`` stays behind the
+    proxy, while ``broker.bootstrap`` reaches the broker directly (to check what it holds)."""
+    listen = services.free_port()
+    broker = services.KafkaBroker(advertised_port=listen)
+    proxy = toxiproxy.proxy(f"kafka-{uuid.uuid4().hex[:8]}", f"127.0.0.1:{broker.proxied_port}", listen)
+    try:
+        broker.start()
+        announce(pytestconfig, f"Kafka (native, own broker behind Toxiproxy): {broker.name} at {broker.bootstrap}, "
+                               f"proxied at {proxy.listen}")
+        yield broker, proxy
+    finally:
+        broker.stop()
+        proxy.delete()
 
 
 @pytest.fixture(scope="session")

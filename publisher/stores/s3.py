@@ -60,7 +60,7 @@ class S3Store(ObjectStore):
             return self._lite.put_if_absent(self.bucket, key, data, sha_hex, sha_b64, metadata, self.CONTENT_TYPE)
         except S3Error as e:
             if e.code in self.PERMANENT_CODES or e.status == 403:
-                raise PermanentStoreError(f"{self.uri(key)}: {e.code}") from None
+                raise PermanentStoreError(f"{self.uri(key)}: {e}") from None
             raise  # 5xx, throttling: the uploader retries until its deadline
 
     def put_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[bool]:

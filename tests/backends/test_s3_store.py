@@ -22,14 +22,14 @@ def test_s3_metadata_and_bytes_agree_with_boto3(minio, monkeypatch):
 
 
 def test_s3_wrong_credentials_fail_clearly(minio, monkeypatch):
-    from publisher.stores.s3_put_head import S3Error
+    from publisher.stores.base import PermanentStoreError
 
     for k, v in minio.env.items():
         monkeypatch.setenv(k, v)
     bucket = minio.create_bucket(f"auth-{uuid.uuid4().hex[:8]}")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
     s, _ = open_store(f"s3://{bucket}", endpoint_url=minio.endpoint)
-    with pytest.raises(S3Error, match="403") as e:
+    with pytest.raises(PermanentStoreError, match="403") as e:  # the uploader does not retry it for long
         s.put_if_absent("k", b"x", meta(b"x"))
     assert "not-the-secret" not in str(e.value)
 

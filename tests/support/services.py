@@ -7,6 +7,9 @@ Native (no Docker; what CI runs):
   never shipped).
 - PostgreSQL 16 + pgvector: the binaries inside the ``pgserver`` wheel, run as a real server
   on a TCP port with password auth (as a dedicated non-root user when we are root).
+- Toxiproxy (network faults between a client and a server: latency, resets, stalls, a proxy
+  down): built once from the Go module proxy; ``ToxiproxyServer`` runs it, ``ToxicProxy`` drives
+  one proxy through its HTTP API (urllib only).
 
 Binaries are cached under ``$VLLM_MM_EVENTS_CACHE`` (default ``~/.cache/vllm-mm-events``),
 keyed by version. ``python tests/support/services.py ensure`` fetches/builds them;
@@ -44,6 +47,7 @@ import atexit
 import base64
 import contextlib
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -52,6 +56,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +65,9 @@ from typing import Any, Protocol
 
 KAFKA_VERSION = "4.1.1"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"  # github.com/minio/minio, Feb 2026
+# github.com/Shopify/toxiproxy/v2, Mar 2025: the newest the Go module proxy serves (its @v/list stops at
+# v2.5.0, but v2.6.0 ... v2.12.0 are served when asked for by version; v2.12.1 and v2.13.0 are not).
+TOXIPROXY_VERSION = "v2.12.0"
 CACHE = Path(os.environ.get("VLLM_MM_EVENTS_CACHE", Path.home() / ".cache" / "vllm-mm-events"))
 MINIO_USER, MINIO_PASSWORD = "mmevents", "mmevents-secret-key"
 
@@ -423,15 +432,21 @@ class KafkaBroker(_KafkaClients, _NativeServer):
     host = "127.0.0.1"
     _restart_timeout = 180.0  # after SIGKILL the broker recovers its logs first
 
-    def __init__(self) -> None:
+    def __init__(self, advertised_port: int | None = None) -> None:
+        """``advertised_port``: also listen on ``proxied_port`` (listener PROXIED), advertised as
+        127.0.0.1:``advertised_port``, where a proxy (Toxiproxy) forwarding to ``proxied_port`` listens.
+        Clients connect to the advertised address after bootstrap, so a client that bootstraps through
+        the proxy stays behind it; ``bootstrap`` (listener PLAINTEXT) stays direct."""
         self.dir = Path(tempfile.mkdtemp(prefix="kafka-"))
         self.port, self.controller_port = free_port(), free_port()
+        self.advertised_port = advertised_port
+        self.proxied_port = free_port() if advertised_port is not None else None
         self._log = self.dir / "kafka.log"
         self.cluster_id: str | None = None
         self._init_process()
 
     def _ports(self) -> tuple[int, ...]:
-        return self.port, self.controller_port
+        return self.port, self.controller_port, *((self.proxied_port,) if self.proxied_port else ())
 
     def _argv(self) -> tuple[list[str], dict[str, str] | None]:
         return (["java", "-Xmx512m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-cp", f"{kafka_libs()}/*",
@@ -440,13 +455,19 @@ class KafkaBroker(_KafkaClients, _NativeServer):
     def start(self) -> "KafkaBroker":
         libs = kafka_libs()
         props = self.dir / "server.properties"
+        listeners, advertised = f"PLAINTEXT://127.0.0.1:{self.port}", f"PLAINTEXT://127.0.0.1:{self.port}"
+        protocols = "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT"
+        if self.proxied_port is not None:  # brokers talk to each other on PLAINTEXT still (its default)
+            listeners += f",PROXIED://127.0.0.1:{self.proxied_port}"
+            advertised += f",PROXIED://127.0.0.1:{self.advertised_port}"
+            protocols += ",PROXIED:PLAINTEXT"
         props.write_text("\n".join([
             "process.roles=broker,controller", "node.id=1",
             f"controller.quorum.bootstrap.servers=127.0.0.1:{self.controller_port}",
-            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}",
-            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            f"listeners={listeners},CONTROLLER://127.0.0.1:{self.controller_port}",
+            f"advertised.listeners={advertised}",
             "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"listener.security.protocol.map={protocols}",
             f"log.dirs={self.dir / 'data'}",
             *(f"{key}={value}" for key, value in KAFKA_SETTINGS.items()), "",
         ]))
@@ -546,6 +567,154 @@ class MinioServer(_S3Clients, _NativeServer):
         atexit.register(self.stop)
         self._launch(90)
         return self
+
+
+# ---- Toxiproxy ---------------------------------------------------------------------------
+
+def toxiproxy_binary() -> Path:
+    """Toxiproxy's server (``cmd/server``, installed as ``server``), built once and cached as ``toxiproxy-server``."""
+    binary = CACHE / f"toxiproxy-{TOXIPROXY_VERSION}" / "toxiproxy-server"
+    if binary.exists():
+        return binary
+    if not shutil.which("go"):
+        raise RuntimeError("Toxiproxy is built from the Go module proxy; go is not on PATH")
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, GOBIN=d, CGO_ENABLED="0")
+        subprocess.check_call(["go", "install", f"github.com/Shopify/toxiproxy/v2/cmd/server@{TOXIPROXY_VERSION}"],
+                              env=env)
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(d) / "server", binary)
+    return binary
+
+
+class ToxiproxyServer(_NativeServer):
+    """Toxiproxy: TCP proxies put between a client and a server, whose faults ("toxics") tests switch on
+    and off through its HTTP API on ``port``. A client pointed at a proxy's listen port instead of the
+    server gets the faults; ``proxy()`` makes one."""
+
+    name = f"Toxiproxy {TOXIPROXY_VERSION}"
+    backend = "native"
+    host = "127.0.0.1"
+    _restart_timeout = 30.0
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="toxiproxy-"))
+        self.port = free_port()
+        self._log = self.dir / "toxiproxy.log"
+        self.version: str | None = None  # what its /version answered
+        self._init_process()
+
+    def _ports(self) -> tuple[int, ...]:
+        return (self.port,)
+
+    def _argv(self) -> tuple[list[str], dict[str, str] | None]:
+        return ([str(toxiproxy_binary()), "-host", self.host, "-port", str(self.port)],
+                dict(os.environ, LOG_LEVEL="info"))  # its default, trace, logs every byte moved
+
+    @property
+    def api(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_process()
+            try:
+                self.version = self.call("GET", "/version", timeout=2)["version"]
+                return
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+                last = str(e)
+            time.sleep(0.1)
+        raise TimeoutError(f"Toxiproxy at {self.api} not ready after {timeout:g}s ({last}){self._log_hint()}")
+
+    def start(self) -> "ToxiproxyServer":
+        atexit.register(self.stop)
+        self._launch(30)
+        return self
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 10) -> Any:
+        """One API request; the decoded JSON answer (None when empty). An error status raises RuntimeError."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.api + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"Toxiproxy {method} {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
+        return json.loads(raw) if raw.strip() else None
+
+    def proxy(self, name: str, upstream: str, listen_port: int = 0) -> "ToxicProxy":
+        """A new proxy, enabled and without toxics: it listens on 127.0.0.1:``listen_port`` (0: a free
+        port) and forwards each connection to ``upstream`` (host:port)."""
+        got = self.call("POST", "/proxies", {"name": name, "listen": f"{self.host}:{listen_port}",
+                                             "upstream": upstream, "enabled": True})
+        return ToxicProxy(self, name, got["listen"], upstream)
+
+
+@dataclass(frozen=True)
+class ToxicProxy:
+    """One Toxiproxy proxy. Toxics act on the data of its connections, existing and new, in one
+    direction: ``downstream`` (server to client) or ``upstream`` (client to server)."""
+
+    server: ToxiproxyServer
+    name: str
+    listen: str  # host:port, where clients connect
+    upstream: str
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    def add_toxic(self, kind: str, stream: str = "downstream", name: str | None = None, toxicity: float = 1.0,
+                  **attributes: int) -> str:
+        """Add a toxic of type ``kind`` (one of Toxiproxy's: latency, reset_peer, timeout, bandwidth,
+        limit_data, slicer, slow_close) to a ``toxicity`` share of connections; returns its name
+        (default ``<kind>_<stream>``)."""
+        body = {"type": kind, "stream": stream, "toxicity": toxicity, "attributes": attributes}
+        if name:
+            body["name"] = name
+        return self.server.call("POST", f"/proxies/{self.name}/toxics", body)["name"]
+
+    def latency(self, ms: int, jitter_ms: int = 0, stream: str = "downstream") -> str:
+        """Data waits ``ms`` (+- ``jitter_ms``) before it is passed on."""
+        return self.add_toxic("latency", stream, latency=ms, jitter=jitter_ms)
+
+    def reset_peer(self, after_ms: int = 0, stream: str = "downstream") -> str:
+        """A connection is reset (TCP RST, unsent data dropped) ``after_ms`` after its first data."""
+        return self.add_toxic("reset_peer", stream, timeout=after_ms)
+
+    def timeout(self, ms: int = 0, stream: str = "downstream") -> str:
+        """No data passes; connections are closed after ``ms`` (0: held open, silent, until removed)."""
+        return self.add_toxic("timeout", stream, timeout=ms)
+
+    def bandwidth(self, kb_per_s: int, stream: str = "downstream") -> str:
+        """At most ``kb_per_s`` KB/s."""
+        return self.add_toxic("bandwidth", stream, rate=kb_per_s)
+
+    def limit_data(self, nbytes: int, stream: str = "downstream") -> str:
+        """A connection is closed once ``nbytes`` have passed."""
+        return self.add_toxic("limit_data", stream, bytes=nbytes)
+
+    def remove_toxic(self, name: str) -> None:
+        self.server.call("DELETE", f"/proxies/{self.name}/toxics/{name}")
+
+    def toxics(self) -> list[dict[str, Any]]:
+        return self.server.call("GET", f"/proxies/{self.name}/toxics")
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Disabled: the proxy closes its connections and stops listening (connections are refused)."""
+        self.server.call("POST", f"/proxies/{self.name}", {"enabled": enabled})
+
+    def heal(self) -> None:
+        """No toxics left, enabled."""
+        for toxic in self.toxics():
+            self.remove_toxic(toxic["name"])
+        self.set_enabled(True)
+
+    def delete(self) -> None:
+        self.server.call("DELETE", f"/proxies/{self.name}")
 
 
 # ---- PostgreSQL + pgvector ------------------------------------------------------------------
@@ -960,6 +1129,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["ensure"]:
         print("kafka jars:", kafka_libs())
         print("minio:", minio_binary())
+        print("toxiproxy:", toxiproxy_binary())
         return 0
     if argv[:1] == ["run"]:
         backend = resolve_backend()

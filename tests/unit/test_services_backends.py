@@ -282,6 +282,9 @@ def conftest_module(request):
     (["sink_uri"], {"sink_uri": "pgvector"}, "contract/test_x.py", {"postgres"}),
     (["sink_uri"], {"sink_uri": "qdrant"}, "contract/test_x.py", set()),
     (["rendered"], {}, "helm/test_chart.py", {"helm"}),
+    # the module's own broker behind Toxiproxy: Kafka all the same, and Toxiproxy
+    (["kafka_proxy", "proxied_kafka", "toxiproxy", "tmp_path"], {}, "backends/test_x.py", {"kafka", "toxiproxy"}),
+    (["s3_proxy", "minio", "toxiproxy"], {}, "backends/test_x.py", {"minio", "toxiproxy"}),
 ])
 def test_markers_for(conftest_module, fixturenames, params, path, expected):
     assert conftest_module.markers_for(fixturenames, params, TESTS / path) == expected
