@@ -16,15 +16,22 @@ package, the CRD schemas from the prometheus-operator and KEDA Go modules.
 - least privilege: one ServiceAccount per component, each container references exactly the
   Secrets it needs (vLLM no sink Secret, a consumer only its own sink's), optional
   NetworkPolicies, the vLLM API key from a Secret, TLS to the stores by default, install notes
-  that warn about plaintext connections, inline librdkafka secrets refused by the schema.
+  that warn about plaintext connections, inline librdkafka secrets refused by the schema;
+- the Grafana dashboards (dashboards/*.json in ConfigMaps): rendered only when enabled, well-formed,
+  every query valid PromQL (Prometheus's parser, tests/helm/promqlcheck) over metrics the code
+  exports (consumers.metrics, publisher.sidecar.metrics), and every exported metric on a panel.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import os
 import re
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -1200,6 +1207,414 @@ def test_notes_warn_about_plaintext_connections(tmp_path):
     assert "Note: Consumer pg: sslMode require encrypts but does not check" in text
 
 
+# ---- Grafana dashboards -------------------------------------------------------------------------
+
+DASHBOARD_DIR = CHART / "dashboards"
+# board -> the metric namespace of the code it shows (consumers/metrics.py, publisher/sidecar/metrics.py)
+BOARDS = {"publisher": "vllm_mm_events_publisher", "consumer": "vllm_mm_events_consumer"}
+# A metric of this project in a query: the whole identifier, so that a longer name is not cut short.
+METRIC_REF = re.compile(r"(?<![A-Za-z0-9_:])vllm_mm_events_(?:consumer|publisher)_[A-Za-z0-9_:]+")
+# The series Prometheus stores for a family of each type (prometheus_client's exposition).
+SERIES_SUFFIXES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
+# Every panel query selects the dashboard's variables.
+PANEL_SELECTOR = '{namespace="$namespace", job=~"$job", pod=~"$pod"}'
+RATE_CALL = re.compile(r"\b(?:rate|irate|increase)\($")
+QUANTILE_CALL = re.compile(r"histogram_quantile\(\s*[0-9.]+\s*,\s*sum by \(([^)]*)\)\s*\(rate\($")
+LABEL_VALUES = re.compile(r"^label_values\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\)$")
+# Exported metric families deliberately left off the dashboards: family name -> why. Every family
+# the code exports must be on its dashboard or here (new metrics are not silently missed), and an
+# entry here must name an exported family that no panel shows (stale entries fail). None so far.
+NOT_ON_DASHBOARDS: dict[str, str] = {}
+PUBLISHER_FAMILIES = """
+import json
+from prometheus_client import REGISTRY
+from publisher.sidecar.metrics import NS, PublisherMetrics
+PublisherMetrics()
+print(json.dumps({f.name: f.type for f in REGISTRY.collect() if f.name.startswith(NS + "_")}))
+"""
+
+
+@pytest.fixture(scope="session")
+def exported_metrics() -> dict[str, dict[str, str]]:
+    """board -> {metric family: type}, from the code. The consumer's metrics live in a registry of
+    their own; PublisherMetrics registers into prometheus_client's default REGISTRY (it cannot be
+    instantiated twice in one process), so it is built and collected in a fresh interpreter."""
+    from consumers.metrics import ConsumerMetrics
+
+    consumer = {f.name: f.type for f in ConsumerMetrics().registry.collect()}
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    res = subprocess.run([sys.executable, "-c", PUBLISHER_FAMILIES], capture_output=True, text=True, cwd=REPO,
+                         env=env, timeout=120)
+    assert res.returncode == 0, res.stderr
+    publisher = json.loads(res.stdout)
+    return {"consumer": consumer, "publisher": publisher}
+
+
+def test_exported_metrics_come_from_the_code(exported_metrics):
+    """The names the dashboards are checked against are the code's: every report counter of the
+    publisher's COUNTERS, its gauges and histograms; the consumer's counters, gauges, histograms."""
+    from publisher.sidecar.metrics import COUNTERS
+
+    pub = exported_metrics["publisher"]
+    for metric, _ in COUNTERS.values():
+        assert pub.get(f"{BOARDS['publisher']}_{metric}") == "counter", metric
+    assert len(pub) > len(COUNTERS)
+    for board, families in exported_metrics.items():
+        assert set(families.values()) == {"counter", "gauge", "histogram"}, families
+        assert all(name.startswith(BOARDS[board] + "_") for name in families), families
+
+
+def series_of(families: dict[str, str]) -> dict[str, str]:
+    """series name -> its family, as Prometheus stores them."""
+    out = {}
+    for name, typ in families.items():
+        assert typ in SERIES_SUFFIXES, f"{name}: a {typ} metric; teach SERIES_SUFFIXES its series"
+        out.update({name + suffix: name for suffix in SERIES_SUFFIXES[typ]})
+    return out
+
+
+def test_series_suffixes_are_those_of_the_exposition(exported_metrics):
+    """SERIES_SUFFIXES matches what prometheus_client really exposes: in a scrape of the
+    consumer's metrics, each family without labels (at least one of each type) has exactly the
+    series series_of() gives it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from consumers.metrics import ConsumerMetrics
+
+    families = exported_metrics["consumer"]
+    scraped = {f.name: {s.name for s in f.samples if not s.name.endswith("_created")}
+               for f in text_string_to_metric_families(ConsumerMetrics().render().decode())}
+    scraped = {name: series for name, series in scraped.items() if series}
+    assert {families[name] for name in scraped} == set(SERIES_SUFFIXES)
+    for name, series in scraped.items():
+        assert series == {s for s, family in series_of(families).items() if family == name}, name
+
+
+def dashboard(board: str) -> dict:
+    return json.loads((DASHBOARD_DIR / f"{board}.json").read_text())
+
+
+def all_panels(panels: list[dict]):
+    for p in panels:
+        yield p
+        yield from all_panels(p.get("panels", []))
+
+
+def panel_queries(d: dict) -> list[tuple[str, str]]:
+    """(where, expr) of every panel target."""
+    return [(f"panel {p['id']} {p.get('title')!r} target {t.get('refId')}", t["expr"])
+            for p in all_panels(d["panels"]) for t in p.get("targets", [])]
+
+
+def variable_queries(d: dict) -> list[tuple[str, str]]:
+    """(where, selector) of every query variable: label_values(<selector>, <label>)."""
+    out = []
+    for v in d["templating"]["list"]:
+        if v["type"] == "query":
+            q = v["query"]["query"] if isinstance(v["query"], dict) else v["query"]
+            m = LABEL_VALUES.match(q)
+            assert m, f"variable {v['name']}: {q!r} is not label_values(<selector>, <label>)"
+            out.append((f"variable {v['name']}", m[1]))
+    return out
+
+
+def dashboard_problems(d: dict) -> list[str]:
+    """What is wrong with a dashboard's structure (empty: nothing)."""
+    problems = []
+    ds = {"type": "prometheus", "uid": "${datasource}"}
+    variables = {v["name"]: v for v in d.get("templating", {}).get("list", [])}
+    if not (36 <= d.get("schemaVersion", 0) <= 41):
+        problems.append(f"schemaVersion {d.get('schemaVersion')}")
+    if not d.get("uid") or not d.get("title"):
+        problems.append("no uid or title")
+    source = variables.get("datasource", {})
+    if (source.get("type"), source.get("query")) != ("datasource", "prometheus"):
+        problems.append(f"no prometheus data source variable: {source}")
+    for name in ("namespace", "job", "pod"):
+        v = variables.get(name, {})
+        if v.get("type") != "query" or v.get("datasource") != ds:
+            problems.append(f"variable {name}: not a query of ${{datasource}}: {v}")
+    ids = [p.get("id") for p in all_panels(d["panels"])]
+    if len(ids) != len(set(ids)) or not all(isinstance(i, int) for i in ids):
+        problems.append(f"panel ids not unique integers: {ids}")
+    cells: dict[tuple[int, int], int] = {}
+    for p in all_panels(d["panels"]):
+        g = p["gridPos"]
+        if not (0 <= g["x"] and 0 < g["w"] and g["x"] + g["w"] <= 24 and g["h"] > 0):
+            problems.append(f"panel {p['id']}: gridPos {g} outside the 24 columns")
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                if (x, y) in cells:
+                    problems.append(f"panel {p['id']} overlaps panel {cells[(x, y)]}")
+                    break
+                cells[(x, y)] = p["id"]
+            else:
+                continue
+            break
+        if p["type"] == "row":
+            continue
+        targets = p.get("targets", [])
+        if p.get("datasource") != ds or not targets:
+            problems.append(f"panel {p['id']}: datasource {p.get('datasource')}, {len(targets)} targets")
+        refs = [t.get("refId") for t in targets]
+        if len(refs) != len(set(refs)):
+            problems.append(f"panel {p['id']}: refIds {refs}")
+        for t in targets:
+            if t.get("datasource") != ds or not t.get("expr"):
+                problems.append(f"panel {p['id']} target {t.get('refId')}: {t}")
+    return problems
+
+
+def query_problems(board: str, d: dict, exported: dict[str, str]) -> list[str]:
+    """Queries of metrics the code does not export, or used against their type (empty: none)."""
+    problems = []
+    series = series_of(exported)
+    for where, expr in [*panel_queries(d), *variable_queries(d)]:
+        refs = list(METRIC_REF.finditer(expr))
+        if not refs:
+            problems.append(f"{where}: no vllm_mm_events metric in {expr!r}")
+        for m in refs:
+            name, before, after = m[0], expr[:m.start()], expr[m.end():]
+            if not name.startswith(BOARDS[board] + "_"):
+                problems.append(f"{where}: {name} belongs to another dashboard")
+            elif name not in series:
+                problems.append(f"{where}: {name} is not exported by the code (known series: {sorted(series)})")
+            if not where.startswith("panel") or name not in series:
+                continue
+            if not after.startswith(PANEL_SELECTOR):
+                problems.append(f"{where}: {name} without the selector {PANEL_SELECTOR}")
+            typ = exported[series[name]]
+            if typ in ("counter", "histogram") and not RATE_CALL.search(before):
+                problems.append(f"{where}: {name} ({typ}) outside rate()/increase()")
+            if typ == "gauge" and RATE_CALL.search(before):
+                problems.append(f"{where}: rate() of the gauge {name}")
+            if name.endswith("_bucket"):
+                q = QUANTILE_CALL.search(before)
+                if not q or "le" not in [label.strip() for label in q[1].split(",")]:
+                    problems.append(f"{where}: {name} not in histogram_quantile(q, sum by (..., le) (rate(...)))")
+    return problems
+
+
+def families_shown(d: dict, exported: dict[str, str]) -> set[str]:
+    series = series_of(exported)
+    return {series[m] for _, expr in panel_queries(d) for m in METRIC_REF.findall(expr) if m in series}
+
+
+def expected_boards(v: dict) -> list[str]:
+    if not v["metrics"].get("grafanaDashboards", {}).get("enabled"):
+        return []
+    boards = []
+    if v["vllm"]["enabled"] and v["publisher"]["metricsPort"] > 0:
+        boards.append("publisher")
+    if consumer_entries(v):
+        boards.append("consumer")
+    return boards
+
+
+def dashboard_maps(r: Rendered) -> dict[str, dict]:
+    """board -> its ConfigMap."""
+    prefix = f"{RELEASE}-vllm-mm-events-dashboard-"
+    return {cm["metadata"]["name"][len(prefix):]: cm for cm in r.kind("ConfigMap")
+            if cm["metadata"]["name"].startswith(prefix)}
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_grafana_dashboards_only_when_enabled(rendered, name):
+    """metrics.grafanaDashboards.enabled (default false): the publisher's dashboard with vLLM and
+    its metrics port, the consumers' with a consumer, each in a ConfigMap holding its JSON file."""
+    r = rendered[name]
+    maps = dashboard_maps(r)
+    assert list(maps) == expected_boards(r.values)
+    for board, cm in maps.items():
+        assert list(cm["data"]) == [f"vllm-mm-events-{board}.json"]
+        assert json.loads(cm["data"][f"vllm-mm-events-{board}.json"]) == dashboard(board)
+    assert not rendered["default"].values["metrics"]["grafanaDashboards"]["enabled"]
+    assert list(dashboard_maps(rendered["kafka-sasl-ssl"])) == ["publisher", "consumer"]
+
+
+def test_grafana_dashboard_configmaps(rendered, tmp_path):
+    """The label the Grafana sidecar watches (grafana_dashboard: "1" by default), annotations
+    (grafana_folder), the namespace (default: the release's), the chart's labels."""
+    r = rendered["kafka-sasl-ssl"]
+    for board, cm in dashboard_maps(r).items():
+        meta = cm["metadata"]
+        assert meta["namespace"] == "mm"
+        assert meta["labels"]["grafana_dashboard"] == "1"
+        assert meta["labels"]["app.kubernetes.io/instance"] == RELEASE
+        assert meta["labels"]["app.kubernetes.io/component"] == ("vllm" if board == "publisher" else "consumer")
+        assert meta["annotations"] == {"grafana_folder": "vLLM"}
+    r = render_with(tmp_path, "sink-qdrant", {"metrics": {"grafanaDashboards": {
+        "enabled": True, "namespace": "monitoring", "labels": {"grafana_dashboard": "vllm", "team": "ml"}}}})
+    maps = dashboard_maps(r)
+    assert list(maps) == ["publisher", "consumer"]
+    for cm in maps.values():
+        assert cm["metadata"]["namespace"] == "monitoring" and "annotations" not in cm["metadata"]
+        assert {"grafana_dashboard": "vllm", "team": "ml"}.items() <= cm["metadata"]["labels"].items()
+    # Only the dashboards of what the release runs.
+    no_port = render_with(tmp_path, "sink-qdrant", {"publisher": {"metricsPort": 0},
+                                                     "metrics": {"grafanaDashboards": {"enabled": True}}})
+    assert list(dashboard_maps(no_port)) == ["consumer"]
+    no_consumers = render_with(tmp_path, "default", {"metrics": {"grafanaDashboards": {"enabled": True}}})
+    assert list(dashboard_maps(no_consumers)) == ["publisher"]
+    consumers_only = render_with(tmp_path, "minimal", {"vllm": {"enabled": False},
+                                                       "metrics": {"grafanaDashboards": {"enabled": True}}})
+    assert list(dashboard_maps(consumers_only)) == ["consumer"]
+    kubeconform_ok(tmp_path, r, no_port, no_consumers, consumers_only)
+
+
+def test_notes_name_the_dashboards(tmp_path):
+    text = render_notes(tmp_path / "on", "-f", str(CI_VALUES["kafka-sasl-ssl"]))
+    assert 'ConfigMap default/mme-vllm-mm-events-dashboard-publisher: "vLLM MM Events / Publisher"' in text
+    assert 'ConfigMap default/mme-vllm-mm-events-dashboard-consumer: "vLLM MM Events / Consumers"' in text
+    assert "watches that namespace for grafana_dashboard=1 loads them" in text
+    assert "serviceMonitor.enabled=false" not in text
+    text = render_notes(tmp_path / "ns", "--set", "metrics.grafanaDashboards.enabled=true",
+                        "--set", "metrics.grafanaDashboards.namespace=monitoring")
+    assert "ConfigMap monitoring/mme-vllm-mm-events-dashboard-publisher" in text and "dashboard-consumer" not in text
+    assert "metrics.serviceMonitor.enabled=false: they show data only if" in text
+    assert "Grafana dashboards" not in render_notes(tmp_path / "off")
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_grafana_dashboard_is_well_formed(board):
+    """A Grafana JSON model: a Prometheus data source variable that every panel and target uses,
+    namespace/job/pod variables, unique integer panel ids, panels inside the grid, not overlapping."""
+    d = dashboard(board)
+    assert dashboard_problems(d) == []
+    assert d["uid"] == f"vllm-mm-events-{board}" and len(d["uid"]) <= 40
+    assert [p for p in all_panels(d["panels"]) if p["type"] != "row"]
+
+
+def test_dashboard_checks_catch_mistakes():
+    """The structure checks are real: a duplicate panel id, a hard-coded data source, a missing
+    variable and overlapping panels are each reported."""
+    d = dashboard("consumer")
+    panels = [p for p in d["panels"] if p["type"] != "row"]
+    panels[1]["id"] = panels[0]["id"]
+    panels[2]["datasource"] = {"type": "prometheus", "uid": "prometheus"}
+    panels[3]["gridPos"] = dict(panels[4]["gridPos"])
+    d["templating"]["list"] = [v for v in d["templating"]["list"] if v["name"] != "pod"]
+    problems = "\n".join(dashboard_problems(d))
+    for expected in ("panel ids not unique", f"panel {panels[2]['id']}: datasource", "variable pod",
+                     f"panel {panels[4]['id']} overlaps panel {panels[3]['id']}"):
+        assert expected in problems, problems
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_dashboard_queries_only_metrics_the_code_exports(board, exported_metrics):
+    """Every metric a panel or variable queries is a series the code exports (counters as _total,
+    histograms as _bucket/_sum/_count), used as its type allows (counters and histograms through
+    rate/increase, buckets in histogram_quantile by le, gauges as they are), with the variables."""
+    d = dashboard(board)
+    assert query_problems(board, d, exported_metrics[board]) == []
+    assert len(panel_queries(d)) >= len(exported_metrics[board])
+
+
+def test_query_checks_catch_mistakes(exported_metrics):
+    """The metric check is real: a renamed metric, a counter without _total, a family of the other
+    component, a gauge under rate(), a counter read raw and a quantile without le are reported."""
+    d = dashboard("consumer")
+    sel = PANEL_SELECTOR
+    c = "vllm_mm_events_consumer"
+    bad = {
+        f"{c}_events_consumd_total is not": f"sum(rate({c}_events_consumd_total{sel}[5m]))",
+        f"{c}_events_consumed is not": f"sum(rate({c}_events_consumed{sel}[5m]))",
+        "belongs to another": f"sum(rate(vllm_mm_events_publisher_events_published_total{sel}[5m]))",
+        "rate() of the gauge": f"sum(rate({c}_lag_events{sel}[5m]))",
+        "(counter) outside rate()": f"sum({c}_errors_total{sel})",
+        "not in histogram_quantile": f"histogram_quantile(0.5, sum by (job) (rate({c}_batch_seconds_bucket{sel}[5m])))",
+        "without the selector": f"sum(rate({c}_events_consumed_total[5m]))",
+        "no vllm_mm_events metric": "sum(rate(up[5m]))",
+    }
+    panel = next(p for p in d["panels"] if p["type"] != "row")
+    for expected, expr in bad.items():
+        panel["targets"] = [{"refId": "A", "expr": expr, "datasource": panel["datasource"]}]
+        problems = "\n".join(query_problems("consumer", d, exported_metrics["consumer"]))
+        assert expected in problems, f"{expr}:\n{problems}"
+
+
+def coverage_problems(board: str, d: dict, families: dict[str, str], omitted: dict[str, str]) -> list[str]:
+    """Exported families on no panel and not in ``omitted``; stale ``omitted`` entries."""
+    shown = families_shown(d, families)
+    mine = {name for name in omitted if name.startswith(BOARDS[board] + "_")}
+    return ([f"{name}: exported but on no panel" for name in sorted(set(families) - mine - shown)]
+            + [f"NOT_ON_DASHBOARDS: {name} is not exported" for name in sorted(mine - set(families))]
+            + [f"NOT_ON_DASHBOARDS: {name} is on a panel" for name in sorted(mine & shown)])
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_every_exported_metric_is_on_its_dashboard(board, exported_metrics):
+    """A metric added to the code fails this test until a panel shows it (or NOT_ON_DASHBOARDS
+    says why not)."""
+    assert coverage_problems(board, dashboard(board), exported_metrics[board], NOT_ON_DASHBOARDS) == []
+
+
+def test_coverage_check_catches_mistakes(exported_metrics):
+    """A metric no panel shows, an allowlisted metric that is shown, an allowlisted one the code
+    does not export: each reported; an allowlisted metric no panel shows is fine."""
+    families = exported_metrics["consumer"]
+    lag = "vllm_mm_events_consumer_lag_events"
+    d = dashboard("consumer")
+    assert coverage_problems("consumer", d, families, {lag: "why"}) == [f"NOT_ON_DASHBOARDS: {lag} is on a panel"]
+    gone = "vllm_mm_events_consumer_gone"
+    assert coverage_problems("consumer", d, families, {gone: "why"}) == [f"NOT_ON_DASHBOARDS: {gone} is not exported"]
+    d["panels"] = [p for p in all_panels(d["panels"])
+                   if not any(lag in t["expr"] for t in p.get("targets", []))]
+    assert coverage_problems("consumer", d, families, {}) == [f"{lag}: exported but on no panel"]
+    assert coverage_problems("consumer", d, families, {lag: "why"}) == []
+
+
+# PromQL, checked by Prometheus's own parser (tests/helm/promqlcheck, built with go on first use).
+PROMQLCHECK_SRC = Path(__file__).with_name("promqlcheck")
+GRAFANA_MACROS = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h"}
+
+
+def promqlcheck_binary() -> Path:
+    digest = hashlib.sha256(b"".join((PROMQLCHECK_SRC / f).read_bytes()
+                                     for f in ("go.mod", "go.sum", "main.go"))).hexdigest()[:12]
+    target = k8s_tools.CACHE / f"promqlcheck-{digest}" / "promqlcheck"
+    if target.exists():
+        return target
+    if not shutil.which("go"):
+        raise RuntimeError("promqlcheck is built from tests/helm/promqlcheck with go; go is not on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"promqlcheck.{os.getpid()}.tmp")
+    env = dict(os.environ, CGO_ENABLED="0", GOFLAGS="-mod=readonly -buildvcs=false")
+    subprocess.run(["go", "build", "-trimpath", "-o", str(tmp), "."], cwd=PROMQLCHECK_SRC, env=env, check=True,
+                   timeout=900)
+    tmp.replace(target)
+    return target
+
+
+def parse_promql(exprs: list[str]) -> list[dict]:
+    """Each expression's parser error ("" if none) and the metric names of its selectors."""
+    for macro, value in GRAFANA_MACROS.items():
+        exprs = [e.replace(macro, value) for e in exprs]
+    res = subprocess.run([str(promqlcheck_binary())], input="".join(json.dumps(e) + "\n" for e in exprs),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+@pytest.mark.parametrize("board", BOARDS)
+def test_dashboard_queries_are_valid_promql(board):
+    """Every query parses with Prometheus's parser (Grafana's $__rate_interval and $__range as
+    durations), and its selectors are exactly the metrics METRIC_REF found: none is missed."""
+    d = dashboard(board)
+    queries = [*panel_queries(d), *variable_queries(d)]
+    for (where, expr), result in zip(queries, parse_promql([e for _, e in queries]), strict=True):
+        assert result["error"] == "", f"{where}: {expr}\n{result['error']}"
+        assert result["metrics"] == sorted(set(METRIC_REF.findall(expr))), f"{where}: {expr}"
+
+
+def test_promql_check_is_real():
+    bad, renamed, ok = parse_promql(['sum(rate(x_total{a="1"}[$__rate_interval])', '{__name__="x"}',
+                                     "histogram_quantile(0.5, sum by (le) (rate(x_bucket[$__range])))"])
+    assert "unclosed left parenthesis" in bad["error"] or "parse error" in bad["error"]
+    assert renamed["metrics"] == [""]  # no literal name: it differs from what METRIC_REF finds
+    assert ok == {"error": "", "metrics": ["x_bucket"]}
+
+
 # ---- rejected values --------------------------------------------------------------------------
 
 QDRANT = {"name": "q", "sink": {"type": "qdrant", "uri": "qdrant://qdrant:6333/c"}}
@@ -1292,6 +1707,15 @@ REJECTED = {
                                  ["/networkPolicy/objectStore/ports/0", "missing property 'port'"]),
     "netpol-dns-without-ports": ({"networkPolicy": {"dns": {"ports": []}}}, ["/networkPolicy/dns/ports"]),
     "netpol-enabled-string": ({"networkPolicy": {"enabled": "yes"}}, ["/networkPolicy/enabled", "want boolean"]),
+    # Grafana dashboards.
+    "dashboards-enabled-string": ({"metrics": {"grafanaDashboards": {"enabled": "yes"}}},
+                                  ["/metrics/grafanaDashboards/enabled", "want boolean"]),
+    "dashboards-label-not-string": ({"metrics": {"grafanaDashboards": {"labels": {"grafana_dashboard": 1}}}},
+                                    ["/metrics/grafanaDashboards/labels/grafana_dashboard", "want string"]),
+    "dashboards-bad-namespace": ({"metrics": {"grafanaDashboards": {"namespace": "Monitoring"}}},
+                                 ["/metrics/grafanaDashboards/namespace"]),
+    "dashboards-typo": ({"metrics": {"grafanaDashboards": {"enable": True}}},
+                        ["/metrics/grafanaDashboards", "additional properties 'enable'"]),
     # The publisher's outbox and metrics port.
     "metrics-port-negative": ({"publisher": {"metricsPort": -1}}, ["/publisher/metricsPort", "minimum"]),
     "metrics-port-too-large": ({"publisher": {"metricsPort": 70000}}, ["/publisher/metricsPort", "maximum"]),

@@ -580,3 +580,19 @@ Registry. */}}
 {{ include "vmme.np.egressRule" (dict "comment" "Schema Registry" "dest" $np.schemaRegistry "derived" (list (include "vmme.np.urlPort" (dict "url" . "default" 443)))) }}
 {{- end }}
 {{- end }}
+
+{{/* ---------------------------------------------------------------- Grafana dashboards
+The dashboards (dashboards/<name>.json) rendered with metrics.grafanaDashboards.enabled, as a
+JSON list: the publisher's with vLLM and its metrics port, the consumers' with a consumer. */}}
+{{- define "vmme.grafanaDashboards" -}}
+{{- $boards := list }}
+{{- if .Values.metrics.grafanaDashboards.enabled }}
+{{- if and .Values.vllm.enabled (gt (int64 .Values.publisher.metricsPort) 0) }}
+{{- $boards = append $boards "publisher" }}
+{{- end }}
+{{- if include "vmme.consumers.any" . }}
+{{- $boards = append $boards "consumer" }}
+{{- end }}
+{{- end }}
+{{- toJson $boards }}
+{{- end }}
