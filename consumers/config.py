@@ -11,12 +11,14 @@ The framework is ``publisher.settings``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from typing import Any, Mapping
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from consumers.vectors import POOLINGS
 from publisher.config import KEYS as PUBLISHER_KEYS
+from publisher.config import default_data_dir
 from publisher.settings import (
     ENV_PREFIX,
     ConfigError,
@@ -42,7 +44,41 @@ DISTANCES = ("cosine", "dot", "l2")
 SINK_SCHEMES = ("qdrant", "pgvector", "milvus", "lancedb")
 LOG_FORMATS = ("text", "json")
 
-__all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SINK_SCHEMES", "Key"]
+DEFAULT_TABLE = "mm_embeddings"
+GROUP_PREFIX = "vllm-mm-events-"
+
+__all__ = ["ConfigError", "ConsumerConfig", "KEYS", "POOLINGS", "DISTANCES", "SINK_SCHEMES", "Key",
+           "default_source", "default_sink", "default_group"]
+
+
+def default_source() -> str:
+    """The publisher's embedded event log: ``file://<data dir>/events.avro`` (its own default ``event_sink``)."""
+    return (default_data_dir() / "events.avro").as_uri()
+
+
+def default_sink() -> str:
+    """The embedded vector store: LanceDB beside the log, ``lancedb://<data dir>/lancedb/mm_embeddings``."""
+    return "lancedb://" + quote(str(default_data_dir() / "lancedb" / DEFAULT_TABLE))
+
+
+def default_group(sinks: tuple[str, ...] | list[str]) -> str:
+    """The consumer group of a set of sinks when none is named: each new set starts from the beginning.
+
+    ``vllm-mm-events-<scheme>-<table>[-<scheme>-<table>...]-<hash>``: the readable part names each
+    sink's scheme and collection (never a host, user or password); the hash (SHA-256, 10 hex digits)
+    is of the sorted, de-duplicated sink URIs with any ``user:password@`` removed (``redact_url``),
+    so it is stable across runs and credential changes, independent of flag order, and differs per
+    set of stores.
+    """
+    uris = sorted({redact_url(s).replace("//***@", "//", 1) for s in sinks})  # no user, no password
+    digest = hashlib.sha256("\n".join(uris).encode()).hexdigest()[:10]
+    names = []
+    for u in uris:
+        scheme, _, rest = u.partition("://")
+        name = unquote(rest.split("?", 1)[0]).rstrip("/").rpartition("/")[2]
+        names.append(f"{scheme}-{name}" if name else scheme)
+    slug = re.sub(r"[^A-Za-z0-9_-]", "_", "-".join(names))[:80].rstrip("-")
+    return f"{GROUP_PREFIX}{slug}-{digest}"
 
 
 def _as_sink(v: Any, key: str) -> str:
@@ -105,11 +141,16 @@ def _as_dlq(v: Any, key: str) -> str | None:
 class ConsumerConfig(Settings):
     CONFIG_FILE_ENV = ENV_PREFIX + "CONSUMER_CONFIG_FILE"
 
-    source: str = setting(lambda: None, as_event_uri, "kafka://host:port[,host:port]/topic or file:///path/events.avro.")
-    sinks: tuple[str, ...] = setting(lambda: None, _as_sinks,
-                                     "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb://.")
-    group: str = setting(lambda: "vllm-mm-events-indexer", as_str,
-                         "Kafka consumer group; for a file source, names its checkpoint.")
+    source: str = setting(default_source, as_event_uri,
+                          "kafka://host:port[,host:port]/topic or file:///path/events.avro (default: the "
+                          "publisher's embedded log, file://<data dir>/events.avro).")
+    sinks: tuple[str, ...] = setting(lambda: (default_sink(),), _as_sinks,
+                                     "One or more vector stores: qdrant://, pgvector://, milvus://, lancedb:// "
+                                     "(default: lancedb://<data dir>/lancedb/mm_embeddings).")
+    group: str = setting(lambda: None, as_opt_str,
+                         "Kafka consumer group; for a file source, names its checkpoint (default: derived from "
+                         "the sinks, vllm-mm-events-<scheme>-<table>-<hash>, so a new set of sinks starts from "
+                         "the beginning).")
     pooling: str = setting(lambda: "mean", choice(POOLINGS),
                            "(num_features, hidden) -> indexed vector: mean, first, max, or none (multi-vector).")
     normalize: bool = setting(lambda: False, as_bool, "L2-normalise vectors before indexing (and searching).")
@@ -149,9 +190,13 @@ class ConsumerConfig(Settings):
     schema_registry_url: str | None = setting_from(PUBLISHER_KEYS["schema_registry_url"])
     schema_registry: dict = setting_from(PUBLISHER_KEYS["schema_registry"])
 
+    def __post_init__(self) -> None:
+        if self.group is None and self.sinks:
+            object.__setattr__(self, "group", default_group(self.sinks))
+
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,
-             config_file: str | None = None, required: tuple[str, ...] = ("source", "sinks")) -> "ConsumerConfig":
+             config_file: str | None = None, required: tuple[str, ...] = ()) -> "ConsumerConfig":
         """All layers; ``flags`` are the command line's (None values are not given)."""
         flags = {k: v for k, v in (flags or {}).items() if v is not None}
         raw = cls.merged(flags, environ, config_file)

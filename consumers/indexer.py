@@ -34,6 +34,7 @@ from consumers.errors import (
 )
 from consumers.metrics import ConsumerMetrics
 from consumers.objects import ObjectFetcher, verify_and_decode
+from consumers.progress import Progress
 from consumers.sinks.base import DimensionMismatch, SinkConfigError, VectorSink
 from consumers.sources.base import EventSource, SourceRecord
 from consumers.vectors import Point, point_id, point_payload, pool
@@ -78,8 +79,10 @@ class Totals:
 
 class Indexer:
     def __init__(self, cfg: ConsumerConfig, source: EventSource, sinks: list[VectorSink], dead_letters: DeadLetters,
-                 fetcher: ObjectFetcher, metrics: ConsumerMetrics, decoder: EventDecoder):
+                 fetcher: ObjectFetcher, metrics: ConsumerMetrics, decoder: EventDecoder,
+                 progress: Progress | None = None):
         self.cfg = cfg
+        self.progress = progress or Progress(cfg.progress_interval_s)
         self.source = source
         self.sinks = sinks
         self.dead_letters = dead_letters
@@ -117,36 +120,36 @@ class Indexer:
 
     def run(self, once: bool = False) -> Totals:
         cfg = self.cfg
-        next_progress = time.monotonic() + cfg.progress_interval_s
-        last_consumed, last_t = 0, time.monotonic()
-        while not self._stop.is_set():
-            self.metrics.beat()
-            self._reap()
-            caught_up = self.source.caught_up()
-            if self._batch and (self._batch_closed() or (once and caught_up)):
-                self._dispatch()
-                continue
-            if once and caught_up and not self._batch and self._inflight is None:
-                break
-            linger_left = (self._batch_started + cfg.batch_linger_ms / 1000 - time.monotonic()) if self._batch else 1e9
-            self._add(self.source.poll(cfg.batch_max_records - len(self._batch),
-                                       max(0.0, min(cfg.poll_timeout_s, linger_left))))
-            now = time.monotonic()
-            if now >= next_progress:
-                rate = (self.totals.consumed - last_consumed) / (now - last_t)
-                lag = self.source.lag()
-                if lag is not None:
-                    self.metrics.lag.set(lag)
-                log.info("progress: consumed=%d (%.0f/s) indexed=%d dead_lettered=%d committed=%d lag=%s",
-                         self.totals.consumed, rate, self.totals.indexed, sum(self.totals.dead_lettered.values()),
-                         self.totals.committed, "?" if lag is None else lag)
-                last_consumed, last_t, next_progress = self.totals.consumed, now, now + cfg.progress_interval_s
-        self._finish_inflight(wait=True)
+        self.progress.start(once)
+        try:
+            while not self._stop.is_set():
+                self.metrics.beat()
+                self._reap()
+                caught_up = self.source.caught_up()
+                if self._batch and (self._batch_closed() or (once and caught_up)):
+                    self._dispatch()
+                    continue
+                if once and caught_up and not self._batch and self._inflight is None:
+                    break
+                linger_left = ((self._batch_started + cfg.batch_linger_ms / 1000 - time.monotonic()) if self._batch
+                               else 1e9)
+                self._add(self.source.poll(cfg.batch_max_records - len(self._batch),
+                                           max(0.0, min(cfg.poll_timeout_s, linger_left))))
+                self.progress.tick(self.totals, self._lag)
+            self._finish_inflight(wait=True)
+        finally:
+            self.progress.finish(self.totals, self._lag)
         if self._batch:
             log.info("shutdown: %d polled events not written; they are not committed and will be read again",
                      len(self._batch))
             self._batch = []
         return self.totals
+
+    def _lag(self) -> int | None:
+        lag = self.source.lag()
+        if lag is not None:
+            self.metrics.lag.set(lag)
+        return lag
 
     def close(self) -> None:
         self._fetch_pool.shutdown(wait=False, cancel_futures=True)
@@ -201,6 +204,7 @@ class Indexer:
             while self._inflight is not None and not self._inflight.future.done():
                 self.metrics.beat()
                 self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0.1))
+                self.progress.tick(self.totals, self._lag)
                 if self._stop.is_set():
                     break
         finally:

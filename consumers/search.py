@@ -29,7 +29,9 @@ def search_like(sink_uri: str, like: str, k: int, pooling: str, normalize: bool,
         features = read_object(fetcher.get(like)).to_float32()
     with open_vector_sink(sink_uri, distance) as sink:
         if sink.describe() is None:
-            raise SystemExit(f"search: {sink.name} does not exist yet; nothing has been indexed there")
+            raise SystemExit(f"vllm-mm-events search: {sink.name} does not exist yet; nothing has been indexed "
+                             "there: run `vllm-mm-events consume --once` with the same --sink first, or pass the "
+                             "--sink you indexed into")
         return sink.search(pool(features, pooling, normalize), k)
 
 

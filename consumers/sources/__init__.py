@@ -6,17 +6,22 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from consumers.sources.base import EventSource, SourceRecord
+from consumers.sources.base import EventSource, SourceNotFound, SourceRecord
 
-__all__ = ["EventSource", "SourceRecord", "open_source"]
+__all__ = ["EventSource", "SourceNotFound", "SourceRecord", "open_source"]
 
 
-def open_source(uri: str, group: str, *, kafka: dict, checkpoint: str | None, reader_schema: dict) -> EventSource:
-    """``kafka://host:port/topic`` or ``file:///path/events.avro``."""
+def open_source(uri: str, group: str, *, kafka: dict, checkpoint: str | None, reader_schema: dict,
+                read_only: bool = False) -> EventSource:
+    """``kafka://host:port/topic`` or ``file:///path/events.avro``.
+
+    ``read_only``: everything from the beginning, never committed (``vllm-mm-events events``):
+    Kafka partitions are assigned directly (no group joined, no offsets stored), the file's
+    checkpoints are neither read nor written; ``commit`` raises."""
     if urlsplit(uri).scheme == "kafka":
         from consumers.sources.kafka import KafkaSource
 
-        return KafkaSource(uri, group, kafka)
+        return KafkaSource(uri, group, kafka, read_only=read_only)
     from consumers.sources.event_log import AvroLogSource
 
-    return AvroLogSource(uri, group, checkpoint, reader_schema)
+    return AvroLogSource(uri, group, checkpoint, reader_schema, read_only=read_only)

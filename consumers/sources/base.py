@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+class SourceNotFound(Exception):
+    """The source names something that is not there (a Kafka topic); the message says what and where."""
+
+
 @dataclass
 class SourceRecord:
     value: bytes  # the record's bytes as they came (Kafka value; for the file log, the block's bytes)

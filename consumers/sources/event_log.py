@@ -8,6 +8,7 @@ import logging
 import os
 import time
 import zlib
+from collections import deque
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -53,8 +54,9 @@ class AvroLogSource(EventSource):
     be read is handed out once, as an error record, and skipped.
     """
 
-    def __init__(self, uri: str, group: str, checkpoint: str | None, reader_schema: dict):
+    def __init__(self, uri: str, group: str, checkpoint: str | None, reader_schema: dict, read_only: bool = False):
         self.path = Path(unquote(urlsplit(uri).path))
+        self.read_only = read_only  # from the start, no checkpoint read or written
         self.checkpoint_path = Path(checkpoint) if checkpoint else self.path.with_name(
             f"{self.path.name}.{group}.checkpoint")
         self.reader_schema = fastavro.parse_schema(reader_schema)
@@ -65,6 +67,10 @@ class AvroLogSource(EventSource):
         self.skip = 0  # records of that block already handed out
         self.at_end = False
         self._pending: list[SourceRecord] = []  # decoded but not yet handed out (block larger than a poll)
+        # lag(): complete blocks at or past ``offset``, found by walking block headers only
+        self._scan_at = 0
+        self._scanned: deque[tuple[int, int]] = deque()  # (block offset, record count)
+        self._scanned_records = 0
 
     def _open_header(self) -> bool:
         try:
@@ -96,7 +102,7 @@ class AvroLogSource(EventSource):
                              "of no size; refused")
         self.sync, self.codec, self.writer_schema = hdr["sync"], codec.decode(), writer
         self.offset, self.skip = first_block, 0
-        ck = self._read_checkpoint()
+        ck = None if self.read_only else self._read_checkpoint()
         if ck is not None:
             if ck.get("sync") == self.sync.hex():
                 self.offset, self.skip = int(ck["offset"]), int(ck["index"])
@@ -223,6 +229,8 @@ class AvroLogSource(EventSource):
         return {"file": str(self.path), "block_offset": str(block_at), "index": str(index)}
 
     def commit(self, records: list[SourceRecord]) -> None:
+        if self.read_only:
+            raise RuntimeError(f"source: {self.path} was opened read-only; nothing is committed")
         if not records:
             return
         block_at, i, next_block, count = max(r.position for r in records)
@@ -241,3 +249,39 @@ class AvroLogSource(EventSource):
 
     def caught_up(self) -> bool:
         return self.at_end and not self._pending
+
+    def lag(self) -> int | None:
+        """Records not yet handed out: those pending plus the counts in the headers of the complete
+        blocks ahead. Only block headers and sync markers are read, and each block once (the log
+        only grows), so this stays cheap on a long log."""
+        if self.sync is None:
+            return None
+        if self._scan_at < self.offset:
+            self._scan_at, self._scanned_records = self.offset, 0
+            self._scanned.clear()
+        while self._scanned and self._scanned[0][0] < self.offset:
+            self._scanned_records -= self._scanned.popleft()[1]
+        try:
+            with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                while self._scan_at < size:
+                    f.seek(self._scan_at)
+                    head = f.read(20)
+                    count_at = _read_long(head, 0)
+                    len_at = count_at and _read_long(head, count_at[1])
+                    if not len_at:
+                        break
+                    count, (blen, body_at) = count_at[0], len_at
+                    end = self._scan_at + body_at + blen + 16
+                    if count < 1 or blen < 1 or count > blen or end > size:
+                        break  # still being written, or corrupt: counted once the reader is past it
+                    f.seek(end - 16)
+                    if f.read(16) != self.sync:
+                        break
+                    self._scanned.append((self._scan_at, count))
+                    self._scanned_records += count
+                    self._scan_at = end
+        except OSError:
+            return None
+        done = self.skip if self._scanned and self._scanned[0][0] == self.offset else 0
+        return max(0, self._scanned_records - done) + len(self._pending)

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from urllib.parse import urlsplit
 
-from consumers.sources.base import EventSource, SourceRecord
+from consumers.sources.base import EventSource, SourceNotFound, SourceRecord
 
 log = logging.getLogger("vllm_mm_events.consumer")
 
 
 class KafkaSource(EventSource):
-    def __init__(self, uri: str, group: str, settings: dict):
+    """``read_only``: every partition assigned from its beginning, no group joined, nothing committed
+    (``vllm-mm-events events``); partitions added later are not seen."""
+
+    def __init__(self, uri: str, group: str, settings: dict, read_only: bool = False):
         from confluent_kafka import Consumer
 
         u = urlsplit(uri)
@@ -29,13 +33,38 @@ class KafkaSource(EventSource):
             "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka"),
             **settings,
         }
+        self.read_only = read_only
+        if read_only:  # after the user's settings: nothing they pass may make a reader commit
+            conf.update({"group.id": f"vllm-mm-events-reader-{uuid.uuid4().hex[:12]}", "enable.auto.commit": False,
+                         "enable.auto.offset.store": False,
+                         "client.id": f"vllm-mm-events-reader-{os.getpid()}"})
         self.consumer = Consumer(conf)
         self.assigned: set[tuple[str, int]] = set()
         self.at_eof: set[tuple[str, int]] = set()
         self.has_assignment = False
         self.paused = False
-        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        if read_only:
+            self._assign_from_beginning()
+        else:
+            self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                    on_lost=self._on_revoke)
+
+    def _assign_from_beginning(self) -> None:
+        from confluent_kafka import OFFSET_BEGINNING, TopicPartition
+
+        try:
+            md = self.consumer.list_topics(self.topic, timeout=15)
+            meta = md.topics.get(self.topic)
+            if meta is None or meta.error is not None or not meta.partitions:
+                why = meta.error.str() if meta is not None and meta.error is not None else "no partitions"
+                raise SourceNotFound(f"no topic {self.topic!r} on {self.bootstrap} ({why})")
+            tps = [TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in sorted(meta.partitions)]
+            self.consumer.assign(tps)
+        except BaseException:
+            self.consumer.close()
+            raise
+        self.assigned = {(self.topic, tp.partition) for tp in tps}
+        self.has_assignment = True
 
     def _on_assign(self, consumer, partitions) -> None:
         new = {(p.topic, p.partition) for p in partitions}
@@ -87,6 +116,8 @@ class KafkaSource(EventSource):
     def commit(self, records: list[SourceRecord]) -> None:
         from confluent_kafka import TopicPartition
 
+        if self.read_only:
+            raise RuntimeError(f"source: {self.topic} was opened read-only; nothing is committed")
         last: dict[tuple[str, int], int] = {}
         for r in records:
             tp, off = r.position

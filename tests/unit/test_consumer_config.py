@@ -1,8 +1,9 @@
 import json
+import re
 
 import pytest
 
-from consumers.config import ConfigError, ConsumerConfig
+from consumers.config import ConfigError, ConsumerConfig, default_group
 
 
 def load(flags=None, env=None, config_file=None, required=("source", "sinks")):
@@ -25,8 +26,52 @@ def test_flags_beat_env_beat_file(tmp_path):
 
 def test_defaults():
     c = load({"source": "file:///var/log/events.avro", "sinks": ["qdrant://q:6333/images"]})
-    assert (c.pooling, c.normalize, c.distance, c.group) == ("mean", False, "cosine", "vllm-mm-events-indexer")
+    assert (c.pooling, c.normalize, c.distance) == ("mean", False, "cosine")
+    assert c.group == default_group(["qdrant://q:6333/images"])
     assert c.dlq is None and c.metrics_port == 9400 and c.batch_max_records == 256
+
+
+def test_no_flags_means_the_embedded_defaults(tmp_path, monkeypatch):
+    """source, sinks and object_store all under the publisher's data directory ($XDG_DATA_HOME honoured)."""
+    from publisher.config import PublisherConfig
+
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "x y"))  # a space: the URIs are quoted
+    c = load(required=())
+    data = tmp_path / "x y" / "vllm-mm-events"
+    pub = PublisherConfig.load(environ={})
+    assert c.source == pub.event_sink == (data / "events.avro").as_uri()
+    assert c.object_store == (pub.object_store,) == ((data / "objects").as_uri(),)
+    assert c.sinks == ("lancedb://" + str(data / "lancedb" / "mm_embeddings").replace(" ", "%20"),)
+    from consumers.sinks.base import split_collection
+
+    assert split_collection(c.sinks[0]) == (str(data / "lancedb"), "mm_embeddings")
+    assert c.group == default_group(c.sinks) == "vllm-mm-events-lancedb-mm_embeddings-" + c.group[-10:]
+
+
+def test_a_named_group_wins_over_the_derived_one():
+    assert load({"sinks": ["qdrant://q:6333/c"], "group": "mine"}, required=()).group == "mine"
+    assert load(env={"VLLM_MM_EVENTS_GROUP": "from-env"}, required=()).group == "from-env"
+
+
+def test_the_derived_group_is_stable_per_set_of_sinks_and_holds_no_secret():
+    a, b = "lancedb:///data/lance/images", "qdrant://qdrant:6333/images"
+    g = default_group([a, b])
+    assert g == default_group([b, a]) == default_group([a, b, a])  # order and repeats do not matter
+    assert g == "vllm-mm-events-lancedb-images-qdrant-images-" + g.rsplit("-", 1)[1]
+    assert re.fullmatch(r"vllm-mm-events-[A-Za-z0-9_-]+-[0-9a-f]{10}", g)
+    others = {default_group([a]), default_group([b]), default_group(["lancedb:///data/lance2/images"]),
+              default_group(["qdrant://other:6333/images"]), default_group(["qdrant:///dir/images"])}
+    assert len(others | {g}) == 6  # another store, or the same name elsewhere: another group
+    # The same table reached with other credentials is the same destination: the same group, and
+    # neither the user nor the password appears in it (they are not even hashed).
+    pg = default_group(["pgvector://alice:hunter2@db:5432/vectors/images"])
+    assert pg == default_group(["pgvector://bob:s3cret@db:5432/vectors/images"]) == \
+        default_group(["pgvector://db:5432/vectors/images"])
+    assert not {"alice", "hunter2", "db", "5432", "vectors"} & set(re.split(r"[-_]", pg))
+    assert pg.startswith("vllm-mm-events-pgvector-images-")
+    # Safe as a file name (it names the file source's checkpoint) and as a Kafka group id.
+    long = default_group([f"qdrant://q:6333/{'x' * 60}", f"milvus://m:19530/{'y' * 60}"])
+    assert len(long) <= 15 + 80 + 11 and re.fullmatch(r"[A-Za-z0-9_.-]+", long)
 
 
 def test_sinks_from_env_are_comma_separated():
