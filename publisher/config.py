@@ -31,10 +31,28 @@ from publisher.settings import (
     setting,
 )
 
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+# What objects are stored in: ``native`` is what the model runs in (resolved at engine start, below).
+STORED_DTYPES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPES = ("native", *STORED_DTYPES)
 BACKPRESSURE_POLICIES = ("block", "drop")
 
-__all__ = ["PublisherConfig", "KEYS", "ConfigError", "Key", "default_data_dir", "redact_mapping", "redact_url"]
+__all__ = ["PublisherConfig", "KEYS", "ConfigError", "Key", "default_data_dir", "redact_mapping", "redact_url",
+           "resolve_storage_dtype"]
+
+
+def resolve_storage_dtype(storage_dtype: str, model_dtype: Any) -> str:
+    """``storage_dtype`` as objects are stored: ``native`` becomes the dtype the model runs in.
+
+    ``model_dtype`` is vLLM's ``model_config.dtype`` (a torch dtype; its name is enough, so
+    this stays torch-free). The object key names the dtype and the scheduler computes keys
+    without asking the worker, so both halves resolve ``native`` here, once, from the same
+    config. A model dtype objects cannot hold (float64, fp8) is stored as float32.
+    """
+    if storage_dtype != "native":
+        return storage_dtype
+    name = str(model_dtype).removeprefix("torch.")
+    name = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
+    return name if name in STORED_DTYPES else "float32"
 
 
 def default_data_dir() -> Path:
@@ -59,7 +77,10 @@ class PublisherConfig(Settings):
         lambda: None, as_http_url, "Confluent-compatible Schema Registry; when set values use its wire format.")
     schema_registry: dict = setting(dict, as_dict,
                                     "Extra Schema Registry client settings (basic.auth.user.info, ssl.*).")
-    storage_dtype: str = setting(lambda: "float32", choice(STORAGE_DTYPES), "dtype of the stored tensors.")
+    storage_dtype: str = setting(
+        lambda: "native", choice(STORAGE_DTYPES),
+        "dtype of the stored tensors: native (what the model runs in, e.g. bfloat16: no conversion, half the "
+        "bytes of float32) or float32, float16, bfloat16.")
     publish_text_only: bool = setting(lambda: False, as_bool, "Also publish events for requests without media.")
     allow_client_embeddings: bool = setting(
         lambda: False, as_bool, "Accept media sent as client-computed embeddings (events mark them CLIENT).")
@@ -76,9 +97,9 @@ class PublisherConfig(Settings):
         "after a restart (empty: no outbox).")
     durable_before_return: bool = setting(
         lambda: False, as_bool,
-        "Hold each response until its request is fsynced into the spool: no window in which a returned "
-        "request's event could be lost with the node (costs one fsync round trip per finished request on "
-        "vLLM's scheduler loop; see the README). Needs spool_dir.")
+        "Hold each step's responses until their requests are fsynced into the spool: no window in which a "
+        "returned request's event could be lost with the node (costs one group fsync per step on vLLM's "
+        "scheduler loop; see the README). Needs spool_dir.")
     max_spool_bytes: int = setting(lambda: 1 << 30, number(int, 1 << 20),
                                    "Outbox size cap; then the backpressure policy applies.")
     backpressure: str = setting(
@@ -107,6 +128,12 @@ class PublisherConfig(Settings):
     def __post_init__(self) -> None:
         if self.durable_before_return and not self.spool_dir:
             raise ConfigError("durable_before_return: needs spool_dir (the spool is what the response waits for)")
+
+    def resolved(self, model_dtype: Any) -> "PublisherConfig":
+        """This config with ``storage_dtype`` concrete (``resolve_storage_dtype``): what both halves of the
+        connector, their sidecars and the events use."""
+        dtype = resolve_storage_dtype(self.storage_dtype, model_dtype)
+        return self if dtype == self.storage_dtype else dataclasses.replace(self, storage_dtype=dtype)
 
     @classmethod
     def load(cls, extra_config: Mapping[str, Any] | None = None,

@@ -111,7 +111,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
         super().__init__(vllm_config, role)
         setup_logging()  # also when loaded through ec_connector_module_path, without the plugin
         extra = vllm_config.ec_transfer_config.ec_connector_extra_config or {}
-        self.config = PublisherConfig.load(extra)
+        # storage_dtype=native resolves here, in both halves, from the same vLLM config: keys name the
+        # dtype, and the scheduler computes them without asking the worker.
+        self.config = PublisherConfig.load(extra).resolved(vllm_config.model_config.dtype)
         self.model = served_model_name(vllm_config)
         self.location = StoreLocation.parse(self.config.object_store)  # names URIs; the sidecars do the I/O
         self._keys: dict[str, str] = {}  # mm_hash -> key, memoized (bounded below)
@@ -270,6 +272,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
         return None
 
     def take_unavailable_requests(self) -> set[str]:
+        # vLLM calls this once per step in update_from_output, after the step's finished requests
+        # were freed (request_finished) and before the step's outputs are sent: the one place to
+        # wait for their spool records once per step rather than once per request.
+        if self.config.durable_before_return and self._sent:
+            self._wait_spooled()
         if not self._refuse:
             return set()
         refused, self._refuse = self._refuse, set()
@@ -317,21 +324,19 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # With backpressure=block this send waits while the sidecar is full (it stops reading).
         if self.sidecar.send(RequestFinished(snapshot, keys)):
             self._sent += 1
-            if self.config.durable_before_return:
-                self._wait_spooled(snapshot.request_id)
         else:
             self.dropped_events += 1
 
-    def _wait_spooled(self, request_id: str) -> None:
-        """durable_before_return: hold the response until the sidecar has fsynced this request into
-        its spool (one IPC round trip and one fsync, on the scheduler loop). Bounded: a sidecar
-        that does not answer in time costs a warning, never a wedged engine."""
+    def _wait_spooled(self) -> None:
+        """durable_before_return: hold the step's outputs until the sidecar has fsynced every request
+        handed over so far into its spool (one group fsync per step, on the scheduler loop). Bounded:
+        a sidecar that does not answer in time costs a warning, never a wedged engine."""
         deadline = time.monotonic() + SPOOL_WAIT_S
         pause = 20e-6
         while struct.unpack_from("<Q", self._settled, 8)[0] < self._sent:
             if time.monotonic() > deadline or not self.sidecar.alive:
-                log.warning("mm-events: request %s returned before its spool record was durable (sidecar slow or "
-                            "gone after %.0f s)", request_id, SPOOL_WAIT_S)
+                log.warning("mm-events: responses left before their spool records were durable (the sidecar did "
+                            "not confirm within %.0f s)", SPOOL_WAIT_S)
                 return
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
