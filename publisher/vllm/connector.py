@@ -23,11 +23,14 @@ import logging
 import mmap
 import os
 import re
+import signal
 import struct
+import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorBase,
@@ -80,6 +83,24 @@ def served_model_name(vllm_config: "VllmConfig") -> str:
     if isinstance(name, (list, tuple)):
         name = name[0]
     return name or vllm_config.model_config.model
+
+
+@contextmanager
+def _sigterm_deferred() -> Iterator[None]:
+    """Ignore SIGTERM while waiting for the sidecar's flush report (bounded by shutdown_timeout_s).
+
+    vLLM's engine core resets SIGTERM to the default action before its teardown, so a second
+    SIGTERM (a process manager signalling the whole group) would kill it in the middle of our
+    flush; the flush would then race the pod's end alone. vLLM's own SIGKILL at
+    --shutdown-timeout still bounds the wait. Only the main thread may set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
@@ -380,10 +401,12 @@ class MMEmbeddingPublisher(ECConnectorBase):
     def shutdown(self) -> None:
         t = self.config.shutdown_timeout_s
         if self.role == ECConnectorRole.SCHEDULER:
-            report = self.sidecar.close(t)
+            with _sigterm_deferred():
+                report = self.sidecar.close(t)
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
         elif self._uploads_here:
-            report = self.sidecar.close(t)
+            with _sigterm_deferred():
+                report = self.sidecar.close(t)
             log.info("mm-events worker side stopped: saves=%d %s, dropped=%d", self.saves, report, self.dropped)
         else:
             log.info("mm-events worker side stopped: saves=%d {'uploaded': 0} (TP rank %d; rank 0 stores)",

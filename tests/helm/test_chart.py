@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -278,8 +279,11 @@ def test_vllm_command_line(rendered, name):
     assert arg_after(args, "--served-model-name") == (v["servedModelName"] or v["model"])
     assert arg_after(args, "--tensor-parallel-size") == str(v["tensorParallelSize"])
     assert arg_after(args, "--port") == str(v["port"])
+    # vLLM flushes both connector halves inside --shutdown-timeout: the drain plus their flush budget.
     shutdown = int(arg_after(args, "--shutdown-timeout"))
-    assert shutdown == v["shutdownTimeoutSeconds"]
+    flush_s = math.ceil(r.values["publisher"]["shutdownTimeoutS"])
+    assert shutdown == v["shutdownTimeoutSeconds"] + 2 * (flush_s + 5)
+    assert env_of(c)["VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS"]["value"] == str(flush_s + 10)
     for extra in v["extraArgs"]:
         assert extra in args
     # The API guard against caller-chosen media ids is installed, refusing them unless allowed.
@@ -289,7 +293,7 @@ def test_vllm_command_line(rendered, name):
 
     assert callable(getattr(importlib.import_module("publisher.vllm.api_guard"), guard))
     grace = r.vllm()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > shutdown + r.values["publisher"]["shutdownTimeoutS"]
+    assert grace > shutdown
     # GPUs: tensorParallelSize by default, in requests and limits alike.
     gpus = v["gpu"]["count"] or v["tensorParallelSize"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == gpus == c["resources"]["requests"]["nvidia.com/gpu"]
@@ -1227,6 +1231,7 @@ LABEL_VALUES = re.compile(r"^label_values\((.*),\s*([A-Za-z_][A-Za-z0-9_]*)\)$")
 NOT_ON_DASHBOARDS: dict[str, str] = {}
 PUBLISHER_FAMILIES = """
 import json
+import math
 from prometheus_client import REGISTRY
 from publisher.sidecar.metrics import NS, PublisherMetrics
 PublisherMetrics()

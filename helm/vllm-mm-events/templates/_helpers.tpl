@@ -381,9 +381,9 @@ Keys of the entry replace the shared ones; `keda`, `dlq` and `pdb` merge one lev
 {{- end }}
 {{- include "vmme.validate.publisher" . }}
 {{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
-{{- $needed := add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) }}
+{{- $needed := int (include "vmme.vllm.engineShutdownTimeout" .) }}
 {{- if and (not (kindIs "invalid" $tgp)) (le (int $tgp) $needed) }}
-{{- fail (printf "vllm.terminationGracePeriodSeconds: %d must be larger than vllm.shutdownTimeoutSeconds + publisher.shutdownTimeoutS = %d, or the publisher's flush is cut short" (int $tgp) $needed) }}
+{{- fail (printf "vllm.terminationGracePeriodSeconds: %d must be larger than vLLM's --shutdown-timeout = vllm.shutdownTimeoutSeconds + 2 x (publisher.shutdownTimeoutS + 5) = %d, or the publisher's flush is cut short" (int $tgp) $needed) }}
 {{- end }}
 {{- end }}
 
@@ -488,10 +488,21 @@ crosses the cap and filesystem overhead. */}}
 {{- end }}
 {{- end }}
 
+{{/* vLLM flushes its connector halves inside --shutdown-timeout (then SIGKILLs the engine core):
+worker half first, then scheduler half, each waiting up to publisher.shutdownTimeoutS + 5 s for
+its sidecar's report. So vLLM's --shutdown-timeout is the drain time plus that flush budget. */}}
+{{- define "vmme.vllm.flushBudgetSeconds" -}}
+{{- mul 2 (add (int (ceil .Values.publisher.shutdownTimeoutS)) 5) }}
+{{- end }}
+
+{{- define "vmme.vllm.engineShutdownTimeout" -}}
+{{- add (int .Values.vllm.shutdownTimeoutSeconds) (int (include "vmme.vllm.flushBudgetSeconds" .)) }}
+{{- end }}
+
 {{- define "vmme.vllm.terminationGracePeriodSeconds" -}}
 {{- $tgp := .Values.vllm.terminationGracePeriodSeconds }}
 {{- if kindIs "invalid" $tgp }}
-{{- add (int .Values.vllm.shutdownTimeoutSeconds) (int (ceil .Values.publisher.shutdownTimeoutS)) 15 }}
+{{- add (int (include "vmme.vllm.engineShutdownTimeout" .)) 15 }}
 {{- else }}
 {{- int $tgp }}
 {{- end }}
