@@ -1,7 +1,11 @@
 """The one codec for ``MMEmbeddingEvent`` values: record <-> bytes, in either framing.
 
 - Without a registry: Avro single-object encoding (0xC3 0x01 + the 8-byte little-endian
-  CRC-64-AVRO fingerprint of the schema's canonical form + the body).
+  CRC-64-AVRO fingerprint of the schema's canonical form + the body). A reader resolves the
+  writer schemas it knows by fingerprint: its own and, for the shipped schema, every released
+  version (``schemas/history/``), so a consumer reads what older publishers wrote. A newer
+  publisher's schema is unknown to an older consumer (``UnknownSchema``): forward compatibility
+  without a registry is impossible by construction (README, "Schema evolution").
 - With a registry: the Confluent wire format (0x00 + 4-byte big-endian schema id + body);
   the writer registers the schema once, under ``<topic>-value``; a reader resolves writer
   schemas by id through a callback (the consumer's registry client).
@@ -15,12 +19,13 @@ from __future__ import annotations
 import io
 import json
 import struct
-from typing import Any, Callable, Mapping
+from functools import lru_cache
+from typing import Any, Callable, Iterable, Mapping
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
-from schemas import event_schema
+from schemas import event_schema, released_schemas
 from schemas.avro_encoder import compile_encoder
 
 CONTENT_TYPE_SINGLE_OBJECT = "application/avro"  # Avro single-object encoding
@@ -104,13 +109,26 @@ def schema_fingerprint(parsed_schema: Any) -> int:
                           "little")
 
 
-class AvroCodec:
-    """Encodes and decodes ``MMEmbeddingEvent`` values (see the module docstring for the framings)."""
+@lru_cache(maxsize=1)
+def _released_writers() -> tuple[tuple[int, Any], ...]:
+    return tuple((schema_fingerprint(p), p) for p in (fastavro.parse_schema(s) for _, s in released_schemas()))
 
-    def __init__(self, schema: dict | None = None):
+
+class AvroCodec:
+    """Encodes and decodes ``MMEmbeddingEvent`` values (see the module docstring for the framings).
+
+    ``schema``: the one it writes, and reads into (default: the shipped schema). ``writers``: other
+    schemas it reads single-object values of, by fingerprint (default: with the shipped schema, every
+    released version; with another schema, none)."""
+
+    def __init__(self, schema: dict | None = None, writers: Iterable[dict] | None = None):
         self.schema_dict = schema or event_schema()
         self.parsed = fastavro.parse_schema(self.schema_dict)
         self.fingerprint = schema_fingerprint(self.parsed)
+        known = _released_writers() if writers is None and schema is None else tuple(
+            (schema_fingerprint(p), p) for p in (fastavro.parse_schema(w) for w in writers or ()))
+        self._by_fingerprint: dict[int, Any] = {fp: p for fp, p in known}
+        self._by_fingerprint[self.fingerprint] = self.parsed
         self.single_object_header = SINGLE_OBJECT_MAGIC + struct.pack("<Q", self.fingerprint)
         self.schema_id: int | None = None
         self._header = self.single_object_header
@@ -141,10 +159,13 @@ class AvroCodec:
         """
         if data[:2] == SINGLE_OBJECT_MAGIC and len(data) >= 10:
             (fp,) = struct.unpack("<Q", data[2:10])
-            if fp != self.fingerprint:
+            writer = self._by_fingerprint.get(fp)
+            if writer is None:
                 raise UnknownSchema(f"unknown schema fingerprint {fp:#018x}; this reader knows MMEmbeddingEvent's "
-                                    f"{self.fingerprint:#018x}")
-            body, writer = data[10:], self.parsed
+                                    f"{self.fingerprint:#018x}"
+                                    + (f" and {len(self._by_fingerprint) - 1} other released version(s)"
+                                       if len(self._by_fingerprint) > 1 else ""))
+            body = data[10:]
         elif data[:1] == CONFLUENT_MAGIC and len(data) >= 5:
             (schema_id,) = struct.unpack(">I", data[1:5])
             body, writer = data[5:], self._writer(schema_id, writer_schema)

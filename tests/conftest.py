@@ -3,9 +3,9 @@
 In CI (``CI=true``) a skipped test is a failure: end-to-end tests must run, not skip.
 
 The servers run natively or in containers (``$VLLM_MM_EVENTS_SERVICES``, see tests/support/services.py).
-Every test is marked with what it needs (``kafka``, ``minio``, ``postgres``, ``toxiproxy``, ``vllm``,
-``helm``), from the fixtures it uses, so ``pytest -m "not (kafka or minio or postgres or toxiproxy or vllm
-or helm)"`` runs the tests that need none of them.
+Every test is marked with what it needs (``kafka``, ``minio``, ``postgres``, ``toxiproxy``,
+``schema_registry``, ``vllm``, ``helm``), from the fixtures it uses, so ``pytest -m "not (kafka or minio or
+postgres or toxiproxy or schema_registry or vllm or helm)"`` runs the tests that need none of them.
 """
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ MARKERS = {
     "minio": "needs the MinIO S3 server (fixture minio; native or container)",
     "postgres": "needs PostgreSQL + pgvector (fixture postgres; native or container)",
     "toxiproxy": "puts Toxiproxy (network faults) between a client and a server (fixture toxiproxy; native)",
+    "schema_registry": "needs the Confluent-compatible Schema Registry (fixture schema_registry: Apicurio; native)",
     "vllm": "runs the real vLLM engine on the tiny model (fixture tiny_llava)",
     "helm": "runs the helm and kubeconform CLIs (tests/helm)",
 }
 # Fixture -> marker; item.fixturenames includes fixtures used through other fixtures.
 FIXTURE_MARKERS = {"kafka": "kafka", "minio": "minio", "postgres": "postgres", "tiny_llava": "vllm",
-                   "toxiproxy": "toxiproxy", "proxied_kafka": "kafka"}
+                   "toxiproxy": "toxiproxy", "proxied_kafka": "kafka", "schema_registry": "schema_registry",
+                   "schema_registry_with_auth": "schema_registry"}
 # Parametrized fixtures that reach a server through request.getfixturevalue() for one param only,
 # which item.fixturenames cannot see: (fixture, param) -> marker. A test that uses a server fixture
 # without its marker fails at teardown (see _markers_cover_the_servers_used), so a gap here shows.
@@ -151,6 +153,26 @@ def toxiproxy(pytestconfig) -> services.ToxiproxyServer:
     with ``toxiproxy.proxy(...)`` and delete them when done."""
     server = services.ToxiproxyServer().start()
     announce(pytestconfig, f"Toxiproxy (native): {server.name} (reports {server.version!r}) at {server.api}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry(pytestconfig) -> services.SchemaRegistryServer:
+    """Apicurio Registry, native on any backend (a JVM distribution from Maven Central), used through its
+    Confluent-compatible API at ``schema_registry.url``. Tests use subjects of their own; one that kills or
+    pauses it brings it back before it ends (its storage survives a restart)."""
+    server = services.SchemaRegistryServer().start()
+    announce(pytestconfig, f"Schema Registry (native): {server.name} at {server.url}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def schema_registry_with_auth(pytestconfig) -> services.SchemaRegistryServer:
+    """A second registry that takes only HTTP basic auth (``server.user_info``), for the clients' auth settings."""
+    server = services.SchemaRegistryServer(user_info=services.REGISTRY_USER_INFO).start()
+    announce(pytestconfig, f"Schema Registry (native, basic auth): {server.name} at {server.url}")
     yield server
     server.stop()
 

@@ -10,6 +10,9 @@ Native (no Docker; what CI runs):
 - Toxiproxy (network faults between a client and a server: latency, resets, stalls, a proxy
   down): built once from the Go module proxy; ``ToxiproxyServer`` runs it, ``ToxicProxy`` drives
   one proxy through its HTTP API (urllib only).
+- A Confluent-compatible Schema Registry: Apicurio Registry's Quarkus distribution from Maven
+  Central (``io.apicurio:apicurio-registry-app:<v>:tar.gz:all``), run on a JDK >= 21 with H2 file
+  storage; ``SchemaRegistryServer`` (native on any backend), with the fault operations below.
 
 Binaries are cached under ``$VLLM_MM_EVENTS_CACHE`` (default ``~/.cache/vllm-mm-events``),
 keyed by version. ``python tests/support/services.py ensure`` fetches/builds them;
@@ -57,6 +60,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from dataclasses import dataclass
@@ -717,6 +721,197 @@ class ToxicProxy:
         self.server.call("DELETE", f"/proxies/{self.name}")
 
 
+# ---- Schema Registry (Apicurio, Confluent-compatible API) --------------------------------------
+
+# Apicurio Registry's own distribution from Maven Central: the Quarkus fast-jar (quarkus-run.jar + lib/)
+# that its release attaches as io.apicurio:apicurio-registry-app:<v>:tar.gz:all (no runner jar is published;
+# the plain -app jar is the unaugmented module). Its classes are Java 21 (class file 65): it needs a JDK >= 21.
+APICURIO_VERSION = "3.3.3"
+APICURIO_JAVA = 21
+APICURIO_POM = f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>local</groupId><artifactId>apicurio-runtime</artifactId><version>1</version>
+  <dependencies>
+    <dependency><groupId>io.apicurio</groupId><artifactId>apicurio-registry-app</artifactId>
+      <version>{APICURIO_VERSION}</version><classifier>all</classifier><type>tar.gz</type>
+      <exclusions><exclusion><groupId>*</groupId><artifactId>*</artifactId></exclusion></exclusions></dependency>
+  </dependencies>
+</project>
+"""
+REGISTRY_USER_INFO = "mmevents:registry-secret"  # the tests' registry with basic auth (conftest)
+JAVA_ENV = "VLLM_MM_EVENTS_JAVA"  # a java binary (>= APICURIO_JAVA) for the registry, if PATH's is older
+
+
+def apicurio_home() -> Path:
+    """The unpacked distribution (``quarkus-run.jar``, ``lib/``, ``app/``, ``quarkus/``), fetched once."""
+    home = CACHE / f"apicurio-registry-{APICURIO_VERSION}"
+    if (home / ".complete").exists():
+        return home
+    if not shutil.which("mvn"):
+        raise RuntimeError("the Schema Registry (Apicurio) comes from Maven Central; mvn is not on PATH")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "pom.xml").write_text(APICURIO_POM)
+        subprocess.check_call(["mvn", "-q", "-B", "dependency:copy-dependencies", f"-DoutputDirectory={d}/dist"],
+                              cwd=d)
+        (archive,) = Path(d, "dist").glob("apicurio-registry-app-*.tar.gz")
+        staging = Path(d) / "home"
+        staging.mkdir()
+        subprocess.check_call(["tar", "-xzf", str(archive), "-C", str(staging)])
+        if not (staging / "quarkus-run.jar").exists():
+            raise RuntimeError(f"{archive.name} has no quarkus-run.jar: {sorted(p.name for p in staging.iterdir())}")
+        home.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.copytree(staging, home)
+    (home / ".complete").write_text("ok\n")
+    return home
+
+
+def _java_release(java: str) -> int | None:
+    """The feature release of a java binary (17, 21, 25, ...): from its JDK's ``release`` file, else
+    from ``java -version``."""
+    real = Path(java).resolve()
+    release = real.parent.parent / "release"
+    text = release.read_text() if release.exists() else ""
+    if 'JAVA_VERSION="' not in text:
+        try:
+            text = subprocess.run([str(real), "-version"], capture_output=True, text=True, timeout=30).stderr
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+    for marker in ('JAVA_VERSION="', 'version "'):
+        if marker in text:
+            head = text.split(marker, 1)[1].split('"', 1)[0].split(".")[0].split("-")[0]
+            return int(head) if head.isdigit() else None
+    return None
+
+
+def java_for_registry(minimum: int = APICURIO_JAVA) -> str:
+    """A java binary of release >= ``minimum``: ``$VLLM_MM_EVENTS_JAVA``, ``$JAVA_HOME``, PATH's, then
+    the JDKs under /usr/lib/jvm (newest first; this machine's image has a Temurin JDK beside Debian's)."""
+    candidates = [os.environ.get(JAVA_ENV, "")]
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(str(Path(os.environ["JAVA_HOME"]) / "bin" / "java"))
+    candidates.append(shutil.which("java") or "")
+    candidates += sorted((str(p) for p in Path("/usr/lib/jvm").glob("*/bin/java")), reverse=True)
+    seen = []
+    for java in filter(None, candidates):
+        if not os.access(java, os.X_OK) or java in seen:
+            continue
+        seen.append(java)
+        release = _java_release(java)
+        if release is not None and release >= minimum:
+            return java
+    raise RuntimeError(f"Apicurio Registry {APICURIO_VERSION} needs Java >= {minimum}; none found among "
+                       f"{seen or 'no java binaries'} (set {JAVA_ENV} to one)")
+
+
+class SchemaRegistryServer(_NativeServer):
+    """Apicurio Registry on loopback, used through its Confluent-compatible API (``url``:
+    ``/apis/ccompat/v7``, what ``SchemaRegistryClient`` and the product's ``schema_registry_url`` take).
+    Storage is an H2 database in a file under ``dir``, so a restart() keeps every subject, schema id and
+    compatibility setting (as Kafka keeps its topics); the fault operations are the native servers' own."""
+
+    name = f"Apicurio Registry {APICURIO_VERSION} (Confluent-compatible API, H2 file storage)"
+    backend = "native"
+    host = "127.0.0.1"
+    _restart_timeout = 120.0
+
+    def __init__(self, user_info: str | None = None) -> None:
+        """``user_info``: ``user:password``; the API then takes only requests with that HTTP basic auth
+        (Quarkus' embedded user realm and an ``authenticated`` policy on /apis/*), else answers 401."""
+        self.dir = Path(tempfile.mkdtemp(prefix="registry-"))
+        self.port, self.management_port = free_port(), free_port()
+        self.user_info = user_info
+        self._log = self.dir / "registry.log"
+        self._init_process()
+
+    def _ports(self) -> tuple[int, ...]:
+        return self.port, self.management_port
+
+    def _argv(self) -> tuple[list[str], dict[str, str] | None]:
+        settings = {
+            "quarkus.http.host": self.host, "quarkus.http.port": self.port,
+            "quarkus.management.host": self.host, "quarkus.management.port": self.management_port,
+            # WRITE_DELAY=0: each commit is on disk before the answer, so a SIGKILL (kill()) loses nothing acknowledged
+            "apicurio.datasource.url": f"jdbc:h2:file:{self.dir / 'data' / 'registry'};WRITE_DELAY=0",
+            "apicurio.storage.snapshot.location": self.dir / "snapshots",
+            "quarkus.otel.sdk.disabled": "true",
+        }
+        if self.user_info:
+            user, _, password = self.user_info.partition(":")
+            settings.update({
+                "quarkus.http.auth.basic": "true", "quarkus.security.users.embedded.plain-text": "true",
+                f"quarkus.security.users.embedded.users.{user}": password,
+                f"quarkus.security.users.embedded.roles.{user}": "sr-admin",
+                "quarkus.http.auth.permission.registry.paths": "/apis/*",
+                "quarkus.http.auth.permission.registry.policy": "authenticated",
+            })
+        return ([java_for_registry(), "-Xmx384m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                 *(f"-D{k}={v}" for k, v in settings.items()), "-jar", str(apicurio_home() / "quarkus-run.jar")],
+                None)
+
+    @property
+    def url(self) -> str:
+        """The Confluent-compatible API's base URL."""
+        return f"http://{self.host}:{self.port}/apis/ccompat/v7"
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_process()
+            try:
+                if isinstance(self.call("GET", "/subjects", timeout=2), list):
+                    return
+            except (OSError, RuntimeError, ValueError) as e:
+                last = str(e)
+            time.sleep(0.2)
+        raise TimeoutError(f"Schema Registry at {self.url} not ready after {timeout:g}s ({last}){self._log_hint()}")
+
+    def start(self) -> "SchemaRegistryServer":
+        apicurio_home()
+        atexit.register(self.stop)
+        self._launch(150)
+        return self
+
+    def call(self, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
+        """One request to the Confluent-compatible API; the decoded JSON answer. An error status raises
+        RuntimeError with the registry's error (``error_code``, ``message``)."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(self.url + path, data=data, method=method,
+                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json",
+                                                  "Accept": "application/vnd.schemaregistry.v1+json"})
+        if self.user_info:
+            request.add_header("Authorization", "Basic " + base64.b64encode(self.user_info.encode()).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                raw = r.read()
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"Schema Registry {method} {path}: HTTP {e.code}: {e.read()[:800]!r}") from None
+        return json.loads(raw) if raw.strip() else None
+
+    def set_compatibility(self, subject: str, level: str) -> str:
+        """PUT /config/<subject>: the subject's compatibility mode (NONE, BACKWARD, FORWARD, FULL, ..._TRANSITIVE)."""
+        return self.call("PUT", f"/config/{urllib.parse.quote(subject, safe='')}", {"compatibility": level})[
+            "compatibility"]
+
+    def compatibility(self, subject: str) -> str:
+        return self.call("GET", f"/config/{urllib.parse.quote(subject, safe='')}")["compatibilityLevel"]
+
+    def register(self, subject: str, schema: dict) -> int:
+        """POST /subjects/<subject>/versions: the schema's id (the same id for the same schema)."""
+        return self.call("POST", f"/subjects/{urllib.parse.quote(subject, safe='')}/versions",
+                         {"schema": json.dumps(schema), "schemaType": "AVRO"})["id"]
+
+    def check_compatibility(self, subject: str, schema: dict) -> tuple[bool, list[str]]:
+        """The registry's own check of ``schema`` against the subject's latest version, by the subject's mode."""
+        got = self.call("POST", f"/compatibility/subjects/{urllib.parse.quote(subject, safe='')}/versions/latest"
+                                "?verbose=true", {"schema": json.dumps(schema), "schemaType": "AVRO"})
+        return bool(got["is_compatible"]), [str(m) for m in got.get("messages") or ()]
+
+    def versions(self, subject: str) -> list[int]:
+        return self.call("GET", f"/subjects/{urllib.parse.quote(subject, safe='')}/versions")
+
+
 # ---- PostgreSQL + pgvector ------------------------------------------------------------------
 
 PG_USER, PG_PASSWORD, PG_DB = "mmevents", "mmevents-pg-secret", "vectors"
@@ -1130,6 +1325,7 @@ def main(argv: list[str]) -> int:
         print("kafka jars:", kafka_libs())
         print("minio:", minio_binary())
         print("toxiproxy:", toxiproxy_binary())
+        print("schema registry (apicurio):", apicurio_home(), "java:", java_for_registry())
         return 0
     if argv[:1] == ["run"]:
         backend = resolve_backend()
