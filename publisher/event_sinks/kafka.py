@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Mapping
 
 from publisher.event_sinks.base import EventSink
@@ -33,7 +34,14 @@ class KafkaSink(EventSink):
     after ``message.timeout.ms``, a broker away for longer) is produced again, through an
     outage of any length (``resend_attempts`` None; a number bounds it, then it is reported
     failed). Memory stays bounded by the caller's cap on events in flight.
+
+    With a Schema Registry the schema is registered at start; a registry that does not answer
+    then (unreachable, 5xx) does not stop the engine: events wait here (and in the caller's
+    outbox) and registration is retried with backoff from ``poll``. A registry that refuses
+    (401/403, an incompatible schema) is a configuration error and fails the start.
     """
+
+    REGISTRY_RETRY_MAX_S = 10.0
 
     resend_attempts: int | None = None
 
@@ -48,14 +56,45 @@ class KafkaSink(EventSink):
                                {"compression.type": "lz4", "message.timeout.ms": 120000})
         if topic_partitions:
             self._ensure_topic(conf, topic, topic_partitions)
-        if registry_url:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-
-            codec.use_registry(SchemaRegistryClient.new_client({"url": registry_url, **(registry_settings or {})}),
-                               f"{topic}-value")
         self._producer = Producer(conf)
         self.resends = 0
         self._closed = False
+        self._registry = None
+        self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
+        self._register_at, self._register_backoff = 0.0, 0.5
+        if registry_url:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+
+            self._registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_settings or {})})
+            self._registered(first=True)
+
+    def _registered(self, first: bool = False) -> bool:
+        """Whether the schema has its registry id; tries to register when due."""
+        if self._registry is None or self.codec.schema_id is not None:
+            return True
+        if time.monotonic() < self._register_at:
+            return False
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            self.codec.use_registry(self._registry, f"{self.topic}-value")
+        except SchemaRegistryError as e:
+            if e.http_status_code < 500:
+                raise  # refused (auth, an incompatible schema): an operator must act
+            self._registry_unavailable(e, first)
+            return False
+        except Exception as e:  # noqa: BLE001 - unreachable: retried, events wait meanwhile
+            self._registry_unavailable(e, first)
+            return False
+        log.info("schema registered as id %d under %s-value", self.codec.schema_id, self.topic)
+        return True
+
+    def _registry_unavailable(self, e: Exception, first: bool) -> None:
+        log.warning("schema registry unavailable (%s); %s, retrying in %.1f s", type(e).__name__,
+                    "starting anyway: events wait for it" if first else f"{len(self._unregistered)} event(s) wait",
+                    self._register_backoff)
+        self._register_at = time.monotonic() + self._register_backoff
+        self._register_backoff = min(self._register_backoff * 2, self.REGISTRY_RETRY_MAX_S)
 
     @staticmethod
     def _ensure_topic(conf: Mapping[str, Any], topic: str, partitions: int) -> None:
@@ -73,6 +112,9 @@ class KafkaSink(EventSink):
                 raise
 
     def publish(self, event, on_done, _attempt: int = 0):
+        if not self._registered():
+            self._unregistered.append((event, on_done))
+            return
         value = self.codec.encode(event)
         headers = cloudevent_headers(event, self.codec.content_type)
         key = event["request_id"].encode()
@@ -97,14 +139,22 @@ class KafkaSink(EventSink):
                 self._producer.poll(0.05)  # local queue full: let deliveries drain
 
     def poll(self, timeout: float = 0.0) -> None:
+        if self._unregistered and self._registered():
+            waiting, self._unregistered = self._unregistered, []
+            for event, on_done in waiting:
+                self.publish(event, on_done)
         self._producer.poll(timeout)
 
     def flush(self, timeout: float) -> int:
-        return self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        while self._unregistered and time.monotonic() < deadline:
+            self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
+        return len(self._unregistered) + self._producer.flush(max(0.0, deadline - time.monotonic()))
 
     def close(self) -> None:
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
         broker that is away; nothing is re-produced from here on."""
         self._closed = True
+        self._unregistered.clear()
         self._producer.purge()
         self._producer.flush(0)
