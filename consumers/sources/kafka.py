@@ -151,10 +151,15 @@ class KafkaSource(EventSource):
         total = 0
         try:
             positions = self.consumer.position(tps)
+            # A partition not read from yet has no position: it resumes at the group's committed
+            # offset (the low watermark only when the group has none).
+            unread = [TopicPartition(tp.topic, tp.partition) for tp in positions if tp.offset < 0]
+            committed = {(tp.topic, tp.partition): tp.offset
+                         for tp in (self.consumer.committed(unread, timeout=2) if unread else [])}
             for tp in positions:
-                _low, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
-                pos = tp.offset if tp.offset >= 0 else _low
-                total += max(0, high - pos)
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=2, cached=False)
+                pos = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
+                total += max(0, high - (pos if pos >= 0 else low))
         except Exception:  # noqa: BLE001 - lag is informational
             return None
         return total

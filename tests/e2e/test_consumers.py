@@ -12,54 +12,17 @@ import uuid
 import pytest
 
 from consumers.sinks import open_vector_sink
-from consumers.vectors import point_id
 from publisher.stores.s3 import S3Store
 from schemas.codec import AvroCodec, to_wire
 
 import consumer_run as cr
 import synth
-from pipeline import consume, run_driver
+from pipeline import N_EVENTS, N_POINTS, all_ids, source
 
 pytestmark = pytest.mark.e2e
 
-# 8 requests, 9 media items: distinct images, one request with two, image 20 seen twice.
-BATCHES = [[{"images": [s], "extra_args": {"tenant": "acme" if s % 2 else "globex"}} for s in range(20, 27)]
-           + [{"images": [27, 20], "extra_args": {"tenant": "initech"}}]]
-N_EVENTS, N_POINTS = 8, 9
-
-
-@pytest.fixture(scope="module")
-def published(tmp_path_factory, tiny_llava, kafka, minio):
-    bucket = minio.create_bucket(f"cons-{uuid.uuid4().hex[:8]}")
-    topic = f"vllm.mm-embeddings.{uuid.uuid4().hex[:6]}"
-    extra = {"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
-             "event_sink": f"kafka://{kafka.bootstrap}/{topic}", "topic_partitions": 3}
-    env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
-    results, _log = run_driver({"model": str(tiny_llava), "extra_config": extra, "batches": BATCHES},
-                               tmp_path_factory.mktemp("consumers"), env=env)
-    events = consume(kafka.bootstrap, topic, expected=N_EVENTS)
-    assert len(events) == N_EVENTS
-    return {"topic": topic, "bucket": bucket, "results": results, "events": [e for e, _ in events],
-            "values": [m.value() for _, m in events], "keys": [m.key() for _, m in events]}
-
-
-@pytest.fixture
-def consumer_env(published, minio, postgres, monkeypatch):
-    """What a consumer pod gets: S3 credentials and endpoint, the bucket it may read, the sink password,
-    nothing in URIs. The test process gets them too, to read stores and sinks directly."""
-    env = {**minio.env, "VLLM_MM_EVENTS_S3_ENDPOINT_URL": minio.endpoint, **postgres.env,
-           "VLLM_MM_EVENTS_OBJECT_STORE": f"s3://{published['bucket']}"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
-
-
-def source(kafka, topic):
-    return f"kafka://{kafka.bootstrap}/{topic}"
-
-
-def all_ids(events):
-    return {point_id(e["event_id"], i["item_index"]) for e in events for i in e["embeddings"]}
+# The engine's events (8 requests, 9 media items) come from the session fixture ``published``
+# (tests/e2e/conftest.py, tests/support/pipeline.py), shared with test_consumer_faults.py.
 
 
 def test_index_into_every_sink_and_search_finds_the_image(published, kafka, postgres, consumer_env, tmp_path):
@@ -106,6 +69,8 @@ def test_crash_between_write_and_commit_then_replay(published, kafka, consumer_e
     group, sink_uri = "crash-" + uuid.uuid4().hex[:6], f"lancedb://{tmp_path}/lance/crash"
     args = ["--source", source(kafka, published["topic"]), "--group", group, "--sink", sink_uri,
             "--batch-max-records", "3", "--batch-linger-ms", "10000"]
+    # A process that dies never leaves its group: a short session lets the restart take the partitions soon.
+    consumer_env = {**consumer_env, "VLLM_MM_EVENTS_KAFKA__SESSION_TIMEOUT_MS": "6000"}
     # The second batch is written to the sink, then the process dies before committing it.
     p = cr.run_cli(["consume", "--once", "--metrics-port", "0", *args],
                    {**consumer_env, "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE": "2"})

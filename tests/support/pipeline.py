@@ -1,4 +1,5 @@
-"""Helpers for end-to-end tests: run the engine driver, read events back as a consumer would."""
+"""Helpers for end-to-end tests: run the engine driver, read events back as a consumer would, and the
+engine events the consumer tests share (``publish_consumer_events``: tests/e2e/conftest.py ``published``)."""
 
 from __future__ import annotations
 
@@ -89,3 +90,41 @@ def stats_line(log: str, side: str) -> str:
              if f"mm-events {side} side stopped" in ln or f"mm-events {side} sidecar stopped" in ln]
     assert lines, f"no shutdown report from the {side} side in the engine log"
     return lines[-1]
+
+
+# ---- the engine events the consumer end-to-end tests share ----------------------------------------------
+# 8 requests, 9 media items: distinct images, one request with two, image 20 seen twice.
+CONSUMER_BATCHES = [[{"images": [s], "extra_args": {"tenant": "acme" if s % 2 else "globex"}} for s in range(20, 27)]
+                    + [{"images": [27, 20], "extra_args": {"tenant": "initech"}}]]
+N_EVENTS, N_POINTS = 8, 9
+PARTITIONS = 3
+
+
+def publish_consumer_events(workdir: Path, tiny_llava, kafka, minio) -> dict:
+    """The engine on CONSUMER_BATCHES with the publisher: objects in a fresh MinIO bucket, events in a fresh
+    3-partition topic (tests read it with their own groups, never write to it). Returns the topic, the bucket,
+    the driver's results and the events read back: decoded ``events``, raw ``values`` and ``keys``, and each
+    record's (partition, offset) in ``positions``."""
+    bucket = minio.create_bucket(f"cons-{uuid.uuid4().hex[:8]}")
+    topic = f"vllm.mm-embeddings.{uuid.uuid4().hex[:6]}"
+    extra = {"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
+             "event_sink": f"kafka://{kafka.bootstrap}/{topic}", "topic_partitions": PARTITIONS}
+    env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
+    results, _log = run_driver({"model": str(tiny_llava), "extra_config": extra, "batches": CONSUMER_BATCHES},
+                               workdir, env=env)
+    events = consume(kafka.bootstrap, topic, expected=N_EVENTS)
+    assert len(events) == N_EVENTS
+    return {"topic": topic, "bucket": bucket, "results": results, "events": [e for e, _ in events],
+            "values": [m.value() for _, m in events], "keys": [m.key() for _, m in events],
+            "positions": [(m.partition(), m.offset()) for _, m in events]}
+
+
+def source(kafka, topic: str) -> str:
+    return f"kafka://{kafka.bootstrap}/{topic}"
+
+
+def all_ids(events) -> set[str]:
+    """One point id per (event, item): what a sink holds, once each, after indexing ``events``."""
+    from consumers.vectors import point_id
+
+    return {point_id(e["event_id"], i["item_index"]) for e in events for i in e["embeddings"]}
