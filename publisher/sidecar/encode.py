@@ -19,7 +19,12 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def encode_embedding(tensor: torch.Tensor, *, mm_hash: str, modality: str, model: str,
                      storage_dtype: str, source: str = "ENCODER") -> EncodedObject:
-    """Cast a host (num_features, hidden_size) tensor to ``storage_dtype`` and serialize it."""
+    """Cast a host (num_features, hidden_size) tensor to ``storage_dtype`` and serialize it.
+
+    ``storage_dtype`` is concrete (``native`` is resolved from the model's dtype at engine start,
+    and the key already names it): an encoder output in another dtype is converted, so the key
+    and the event never lie; in the common case (``native``, output in the model's dtype) the
+    cast is a no-op and the bytes are read straight from the ring."""
     if tensor.device.type != "cpu":
         raise ValueError("encode_embedding needs a host tensor; capture copies it off the device first")
     if tensor.dim() != 2:

@@ -119,12 +119,14 @@ def _arm_watchdog(timeout: float) -> None:
 def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
     import torch
 
-    from publisher.config import PublisherConfig
+    from publisher.config import STORED_DTYPES, PublisherConfig
     from publisher.sidecar.ring import attach_ring, ring_view
     from publisher.sidecar.uploader import ObjectUploader, UploadJob
     from publisher.stores import open_store
 
     c = PublisherConfig.from_dict(init.config)
+    if c.storage_dtype not in STORED_DTYPES:  # keys name the dtype: only the connector can resolve native
+        raise ValueError(f"storage_dtype {c.storage_dtype!r}: the connector resolves it before the sidecar starts")
     store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region,
                           fsync=c.fsync, max_connections=max(10, c.upload_threads * 2))
     ring = attach_ring(init.ring_fd, init.ring_size)
@@ -293,6 +295,12 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
         return 1
+    if role == "worker":
+        # Its work is flushed (the uploader drained or gave up within the budget). Skip the
+        # interpreter's teardown: after a dtype conversion, torch's C++ static destructors abort
+        # the process at exit ("terminate called without an active exception", a core dump).
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

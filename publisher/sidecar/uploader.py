@@ -41,6 +41,10 @@ class UploadJob:
     captured_at: float = field(default_factory=time.monotonic)
 
 
+def _nbytes(job: object) -> int:
+    return job.tensor.numel() * job.tensor.element_size() if isinstance(job, UploadJob) else 0
+
+
 class UploaderStats(ReportCounters):
     names = ("uploaded", "already_stored", "upload_failed", "retries", "bytes_uploaded")
 
@@ -50,13 +54,19 @@ class ObjectUploader:
     max_retry_s = 5.0
     permanent_attempts = 3
     max_batch = 64
+    # A batch stops growing at this many tensor bytes. One sync or a few parallel PUTs are amortized
+    # well before it; past it, batching only delays the first write (every item is serialized
+    # before any is stored) and holds more serialized copies: at most this much (plus one item)
+    # per thread beyond the ring.
+    max_batch_bytes = 8 << 20
 
     def __init__(self, store: ObjectStore, model: str, storage_dtype: str, threads: int = 2,
                  retry_for_s: float = 60.0, metrics: PublisherMetrics | None = None):
-        # A group-committing store gets one thread that lingers for company; others get
-        # parallel threads and no linger (an S3 PUT is a round trip, not a sync).
+        # Every thread takes a batch of what is queued. A group-committing store's threads linger
+        # for company (one sync for many objects), and two of them overlap one batch's sync with
+        # the next one's hashing and writes; other stores do not linger (an S3 PUT is a round trip,
+        # not a sync).
         self.linger_s = store.commit_linger_s
-        threads = 1 if self.linger_s else threads
         self.store = store
         self.model = model
         self.storage_dtype = storage_dtype
@@ -85,14 +95,17 @@ class ObjectUploader:
     def _run(self) -> None:
         while True:
             batch = [self._queue.get()]
-            # Whatever else is queued, or arrives within the linger, goes in one group commit:
-            # a store that syncs per batch (the local directory) then pays one sync for many.
+            size = _nbytes(batch[0])
+            # Whatever else is queued, or arrives within the linger, goes in one group commit (up to
+            # max_batch items and max_batch_bytes): a store that syncs per batch (the local
+            # directory) then pays one sync for many.
             deadline = time.monotonic() + self.linger_s
-            while len(batch) < self.max_batch and batch[-1] is not _STOP:
+            while len(batch) < self.max_batch and size < self.max_batch_bytes and batch[-1] is not _STOP:
                 try:
                     batch.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+                size += _nbytes(batch[-1])
             stops = sum(job is _STOP for job in batch)
             for _ in range(stops - 1):
                 self._queue.put(_STOP)  # the other threads' stop signals

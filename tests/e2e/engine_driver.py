@@ -2,7 +2,8 @@
 
     python engine_driver.py spec.json
 
-spec: {"model", "extra_config", "tp", "out", "batches": [[{"images": [seed, ...], "extra_args": {...}}]]}
+spec: {"model", "extra_config", "tp", "dtype" (float32 unless given), "out",
+       "batches": [[{"images": [seed, ...], "extra_args": {...}}]]}
 Each batch is one ``LLM.generate`` call, so a later batch sees the encoder cache of earlier ones.
 Writes ``out/results.json`` and, per request, ``out/<request_id>.safetensors`` holding what
 ``load_mm_embeddings`` returned.
@@ -40,8 +41,8 @@ def main() -> None:
                           ec_connector_extra_config=spec["extra_config"],
                           ec_connector_module_path=spec.get("module_path"))
     llm = LLM(model=spec["model"], ec_transfer_config=ec, tensor_parallel_size=spec.get("tp", 1),
-              dtype="float32", max_model_len=256, enforce_eager=True, limit_mm_per_prompt={"image": 4},
-              seed=0)
+              dtype=spec.get("dtype", "float32"), max_model_len=256, enforce_eager=True,
+              limit_mm_per_prompt={"image": 4}, seed=0)
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)
     results = []

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -21,18 +22,18 @@ BATCHES = [
 ]
 
 
-def run_embedded(tmp_path_factory, tiny_llava, name, tp=1, env=None, module_path=None):
+def run_embedded(tmp_path_factory, tiny_llava, name, tp=1, env=None, module_path=None, dtype="float32"):
     work = tmp_path_factory.mktemp(name)
-    # No object_store / event_sink given: the defaults, rooted in a fresh XDG_DATA_HOME.
-    env = dict(env or {}, XDG_DATA_HOME=str(work / "data"), AWS_ENDPOINT_URL="")
+    # No object_store / event_sink / storage_dtype given: the defaults, rooted in a fresh XDG_DATA_HOME.
+    env = dict(env or {}, XDG_DATA_HOME=str(work / "data"), AWS_ENDPOINT_URL="", ENCODER_TAP_DIR=str(work / "tap"))
     extra = {"publish_text_only": True}
-    spec = {"model": str(tiny_llava), "extra_config": extra, "batches": BATCHES, "tp": tp}
+    spec = {"model": str(tiny_llava), "extra_config": extra, "batches": BATCHES, "tp": tp, "dtype": dtype}
     if module_path:
         spec["module_path"] = module_path
     results, log = run_driver(spec, work, env=env)
     root = work / "data" / "vllm-mm-events"
     return dict(results=results, log=log, events=read_event_log(root / "events.avro"), objects=root / "objects",
-                out=work / "out")
+                out=work / "out", tap=work / "tap")
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,14 @@ def tp1(tmp_path_factory, tiny_llava):
     # Loaded by ec_connector_module_path with vLLM's plugins switched off: the second way in.
     return run_embedded(tmp_path_factory, tiny_llava, "embedded", env={"VLLM_PLUGINS": "none"},
                         module_path="publisher.vllm.connector")
+
+
+@pytest.fixture(scope="module")
+def bf16(tmp_path_factory, tiny_llava):
+    # The model in bfloat16 (the CPU build runs it), the default storage_dtype (native), and the
+    # encoder_tap connector: the publisher plus a copy of each encoder output as vLLM handed it over.
+    return run_embedded(tmp_path_factory, tiny_llava, "bf16", env={"VLLM_PLUGINS": "none"},
+                        module_path="encoder_tap", dtype="bfloat16")
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +79,51 @@ def test_embedded_defaults_need_no_server(tp1):
             assert r["ec_transfer_params"] == {"mm_embeddings": [], "event_id": e["event_id"]}
     stored = sorted(p for p in tp1["objects"].rglob("*.safetensors"))
     assert len(stored) == 3 and not list(tp1["objects"].rglob("*.tmp"))
+    # storage_dtype defaults to native: a float32 model stores float32, and keys, events and params say so
+    assert all(p.parent.name == "float32" for p in stored)
+    assert {ref["dtype"] for e in tp1["events"] for ref in e["embeddings"]} == {"float32"}
+    assert {e["producer"]["storage_dtype"] for e in tp1["events"]} == {"float32"}
+    assert {p["dtype"] for r in tp1["results"] for p in (r["ec_transfer_params"] or {}).get("mm_embeddings", [])} \
+        == {"float32"}
     for p in stored:  # metadata rides on the file (xattr) or, without xattrs, in a sidecar
         meta = json.loads(os.getxattr(p, "user.vllm_mm_events")) if not p.with_name(p.name + ".meta.json").exists() \
             else json.loads(p.with_name(p.name + ".meta.json").read_text())
         assert meta["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def test_native_dtype_stores_the_bf16_encoder_output_unconverted(bf16):
+    """storage_dtype=native (the default) on a bfloat16 model: both halves resolve it to bfloat16, so
+    the key the scheduler computed is where the worker stored, and every name of the dtype (key,
+    event, params, object metadata) is the concrete one. The stored tensor is the encoder's output
+    bit for bit; load_mm_embeddings returns it as bfloat16; the torch-free consumer widens it exactly."""
+    from consumers.objects import verify_and_decode
+
+    tapped = {p.stem: torch.load(p) for p in bf16["tap"].glob("*.pt")}
+    assert len(tapped) == 3 and {t.dtype for t in tapped.values()} == {torch.bfloat16}
+    events = {e["request_id"]: e for e in bf16["events"]}
+    assert {e["producer"]["storage_dtype"] for e in events.values()} == {"bfloat16"}
+    seen = set()
+    for r in bf16["results"]:
+        e = events[r["request_id"]]
+        assert e["missing_embeddings"] == [] and len(e["embeddings"]) == len(r["images"])
+        params = r["ec_transfer_params"]["mm_embeddings"]
+        loaded = load_file(bf16["out"] / f"{r['request_id']}.safetensors") if r["images"] else {}
+        for i, (ref, p) in enumerate(zip(e["embeddings"], params)):
+            assert ref["dtype"] == p["dtype"] == "bfloat16" and p["uri"] == ref["uri"]
+            path = local_path(ref["uri"])
+            assert path.parent.name == "bfloat16"  # the key names the resolved dtype
+            body = path.read_bytes()
+            expected = tapped[ref["mm_hash"]]
+            stored = load_file(path)["embedding"]
+            assert stored.dtype == torch.bfloat16 and torch.equal(stored, expected)  # no conversion
+            assert body.endswith(expected.contiguous().view(torch.uint8).numpy().tobytes())
+            meta = json.loads(body[8:8 + int.from_bytes(body[:8], "little")])["__metadata__"]
+            assert meta["dtype"] == meta["encoder_dtype"] == "bfloat16"
+            assert loaded[str(i)].dtype == torch.bfloat16 and torch.equal(loaded[str(i)], expected)
+            widened = verify_and_decode(ref, body)
+            assert widened.dtype == np.float32 and np.array_equal(widened, expected.float().numpy())
+            seen.add(path)
+    assert len(seen) == 3 and seen == set(bf16["objects"].rglob("*.safetensors"))
 
 
 def test_tp2_stores_each_item_once(tp2):

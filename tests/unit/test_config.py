@@ -14,7 +14,7 @@ def test_defaults_need_no_server(tmp_path, monkeypatch):
     c = PublisherConfig.load({}, environ={})
     assert c.object_store == (tmp_path / "vllm-mm-events" / "objects").as_uri()
     assert c.event_sink.startswith("file:///") and c.event_sink.endswith("events.avro")
-    assert c.storage_dtype == "float32" and c.publish_text_only is False
+    assert c.storage_dtype == "native" and c.publish_text_only is False
     assert c.allow_client_embeddings is False and c.backpressure == "block"
 
 
@@ -43,7 +43,7 @@ def test_env_dict_is_json():
     ("event_sink", "kafka://broker/topic", "event_sink: expected host:port in the broker list"),
     ("event_sink", "kafka://b:9092/bad topic!", "event_sink: Kafka topic"),
     ("event_sink", "http://x/y", "event_sink: expected kafka://host:port/topic or file:///path/events.avro"),
-    ("storage_dtype", "int8", "storage_dtype: expected one of float32, float16, bfloat16"),
+    ("storage_dtype", "int8", "storage_dtype: expected one of native, float32, float16, bfloat16"),
     ("publish_text_only", "maybe", "publish_text_only: expected a boolean"),
     ("max_inflight_bytes", 10, "max_inflight_bytes: expected a int >= 1048576"),
     ("upload_threads", "two", "upload_threads: expected a int >= 1"),
@@ -101,3 +101,47 @@ def test_settings_dicts_merge_per_setting_across_sources(tmp_path):
     assert cfg.schema_registry == {"basic.auth.user.info": "u:p-secret"}
     shown = repr(cfg)
     assert "s3cr3t-pw" not in shown and "p-secret" not in shown and "svc" in shown
+
+
+# ---- storage_dtype: native ----------------------------------------------------------------
+
+@pytest.mark.parametrize("model_dtype,expected", [
+    ("torch.bfloat16", "bfloat16"), ("torch.float16", "float16"), ("torch.float32", "float32"),
+    ("bfloat16", "bfloat16"), ("half", "float16"), ("float", "float32"),
+    ("torch.float64", "float32"), ("torch.float8_e4m3fn", "float32"),  # nothing objects hold: float32
+])
+def test_native_resolves_to_the_models_dtype(model_dtype, expected):
+    from publisher.config import resolve_storage_dtype
+
+    assert resolve_storage_dtype("native", model_dtype) == expected
+
+
+def test_native_resolves_from_a_torch_dtype_and_explicit_dtypes_stay():
+    import torch
+
+    from publisher.config import resolve_storage_dtype
+
+    assert resolve_storage_dtype("native", torch.bfloat16) == "bfloat16"
+    assert resolve_storage_dtype("native", torch.float16) == "float16"
+    for explicit in ("float32", "float16", "bfloat16"):  # never overridden by the model's dtype
+        assert resolve_storage_dtype(explicit, torch.bfloat16) == explicit
+
+
+def test_resolved_config_is_concrete_everywhere_it_travels():
+    """Both halves call resolved() with the same model dtype: the same keys, and the sidecars get a
+    concrete dtype through to_dict()."""
+    import torch
+
+    from publisher.config import STORED_DTYPES
+    from schemas.objects import object_key
+
+    c = load()
+    assert c.storage_dtype == "native"
+    scheduler, worker = c.resolved(torch.bfloat16), c.resolved(torch.bfloat16)
+    assert scheduler.storage_dtype == worker.storage_dtype == "bfloat16"
+    assert object_key("p", "m", "ff", scheduler.storage_dtype) == object_key("p", "m", "ff", worker.storage_dtype)
+    assert object_key("p", "m", "ff", scheduler.storage_dtype).endswith("/bfloat16/ff.safetensors")
+    assert PublisherConfig.from_dict(worker.to_dict()).storage_dtype in STORED_DTYPES
+    assert worker.to_dict() == dict(c.to_dict(), storage_dtype="bfloat16")  # nothing else changes
+    explicit = load({"storage_dtype": "float16"})
+    assert explicit.resolved(torch.bfloat16) is explicit

@@ -61,3 +61,27 @@ def test_slug_keeps_similar_names_apart_and_paths_safe():
     assert model_slug("/a/tiny-llava") != model_slug("/b/tiny-llava")
     evil = object_key("", "m", "../../etc/passwd", "float32")
     assert ".." not in evil and evil.endswith(".safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_native_stores_the_encoder_output_exactly(dtype):
+    """storage_dtype resolved from the model's dtype: the stored bytes are the tensor's own bytes."""
+    from publisher.config import resolve_storage_dtype
+
+    t = torch.randn(16, 128).to(dtype)
+    name = resolve_storage_dtype("native", dtype)
+    obj = encode_embedding(t, mm_hash="h", modality="image", model="m", storage_dtype=name)
+    assert obj.dtype == name
+    assert obj.data.endswith(t.view(torch.uint8).numpy().tobytes())  # no conversion: the same bits
+    back, meta = decode_embedding(obj.data)
+    assert back.dtype == dtype and torch.equal(back, t) and meta["encoder_dtype"] == meta["dtype"] == name
+
+
+def test_an_output_in_another_dtype_is_converted_so_the_key_never_lies():
+    """The key says bfloat16 (the model's dtype); an encoder that emitted float32 is cast, and the
+    object records what the encoder produced."""
+    t = torch.randn(4, 8)
+    obj = encode_embedding(t, mm_hash="h", modality="image", model="m", storage_dtype="bfloat16")
+    back, meta = decode_embedding(obj.data)
+    assert obj.dtype == meta["dtype"] == "bfloat16" and meta["encoder_dtype"] == "float32"
+    assert torch.equal(back, t.to(torch.bfloat16))
