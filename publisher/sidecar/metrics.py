@@ -66,14 +66,15 @@ def forget_dead_processes(d: Path) -> None:
     """Remove the files of sidecars that are no longer running."""
     for path in glob.glob(str(d / "*.db")):
         m = re.search(r"_(\d+)\.db$", path)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with that pid exists (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
         return True

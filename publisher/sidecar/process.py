@@ -44,6 +44,7 @@ from publisher.sidecar.messages import (
     SchedulerInit,
     WorkerInit,
 )
+from publisher.sidecar.metrics import pid_alive
 
 log = logging.getLogger("vllm_mm_events.sidecar")
 
@@ -179,16 +180,6 @@ def _metrics(c, serve: bool = False):
 PARKED = 64  # requests read past the in-flight cap and held back, so control messages get through
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> None:
     from publisher.config import PublisherConfig
     from publisher.event_sinks import open_event_sink
@@ -234,7 +225,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
             dispatcher.offer(msg.request, msg.keys)
         try:
             if full() and len(parked) >= PARKED:
-                if not _alive(engine_pid):
+                if not pid_alive(engine_pid):
                     raise EOFError("the engine is gone")
                 time.sleep(min(wait, 0.01))
                 continue
