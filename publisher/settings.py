@@ -189,6 +189,10 @@ def short(v: Any) -> str:
 def as_str(v: Any, key: str) -> str:
     if not isinstance(v, str) or not v:
         raise ConfigError(f"{key}: expected a non-empty string, got {type(v).__name__} {short(v)}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:  # an unpaired surrogate (from undecodable bytes): no URI, path or name
+        raise ConfigError(f"{key}: expected UTF-8 text, got {short(v)}") from None
     return v
 
 
