@@ -45,6 +45,7 @@ DYNAMIC_FIXTURE_MARKERS = {
     ("sink_and_reader", "kafka"): "kafka",  # tests/contract/test_event_sink.py
     ("store", "s3"): "minio",  # tests/contract/test_object_store.py
     ("sink_uri", "pgvector"): "postgres",  # tests/contract/test_vector_sink.py
+    ("shared_sink_uri", "pgvector"): "postgres",  # tests/contract/test_vector_sink.py
     ("stream", "kafka"): "kafka",  # tests/contract/test_event_source.py
     ("dlq", "kafka"): "kafka",  # tests/contract/test_dead_letters.py
 }

@@ -65,8 +65,15 @@ class VectorSink(ABC):
                                   "use --pooling mean, first or max, or a qdrant:// or lancedb:// sink")
         existing = self.describe()
         if existing is None:
-            self.create(dim, multivector)
-            existing = (dim, multivector)
+            try:
+                self.create(dim, multivector)
+                existing = (dim, multivector)
+            except Exception:
+                # Another consumer of the group may have created it between describe() and create():
+                # theirs is the collection (its dimension rules); any other failure is raised as it was.
+                existing = self.describe()
+                if existing is None:
+                    raise
         self.dim, self.multivector = existing
         if self.multivector != multivector:
             kind = "multi-vectors" if self.multivector else "single vectors"

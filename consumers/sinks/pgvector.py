@@ -95,6 +95,10 @@ class PgvectorSink(VectorSink):
         op_class = _OPS[self.distance][1]
 
         def ddl(conn):
+            # "IF NOT EXISTS" is not safe against a concurrent creator (both pass the check, one fails on
+            # a catalog unique index): consumers starting together take turns on one advisory lock,
+            # held until this transaction ends.
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext('vllm-mm-events:ddl'))")
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
             conn.execute(sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {t} (id uuid PRIMARY KEY, embedding vector({d}) NOT NULL, "

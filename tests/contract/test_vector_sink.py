@@ -3,6 +3,7 @@ server), Milvus Lite and LanceDB. The consumer relies on exactly these propertie
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import numpy as np
@@ -16,17 +17,28 @@ DIM = 24
 
 @pytest.fixture(params=["qdrant", "pgvector", "milvus", "lancedb"])
 def sink_uri(request, tmp_path):
-    """A fresh collection URI per test; `reopen()` gives a second client on the same collection."""
+    """A fresh collection URI per test; `open_vector_sink` on it again is a second client."""
+    return _fresh_uri(request.param, request, tmp_path)
+
+
+def _fresh_uri(kind, request, tmp_path):
     name = "t_" + uuid.uuid4().hex[:10]
-    if request.param == "qdrant":
+    if kind == "qdrant":
         return f"qdrant://{tmp_path}/qdrant/{name}"
-    if request.param == "pgvector":
+    if kind == "pgvector":
         pg = request.getfixturevalue("postgres")
         request.getfixturevalue("monkeypatch").setenv("PGPASSWORD", pg.env["PGPASSWORD"])
         return pg.uri(name)
-    if request.param == "milvus":
+    if kind == "milvus":
         return f"milvus://{tmp_path}/milvus.db/{name}"
     return f"lancedb://{tmp_path}/lance/{name}"
+
+
+@pytest.fixture(params=["pgvector", "lancedb"])
+def shared_sink_uri(request, tmp_path):
+    """A fresh collection in a store that several processes may write at once (Qdrant local mode and
+    Milvus Lite hold their files for one client; their servers are the multi-writer deployments)."""
+    return _fresh_uri(request.param, request, tmp_path)
 
 
 def make_points(n: int, dim: int = DIM, seed: int = 0, multi: bool = False) -> list[Point]:
@@ -111,3 +123,32 @@ def test_multivectors_where_supported_refused_elsewhere(sink_uri):
     with pytest.raises(SinkConfigError, match="already holds multi-vectors"):
         single.ensure(DIM, multivector=False)
     single.close()
+
+
+def test_consumers_starting_together_all_get_the_collection(shared_sink_uri):
+    """Consumers of one group start at once against a collection none has created: each one's ensure()
+    must end with the collection, never with an error a racing creator caused (it would dead-letter a
+    batch of good events)."""
+    sinks = [open_vector_sink(shared_sink_uri) for _ in range(6)]
+    start, results = threading.Barrier(len(sinks)), [None] * len(sinks)
+
+    def ensure(i):
+        start.wait()
+        try:
+            results[i] = sinks[i].ensure(DIM, multivector=False)
+        except Exception as e:  # noqa: BLE001 - recorded and asserted below
+            results[i] = e
+    threads = [threading.Thread(target=ensure, args=(i,)) for i in range(len(sinks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [DIM] * len(sinks), results
+    pts = make_points(6, seed=9)
+    for i, s in enumerate(sinks):
+        s.upsert(pts[i:i + 1])
+    fresh = open_vector_sink(shared_sink_uri)
+    assert fresh.count() == 6
+    fresh.close()
+    for s in sinks:
+        s.close()

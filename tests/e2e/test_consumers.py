@@ -195,7 +195,8 @@ def test_two_consumers_split_partitions_and_stop_cleanly_on_sigterm(published, k
         def split():  # both joined the group and hold disjoint, non-empty shares of the 3 partitions
             owned = [_last_assignment((tmp_path / f"c{i}.log").read_text()) for i in range(2)]
             return owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == {0, 1, 2}
-        cr.wait_for(split, 90, "the two consumers to share the partitions")
+        logs = [tmp_path / f"c{i}.log" for i in range(2)]
+        cr.wait_for(split, 90, "the two consumers to share the partitions", logs=logs)
         cr.produce(kafka.bootstrap, topic, [(e["request_id"].encode(), codec.encode(e), p) for e, p in copies])
 
         def indexed():
@@ -207,7 +208,7 @@ def test_two_consumers_split_partitions_and_stop_cleanly_on_sigterm(published, k
             except Exception:  # noqa: BLE001 - the table may not exist yet
                 return False
 
-        cr.wait_for(indexed, 120, f"{expected_points} rows in {table}")
+        cr.wait_for(indexed, 120, f"{expected_points} rows in {table}", logs=logs)
 
         def both_busy():  # each process took partitions and consumed events
             scraped = [cr.scrape(p) for p in ports]

@@ -54,14 +54,17 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def wait_for(pred, timeout: float, what: str, interval: float = 0.5):
+def wait_for(pred, timeout: float, what: str, interval: float = 0.5, logs: list[Path] = ()):
+    """Poll ``pred`` until it is truthy; a timeout names ``what`` and ends with the tails of ``logs``
+    (the consumers' own account of what they were doing)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         v = pred()
         if v:
             return v
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    tails = "".join(f"\n--- {p} (tail) ---\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.exists())
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{tails}")
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
