@@ -12,10 +12,10 @@ directory:
                    the engine feeds it: a memfd ring (``SharedRing``) it maps, one memcpy per item
                    into the ring (``DeviceToHostCapture`` on CPU), an ``ItemCaptured`` message, the
                    region reused when the sidecar says ``RegionFreed``. It serializes (safetensors),
-                   hashes (SHA-256) and PUTs (``S3PutHeadClient``, If-None-Match, checksum header).
+                   hashes (SHA-256) and PUTs (``S3LeanClient``, If-None-Match, checksum header).
   boto3            ``put_object`` from a thread pool of the same size, the same bytes and headers
                    (the SHA-256 for ``ChecksumSHA256`` computed per object, as any checksummed upload must).
-  lean             ``S3PutHeadClient.put_if_absent`` alone, same pool, same hashing.
+  lean             ``S3LeanClient.put_if_absent`` alone, same pool, same hashing.
   sidecar->local   the same sidecar storing into a local directory (``LocalDirStore``, fsync=true:
                    group commit with one syncfs per batch).
   files            plain ``open/write/fsync/close`` of the same bytes, one file each, same pool.
@@ -239,9 +239,9 @@ def run_boto3(kind: Kind, n: int, threads: int, minio, bucket: str) -> Result:
 
 
 def run_lean(kind: Kind, n: int, threads: int, minio, bucket: str) -> Result:
-    from publisher.stores.s3_put_head import S3PutHeadClient
+    from publisher.stores.s3_lean import S3LeanClient
 
-    client = S3PutHeadClient(minio.endpoint, "us-east-1")
+    client = S3LeanClient(minio.endpoint, "us-east-1")
 
     def put(i: int, data: bytes) -> None:
         sha_hex, sha_b64 = checksum(data)

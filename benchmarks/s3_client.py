@@ -1,9 +1,9 @@
-"""CPU per S3 call: boto3 (the raw client) vs the publisher's S3PutHeadClient, against a real MinIO.
+"""CPU per S3 call: boto3 (the raw client) vs the publisher's S3LeanClient, against a real MinIO.
 
     .venv/bin/python benchmarks/s3_client.py [--objects 500] [--size 8528]
 
 Both clients write the same objects (If-None-Match: *, x-amz-checksum-sha256, user
-metadata) and HEAD them back, single-threaded; CPU is this process's user+system time, so
+metadata), HEAD them and GET them back, single-threaded; CPU is this process's user+system time, so
 the server's share is not counted. Prints microseconds per call and the ratio.
 """
 
@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--objects", type=int, default=500)
     ap.add_argument("--size", type=int, default=8528, help="bytes per object (8528: one tiny-LLaVA item)")
     args = ap.parse_args()
-    from publisher.stores.s3_put_head import S3PutHeadClient
+    from publisher.stores.s3_lean import S3LeanClient
 
     import services
 
@@ -39,7 +39,7 @@ def main() -> None:
     os.environ.update(minio.env)
     bucket = minio.create_bucket(f"bench-{uuid.uuid4().hex[:8]}")
     boto = minio.client()
-    lite = S3PutHeadClient(minio.endpoint, "us-east-1")
+    lite = S3LeanClient(minio.endpoint, "us-east-1")
     data = os.urandom(args.size)
     sha = hashlib.sha256(data).hexdigest()
     b64 = base64.b64encode(bytes.fromhex(sha)).decode()
@@ -48,19 +48,21 @@ def main() -> None:
     rows = {
         "PUT boto3": measure(lambda i: boto.put_object(Bucket=bucket, Key=f"b/{i}", Body=data, Metadata=meta,
                                                        IfNoneMatch="*", ChecksumSHA256=b64), n),
-        "PUT S3PutHeadClient": measure(lambda i: lite.put_if_absent(bucket, f"l/{i}", data, sha, b64, meta,
+        "PUT S3LeanClient": measure(lambda i: lite.put_if_absent(bucket, f"l/{i}", data, sha, b64, meta,
                                                             "application/octet-stream"), n),
         "HEAD boto3": measure(lambda i: boto.head_object(Bucket=bucket, Key=f"b/{i}"), n),
-        "HEAD S3PutHeadClient": measure(lambda i: lite.head(bucket, f"l/{i}"), n),
+        "HEAD S3LeanClient": measure(lambda i: lite.head(bucket, f"l/{i}"), n),
+        "GET boto3": measure(lambda i: boto.get_object(Bucket=bucket, Key=f"b/{i}")["Body"].read(), n),
+        "GET S3LeanClient": measure(lambda i: lite.get(bucket, f"l/{i}"), n),
     }
     minio.stop()
     print(f"{minio.name}, {n} objects of {args.size} bytes, one thread")
-    print(f"{'call':12s} {'CPU us/call':>12s} {'wall us/call':>13s}")
+    print(f"{'call':20s} {'CPU us/call':>12s} {'wall us/call':>13s}")
     for k, (cpu, wall) in rows.items():
-        print(f"{k:12s} {cpu:12.0f} {wall:13.0f}")
-    for op in ("PUT", "HEAD"):
-        ratio = rows[f"{op} S3PutHeadClient"][0] / rows[f"{op} boto3"][0]
-        print(f"{op}: S3PutHeadClient uses {ratio:.2f}x the CPU of boto3")
+        print(f"{k:20s} {cpu:12.0f} {wall:13.0f}")
+    for op in ("PUT", "HEAD", "GET"):
+        ratio = rows[f"{op} S3LeanClient"][0] / rows[f"{op} boto3"][0]
+        print(f"{op}: S3LeanClient uses {ratio:.2f}x the CPU of boto3")
 
 
 if __name__ == "__main__":

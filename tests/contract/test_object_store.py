@@ -7,6 +7,7 @@ import uuid
 import pytest
 
 from publisher.stores import ObjectNotFound, open_store
+from publisher.stores.base import ObjectTooLarge
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -37,6 +38,16 @@ def test_put_head_get(store):
     assert store.get("a/b/c.safetensors") == data
 
 
+def test_calls_in_a_row_each_act_once(store):
+    """Many calls on one thread (S3: one keep-alive connection): each fresh key is new exactly once,
+    so no call was silently sent twice."""
+    datas = [bytes([i]) * (100 + i) for i in range(12)]
+    assert [store.put_if_absent(f"row/{i}", d, meta(d)) for i, d in enumerate(datas)] == [True] * 12
+    assert [store.get(f"row/{i}") for i in range(12)] == datas
+    assert [store.head(f"row/{i}").size for i in range(12)] == [len(d) for d in datas]
+    assert [store.put_if_absent(f"row/{i}", d, meta(d)) for i, d in enumerate(datas)] == [False] * 12
+
+
 def test_put_if_absent_writes_once(store):
     first, second = b"first", b"second"
     assert store.put_if_absent("k", first, meta(first)) is True
@@ -65,3 +76,17 @@ def test_uri_names_the_object(store):
     uri = store.uri("x/y.safetensors")
     assert uri.endswith("/x/y.safetensors")
     assert uri.startswith(("file:///", "s3://"))
+
+
+def test_get_refuses_an_object_over_the_cap_and_carries_on(store):
+    """A reader of untrusted URIs caps what it reads: over the cap is refused (S3: from the
+    Content-Length, before the body is read), at the cap is returned, and the store serves the
+    next call as usual (S3: the keep-alive connection left mid-body is not reused)."""
+    big, small = bytes(range(256)) * 4096, b"s" * 4096  # 1 MiB and 4 KiB
+    store.put_if_absent("big", big, meta(big))
+    store.put_if_absent("small", small, meta(small))
+    for _ in range(3):
+        with pytest.raises(ObjectTooLarge, match="big"):
+            store.get("big", max_bytes=len(big) - 1)
+        assert store.get("small", max_bytes=len(small)) == small
+    assert store.get("big", max_bytes=len(big)) == big

@@ -1,13 +1,14 @@
-"""``S3PutHeadClient``: PutObject and HeadObject only, the two S3 calls on the per-item path.
+"""``S3LeanClient``: the three S3 calls on the per-item paths, PutObject, HeadObject and GetObject.
 
-boto3 spends about a millisecond of CPU per call building, signing and parsing requests
-(``benchmarks/s3_client.py`` prints the figures); on the publisher's per-item path that is
-the largest cost after the S3 server itself. This client signs with AWS Signature V4 over
-``http.client`` keep-alive connections and reuses the SHA-256 the object already carries
-as the payload hash, so the body is never hashed twice. Credentials still come from the
-standard AWS chain (botocore's resolver: env, profiles, IRSA web identity, instance
-metadata), refreshed as botocore refreshes them. Everything else (bucket creation, listing,
-reads by consumers) stays on boto3.
+boto3 spends one to three milliseconds of CPU per call building, signing and parsing
+requests (``benchmarks/s3_client.py`` prints the figures); on the publisher's per-item path
+and the consumer's per-event path that is the largest cost after the S3 server itself. This
+client signs with AWS Signature V4 over ``http.client`` keep-alive connections, reuses the
+SHA-256 the object already carries as the payload hash (the body is never hashed twice), and
+reads a GET's body straight into one buffer of its announced length, refusing one over the
+caller's cap before reading it. Credentials still come from the standard AWS chain
+(botocore's resolver: env, profiles, IRSA web identity, instance metadata), refreshed as
+botocore refreshes them. Everything else (bucket creation, listing) stays on boto3.
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ class S3Error(RuntimeError):
         self.status, self.code = status, code
 
 
-class S3PutHeadClient:
-    """SigV4-signed PUT (put-if-absent, checksummed) and HEAD over per-thread keep-alive connections."""
+class ObjectOverCap(Exception):
+    """A GET whose body is longer than the caller's cap; nothing past the cap was read."""
+
+    def __init__(self, size: int | None):
+        super().__init__(f"{size} bytes" if size is not None else "over the cap")
+        self.size = size
+
+
+class S3LeanClient:
+    """SigV4-signed PUT (put-if-absent, checksummed), HEAD and GET over per-thread keep-alive connections."""
 
     def __init__(self, endpoint_url: str | None, region: str | None, timeout: float = 30.0):
         import botocore.session
@@ -56,7 +65,7 @@ class S3PutHeadClient:
         return c
 
     def _request(self, method: str, bucket: str, key: str, headers: dict[str, str], body: bytes,
-                 payload_sha256: str) -> tuple[int, dict[str, str], bytes]:
+                 payload_sha256: str, max_body: int | None = None) -> tuple[int, dict[str, str], bytes]:
         path = "/" + quote(bucket, safe="") + "/" + quote(key, safe="/~")
         headers = self._sign(method, path, headers, payload_sha256)
         for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
@@ -64,14 +73,41 @@ class S3PutHeadClient:
             try:
                 conn.request(method, path, body=body or None, headers=headers)
                 r = conn.getresponse()
-                data = r.read()
-                return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+                got = {k.lower(): v for k, v in r.getheaders()}
+                return r.status, got, self._read_body(r, max_body if r.status == 200 else None)
+            except ObjectOverCap:
+                self._drop(conn)  # the unread rest of the body would poison the keep-alive connection
+                raise
             except (http.client.HTTPException, ConnectionError, OSError):
-                conn.close()
-                self._local.conn = None
+                self._drop(conn)
                 if attempt:
                     raise
         raise AssertionError("unreachable")
+
+    def _drop(self, conn: http.client.HTTPConnection) -> None:
+        conn.close()
+        self._local.conn = None
+
+    @staticmethod
+    def _read_body(r: http.client.HTTPResponse, cap: int | None) -> bytes:
+        """The whole body, read into one buffer of its announced length (no chunk joins: one copy from
+        the socket); ``ObjectOverCap`` before reading a body longer than ``cap``."""
+        if r.length is None or r.length == 0:  # chunked, or empty: read() also ends the response, so the
+            # connection can carry the next request (an unfinished one makes http.client refuse it)
+            data = r.read() if cap is None else r.read(cap + 1)
+            if cap is not None and len(data) > cap:
+                raise ObjectOverCap(None)
+            return data
+        if cap is not None and r.length > cap:
+            raise ObjectOverCap(r.length)
+        buf = bytearray(r.length)
+        view, at = memoryview(buf), 0
+        while at < len(buf):
+            n = r.readinto(view[at:])
+            if not n:
+                raise http.client.IncompleteRead(bytes(buf[:at]), len(buf) - at)
+            at += n
+        return buf
 
     def _sign(self, method: str, path: str, headers: dict[str, str], payload_sha256: str) -> dict[str, str]:
         creds = self._credentials.get_frozen_credentials()
@@ -103,7 +139,7 @@ class S3PutHeadClient:
         self._key_cache = (date, secret, k)
         return k
 
-    # ---- the two calls ------------------------------------------------------------------
+    # ---- the three calls ----------------------------------------------------------------
     def put_if_absent(self, bucket: str, key: str, data: bytes, sha256_hex: str, sha256_b64: str,
                       metadata: dict[str, str], content_type: str) -> bool:
         headers = {"if-none-match": "*", "x-amz-checksum-sha256": sha256_b64, "content-type": content_type,
@@ -123,6 +159,17 @@ class S3PutHeadClient:
             raise S3Error(status, "HeadObject", f"status {status}")
         meta = {k[len("x-amz-meta-"):]: v for k, v in headers.items() if k.startswith("x-amz-meta-")}
         return int(headers.get("content-length", 0)), meta
+
+    def get(self, bucket: str, key: str, max_bytes: int | None = None) -> bytes | None:
+        """The object's bytes (a ``bytearray``), ``None`` if there is no such key, ``ObjectOverCap`` if it is
+        longer than ``max_bytes`` (refused from its Content-Length, before the body is read)."""
+        status, _, body = self._request("GET", bucket, key, {}, b"", EMPTY_SHA256, max_body=max_bytes)
+        if status == 200:
+            return body
+        code = _xml_field(body, "Code") if body else str(status)
+        if status == 404 and code in ("NoSuchKey", "404"):
+            return None
+        raise S3Error(status, code, _xml_field(body, "Message") if body else f"status {status}")
 
 
 def _xml_field(body: bytes, name: str) -> str:
