@@ -43,6 +43,7 @@ log = logging.getLogger("vllm_mm_events.consumer")
 
 # Fault injection for the crash/replay test: exit hard after the Nth batch is written to the
 # sinks and before its positions are committed.
+INFLIGHT_POLL_S = 0.02  # the poll's slice while a batch is being written
 CRASH_AFTER_WRITE_ENV = "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE"
 
 
@@ -133,8 +134,11 @@ class Indexer:
                     break
                 linger_left = ((self._batch_started + cfg.batch_linger_ms / 1000 - time.monotonic()) if self._batch
                                else 1e9)
+                # A batch being written: poll in short slices, so its commit follows its write by
+                # milliseconds rather than a whole idle poll.
+                wait = INFLIGHT_POLL_S if self._inflight is not None else cfg.poll_timeout_s
                 self._add(self.source.poll(cfg.batch_max_records - len(self._batch),
-                                           max(0.0, min(cfg.poll_timeout_s, linger_left))))
+                                           max(0.0, min(wait, linger_left))))
                 self.progress.tick(self.totals, self._lag)
             self._finish_inflight(wait=True)
         finally:
@@ -192,10 +196,26 @@ class Indexer:
             self._wait_paused()
         if self._stop.is_set() or not self._batch:
             return
-        entries, self._batch, self._batch_bytes = self._batch, [], 0
-        self._inflight = Inflight(self._writer.submit(self._write, entries), entries, self._batch_started)
+        entries, started = self._split_at_byte_cap()
+        self._inflight = Inflight(self._writer.submit(self._write, entries), entries, started)
         if self.metrics.work_since is None:
             self.metrics.work_since = time.monotonic()
+
+    def _split_at_byte_cap(self) -> tuple[list[Entry], float]:
+        """Take the open batch up to ``batch_max_bytes`` (at least one event); the rest, polled in the same
+        call, stays open as the next batch (as old as this one: it goes out next), so a batch's objects stay
+        within the cap, one larger event going alone. Order is kept: the rest is written and committed
+        after this."""
+        cap, total, cut = self.cfg.batch_max_bytes, 0, len(self._batch)
+        for i, e in enumerate(self._batch):
+            total += e.nbytes
+            if total > cap and i > 0:
+                cut = i
+                break
+        entries, started = self._batch[:cut], self._batch_started
+        self._batch = self._batch[cut:]
+        self._batch_bytes = sum(e.nbytes for e in self._batch)
+        return entries, started
 
     def _wait_paused(self) -> None:
         """A slow sink: pause the partitions and keep polling (heartbeats, rebalances) until the writer is free."""

@@ -68,3 +68,36 @@ def test_slow_sink_pauses_partitions_and_bounds_memory(kafka, tmp_path):
     assert sink.count() == N
     assert len(pauses) >= N // BATCH // 2  # paused whenever a full batch waited for the writer
     assert max(held) <= 2 * BATCH, max(held)  # never read ahead of the slow sink
+
+
+def test_batches_stay_within_batch_max_bytes(kafka, tmp_path):
+    """One poll may return far more than ``batch_max_bytes`` of objects (a backlog of 4.7 MB events):
+    the batch is cut at the cap and the rest goes in the next ones, in order, each committed once."""
+    store, codec = LocalDirStore(tmp_path / "objects"), AvroCodec()
+    topic = f"bytes.{uuid.uuid4().hex[:6]}"
+    cr.create_topic(kafka.bootstrap, topic, 1)
+    events = [synth.make_event(store, "p", f"r{i}", [synth.features(i, n=16, dim=16)])[0] for i in range(30)]
+    size = events[0]["embeddings"][0]["size_bytes"]
+    cap = 3 * size + size // 2
+    cr.produce(kafka.bootstrap, topic, [(e["request_id"].encode(), codec.encode(e), 0) for e in events])
+
+    cfg = ConsumerConfig.load({"source": f"kafka://{kafka.bootstrap}/{topic}", "sinks": [f"lancedb://{tmp_path}/l/t"],
+                               "batch_max_bytes": cap, "batch_linger_ms": 5000, "metrics_port": 0}, environ={})
+    source = KafkaSource(cfg.source, "bytes-" + uuid.uuid4().hex[:6], {})
+    sink = LanceDBSink(cfg.sinks[0])
+    indexer = Indexer(cfg, source, [sink], LoggedDeadLetters(),
+                      ObjectFetcher([store.uri("")]), ConsumerMetrics(), EventDecoder())
+    written, real_write = [], indexer._write
+
+    def write(entries):
+        written.append([e.event["request_id"] for e in entries])
+        return real_write(entries)
+    indexer._write = write
+    try:
+        totals = indexer.run(once=True)
+    finally:
+        indexer.close()
+        source.close()
+    assert totals.consumed == totals.committed == totals.indexed == 30 and sink.count() == 30
+    assert max(len(b) for b in written) == 3, written  # 3 objects fit in the cap, a 4th would not
+    assert [r for b in written for r in b] == [f"r{i}" for i in range(30)]  # in order, each once
