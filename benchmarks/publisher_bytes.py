@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import os
 import shutil
 import statistics
@@ -360,6 +361,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="rounds, alternating the order of the configurations (default 3; "
                                                "--quick: 1); figures are medians")
     ap.add_argument("--endpoint", help="an S3 server to use instead of starting MinIO (credentials: AWS_* env)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (\"kind\": \"bytes\")")
     args = ap.parse_args()
     threads_list = [int(t) for t in (args.threads or ("2" if args.quick else "1,2,4")).split(",")]
     rounds = args.rounds or (1 if args.quick else 3)
@@ -422,7 +424,9 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
         if started:
             started.stop()
-    report(kinds, groups, results, floors, time.perf_counter() - t_start)
+    rows = report(kinds, groups, results, floors, time.perf_counter() - t_start)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 def median_mb_s(rs: list[Result]) -> float:
@@ -433,17 +437,21 @@ def median_cpu(rs: list[Result]) -> float:
     return statistics.median(r.cpu_s_per_gb for r in rs)
 
 
-def report(kinds, groups, results, floors, elapsed) -> None:
+def report(kinds, groups, results, floors, elapsed) -> list[dict]:
     print(f"\nWorker sidecar, MB/s of stored objects (median of rounds; {os.cpu_count()} CPUs shared with MinIO; "
           f"{elapsed:.0f} s)")
     print("ratios: the sidecar against the raw client at the same thread count, in the same rounds")
     cols = ["object", "threads", "sidecar->S3", "boto3", "lean", "vs boto3", "vs lean", "sidecar->local",
             "files+fsync", "vs files", "sha256 1 core", "S3 conns"]
-    table = []
+    table, rows = [], []
     for kind, threads in groups:
         r = results[(kind.name, threads)]
         s3, b, lean, loc, files = (median_mb_s(r[k]) for k in ("sidecar->S3", "boto3", "lean", "sidecar->local",
                                                                 "files"))
+        rows.append({"kind": "bytes", "object": kind.name, "threads": threads, "sidecar_s3_MB_s": s3,
+                     "boto3_MB_s": b, "lean_MB_s": lean, "sidecar_local_MB_s": loc, "files_MB_s": files,
+                     "sha256_MB_s": median_mb_s(floors[kind.name]["sha256"]),
+                     "sidecar_s3_cpu_s_per_GB": median_cpu(r["sidecar->S3"])})
         table.append([kind.name, threads, f"{s3:.0f}", f"{b:.0f}", f"{lean:.0f}", fmt_ratio(s3, b),
                       fmt_ratio(s3, lean), f"{loc:.0f}", f"{files:.0f}", fmt_ratio(loc, files),
                       f"{median_mb_s(floors[kind.name]['sha256']):.0f}",
@@ -484,6 +492,7 @@ def report(kinds, groups, results, floors, elapsed) -> None:
     per_gb = statistics.median(median_cpu(results[(k.name, t)]["sidecar->S3"]) for k, t in groups)
     print(f"\nSizing: the sidecar spends {per_gb:.2f} CPU s per GB stored to S3 (median over the rows above): "
           f"2 GB/s takes ~{2 * per_gb:.1f} cores of worker sidecars, the store's own CPU elsewhere.")
+    return rows
 
 
 def print_table(cols: list[str], rows: list[list]) -> None:

@@ -1,6 +1,6 @@
 """Engine throughput with and without the publisher, in one run.
 
-    .venv/bin/python benchmarks/publisher_throughput.py [--requests 512] [--rounds 5]
+    .venv/bin/python benchmarks/publisher_throughput.py [--requests 512] [--rounds 5] [--quick] [--json PATH]
 
 Every request carries a distinct image, so each one runs the encoder and publishes: the
 worst case, since the tiny model itself costs almost nothing. Each configuration runs in
@@ -14,9 +14,12 @@ requests follow one warm-up round, and the median round counts. Configurations:
   local+kafka-durable   the same with durable_before_return (each response waits for its spool fsync)
   s3+kafka      the publisher: MinIO + Apache Kafka (servers share the 2 cores: a floor)
 
-Prints requests/s and the ratios against no connector and against the no-op connector and,
+Prints requests/s and the ratios against no connector and against the no-op connector (with
+the spread: each pass's median against the same pass's no-op), CPU per request by process and,
 for configurations with a spool, the window between a request's finish and its spool record
 being fsynced (the publisher's ``spool_lag_seconds`` histogram, scraped from its /metrics).
+``--quick``: no-op and local+kafka, 32 requests, one round, one pass (proves it runs).
+``--json PATH``: the rows as a JSON list of dicts (``"kind": "engine"``).
 """
 
 from __future__ import annotations
@@ -145,7 +148,7 @@ def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str,
         lag = result["spool_lag"]
         print(f"      spool lag (finish -> fsynced): mean {lag['mean_ms']:.2f} ms, p50 <= {lag['p50_le_ms']:g} ms, "
               f"p99 <= {lag['p99_le_ms']:g} ms over {lag['n']:.0f} requests")
-    return result["rps"], result["cpu_us_per_request"]
+    return result["rps"], result["cpu_us_per_request"], result.get("spool_lag")
 
 
 def main() -> None:
@@ -156,9 +159,13 @@ def main() -> None:
     ap.add_argument("--configs", default="none,noop,local+kafka,s3+kafka")
     ap.add_argument("--repeat", type=int, default=2,
                     help="passes over the configurations (alternating order), to average out drift")
+    ap.add_argument("--quick", action="store_true", help="noop,local+kafka; 32 requests, 1 round, 1 pass")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
+    if args.quick:
+        args.requests, args.rounds, args.repeat, args.configs = 32, 1, 1, "noop,local+kafka"
 
     from publisher.vllm.demo import tiny_llava
 
@@ -173,6 +180,8 @@ def main() -> None:
     print(f"{args.requests} requests x {args.rounds} rounds per configuration, 1 distinct image each, "
           f"8 output tokens, {os.cpu_count()} CPUs")
     results: dict[str, list[float]] = {}
+    per_pass: dict[tuple[int, str], float] = {}  # (pass, configuration) -> median req/s
+    lags: dict[str, dict] = {}
     cpu: dict[str, list[dict]] = {}
     order = [(p, c) for p in range(args.repeat) for c in (configs if p % 2 == 0 else configs[::-1])]
     try:
@@ -195,8 +204,11 @@ def main() -> None:
             elif name == "local+file":
                 spec["extra"] = {"object_store": (work / "objects2").as_uri(),
                                  "event_sink": (work / "events.avro").as_uri()}
-            rps, cpu_us = run_config(name, spec, env)
+            rps, cpu_us, lag = run_config(name, spec, env)
             results.setdefault(name, []).extend(rps)
+            per_pass[(pass_no, name)] = statistics.median(rps)
+            if lag:
+                lags[name] = lag
             cpu.setdefault(name, []).append(cpu_us)
             print(f"  pass {pass_no + 1} {name:12s} {statistics.median(rps):7.1f} req/s "
                   f"(rounds: {', '.join(f'{x:.0f}' for x in rps)})", flush=True)
@@ -206,12 +218,20 @@ def main() -> None:
         if minio:
             minio.stop()
     med = {k: statistics.median(v) for k, v in results.items()}
-    print("\nThroughput (median of all timed rounds)")
-    print("configuration    req/s   vs none   vs noop")
+    print("\nThroughput (median of all timed rounds; spread: each pass against that pass's no-op)")
+    print("configuration    req/s   vs none   vs noop   spread vs noop")
+    rows = []
     for k, v in med.items():
         vs_none = v / med["none"] if "none" in med else float("nan")
         vs_noop = v / med["noop"] if "noop" in med else float("nan")
-        print(f"{k:14s} {v:7.1f}   {vs_none:7.3f}   {vs_noop:7.3f}")
+        spread = [per_pass[(p, k)] / per_pass[(p, "noop")] for p in range(args.repeat) if (p, "noop") in per_pass]
+        spread_txt = f"{min(spread):.3f}-{max(spread):.3f}" if spread else "-"
+        print(f"{k:14s} {v:7.1f}   {vs_none:7.3f}   {vs_noop:7.3f}   {spread_txt}")
+        rows.append({"kind": "engine", "config": k, "requests_per_s": v, "rounds_per_s": results[k],
+                     "vs_none": vs_none if "none" in med else None, "vs_noop": vs_noop if "noop" in med else None,
+                     "vs_noop_per_pass": spread, "spool_lag": lags.get(k),
+                     "cpu_us_per_request": {r: statistics.mean(run.get(r, 0.0) for run in cpu[k])
+                                            for r in {r for run in cpu[k] for r in run}}})
     # CPU per request by process (mean over passes): noise-free attribution of the cost.
     roles = sorted({r for runs in cpu.values() for run in runs for r in run if not r.startswith("other")})
     print("\nCPU per request, microseconds (user+system, by process; mean over passes)")
@@ -219,6 +239,8 @@ def main() -> None:
     for k, runs in cpu.items():
         vals = [statistics.mean(run.get(r, 0.0) for run in runs) for r in roles]
         print(f"{k:14s} " + " ".join(f"{v:22.0f}" for v in vals) + f" {sum(vals):8.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

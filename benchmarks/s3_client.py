@@ -1,6 +1,6 @@
 """CPU per S3 call: boto3 (the raw client) vs the publisher's S3LeanClient, against a real MinIO.
 
-    .venv/bin/python benchmarks/s3_client.py [--objects 500] [--size 8528]
+    .venv/bin/python benchmarks/s3_client.py [--objects 500] [--size 8528] [--json PATH]
 
 Both clients write the same objects (If-None-Match: *, x-amz-checksum-sha256, user
 metadata), HEAD them and GET them back, single-threaded; CPU is this process's user+system time, so
@@ -10,6 +10,7 @@ the server's share is not counted. Prints microseconds per call and the ratio.
 import argparse
 import base64
 import hashlib
+import json
 import os
 import sys
 import time
@@ -30,6 +31,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--objects", type=int, default=500)
     ap.add_argument("--size", type=int, default=8528, help="bytes per object (8528: one tiny-LLaVA item)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as a JSON list (\"kind\": \"s3_call\")")
     args = ap.parse_args()
     from publisher.stores.s3_lean import S3LeanClient
 
@@ -60,9 +62,15 @@ def main() -> None:
     print(f"{'call':20s} {'CPU us/call':>12s} {'wall us/call':>13s}")
     for k, (cpu, wall) in rows.items():
         print(f"{k:20s} {cpu:12.0f} {wall:13.0f}")
+    out = []
     for op in ("PUT", "HEAD", "GET"):
         ratio = rows[f"{op} S3LeanClient"][0] / rows[f"{op} boto3"][0]
         print(f"{op}: S3LeanClient uses {ratio:.2f}x the CPU of boto3")
+        out.append({"kind": "s3_call", "call": op, "object_bytes": args.size, "calls": n,
+                    "boto3_cpu_us": rows[f"{op} boto3"][0], "lean_cpu_us": rows[f"{op} S3LeanClient"][0],
+                    "ratio": ratio})
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
