@@ -122,3 +122,14 @@ def test_dispatcher_replays_what_a_dead_sidecar_left_and_delivers_each_once(tmp_
     assert [e["event_id"] for e in events] == [r.event_id for r in reqs]  # the same ids, once each
     assert second.close(1) == 0
     assert Outbox(tmp_path / "spool", STREAM, 1 << 30).take_replay() == []  # all acknowledged
+
+
+def test_a_spooled_request_reads_back_equal(tmp_path):
+    """Every field of a finished request survives the spool's encoding, items and metadata included."""
+    from publisher.sidecar.outbox import _decode, _encode
+
+    req = FinishedRequest("r-1", "r-1-abc", "m", "stop", None, 12, 3, {"tenant": "acme", "n": "[1, 2]"},
+                          (MediaItem("h1", "image", 0, 5, 576), MediaItem("h2", "video", 1, 600, 1296, "CLIENT")),
+                          "lora-a", 1.5, 2.5, "00-abc-def-01")
+    keys = {"h1": "k/h1.safetensors", "h2": "k/h2.safetensors"}
+    assert _decode(_encode(req, keys)) == (req, keys)
