@@ -418,34 +418,6 @@ def cli_run(procs: int, bootstrap: str, records: list, uri: str, endpoint: str, 
             "per_process": [t["indexed"] for t in totals], "held": held}
 
 
-class Running:
-    """A server someone else runs (``--bootstrap``, ``--pgvector``): nothing to start or stop."""
-
-    def __init__(self, **attrs):
-        self.__dict__.update(attrs)
-
-    def stop(self) -> None:
-        pass
-
-
-class RunningS3(Running):
-    """An S3 server already running (``--endpoint``; credentials from the AWS_* environment)."""
-
-    def __init__(self, endpoint: str):
-        super().__init__(endpoint=endpoint, name=f"S3 at {endpoint}", env={
-            "AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"], "AWS_SECRET_ACCESS_KEY": os.environ[
-                "AWS_SECRET_ACCESS_KEY"], "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"),
-            "AWS_ENDPOINT_URL": endpoint})
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.env["AWS_REGION"])
-
-    def create_bucket(self, name: str) -> None:
-        self.client().create_bucket(Bucket=name)
-
-
 # ---- main ---------------------------------------------------------------------------------------------
 
 
@@ -492,11 +464,11 @@ def main() -> None:
 
     started = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="consumer-bench-"))
-    kafka = Running(bootstrap=args.bootstrap) if args.bootstrap else services.KafkaBroker().start()
-    minio = RunningS3(args.endpoint) if args.endpoint else services.MinioServer().start()
+    kafka = services.RunningKafka(args.bootstrap) if args.bootstrap else services.KafkaBroker().start()
+    minio = services.RunningS3(args.endpoint) if args.endpoint else services.MinioServer().start()
     pg = None
     if "pgvector" in sinks:
-        pg = (Running(uri=lambda table: f"{args.pgvector.rstrip('/')}/{table}", env={}) if args.pgvector
+        pg = (services.RunningPostgres(args.pgvector) if args.pgvector
               else services.PostgresServer().start())
     os.environ.update(minio.env)  # the children and the CLI read the AWS_* variables
     if pg:

@@ -182,28 +182,6 @@ class SidecarFeeder:
             raise RuntimeError(f"the sidecar stored {stored} of {self.sent} objects: {report}")
 
 
-class ExternalS3:
-    """An S3 server already running (``--endpoint``; credentials from the AWS_* environment)."""
-
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
-        self.name = "S3 server"
-        self.env = {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
-                    "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
-                    "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"), "AWS_ENDPOINT_URL": endpoint}
-
-    def client(self):
-        import boto3
-
-        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.env["AWS_REGION"],
-                            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"])
-
-    def create_bucket(self, name: str) -> str:
-        self.client().create_bucket(Bucket=name)
-        return name
-
-
 # ---- the raw clients, from a thread pool ------------------------------------------------------
 
 def pooled(fn, kind: Kind, n: int, threads: int) -> Result:
@@ -371,11 +349,11 @@ def main() -> None:
     groups = [(k, t) for k in kinds for t in threads_list
               if args.scale_all or args.quick or (k.rows, k.cols, k.dtype) in SCALE_KINDS or t == default_threads]
 
-    if args.endpoint:
-        minio, started = ExternalS3(args.endpoint), None
-    else:
-        import services
+    import services
 
+    if args.endpoint:
+        minio, started = services.RunningS3(args.endpoint), None
+    else:
         minio = started = services.MinioServer().start()
     os.environ.update(minio.env)  # the sidecar's S3 credentials come from the standard chain
     work = Path(tempfile.mkdtemp(prefix="mm-bytes-"))

@@ -73,11 +73,13 @@ def worker(spec: dict) -> None:
             times.append(n / dt)
     time.sleep(0.5)  # let the sidecars finish the last round
     cpu1 = cpu_by_process()
+    peak_rss = peak_rss_by_process()
     lag = spool_lag(spec["extra"]["metrics_port"]) if spec.get("extra", {}).get("spool_dir") else None
     total = n * spec["rounds"]
     cpu_us = {k: (cpu1.get(k, 0) - cpu0.get(k, 0)) / total * 1e6 for k in cpu1}
     del llm
-    print("RESULT " + json.dumps({"rps": times, "cpu_us_per_request": cpu_us, "spool_lag": lag}), flush=True)
+    print("RESULT " + json.dumps({"rps": times, "cpu_us_per_request": cpu_us, "spool_lag": lag,
+                                  "peak_rss_mb": peak_rss}), flush=True)
 
 
 def spool_lag(port: int) -> dict[str, float]:
@@ -104,8 +106,36 @@ def cpu_by_process() -> dict[str, float]:
     """CPU seconds (user+system) so far, by role: this process, EngineCore, workers, sidecars."""
     import psutil
 
-    me = psutil.Process()
     out: dict[str, float] = {}
+    for role, p in processes():
+        try:
+            t = p.cpu_times()
+        except psutil.Error:
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def peak_rss_by_process() -> dict[str, float]:
+    """Peak resident set (VmHWM, MB) by role, the largest process of each role; shared pages (the
+    memfd ring, the model's weights) count in every process that touched them."""
+    out: dict[str, float] = {}
+    for role, p in processes():
+        try:
+            with open(f"/proc/{p.pid}/status") as f:
+                hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        except (OSError, StopIteration):
+            continue
+        out[role] = max(out.get(role, 0.0), hwm)
+    return out
+
+
+def processes() -> list[tuple[str, object]]:
+    """(role, psutil.Process) for this process, its children and the publisher's sidecars."""
+    import psutil
+
+    me = psutil.Process()
+    out = []
     # The sidecars detach from the engine's process tree, so find them by command line.
     sidecars = [p for p in psutil.process_iter(["cmdline"])
                 if "publisher.sidecar.process" in " ".join(p.info["cmdline"] or [])]
@@ -113,7 +143,6 @@ def cpu_by_process() -> dict[str, float]:
         try:
             cmd = " ".join(p.cmdline())
             name = p.name()
-            t = p.cpu_times()
         except psutil.Error:
             continue
         if p.pid == me.pid:
@@ -128,11 +157,11 @@ def cpu_by_process() -> dict[str, float]:
             role = "model worker"
         else:
             role = "other: " + name
-        out[role] = out.get(role, 0.0) + t.user + t.system
+        out.append((role, p))
     return out
 
 
-def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str, float]]:
+def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str, float], dict | None, dict]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     p = subprocess.run([sys.executable, __file__, "--worker", f.name], capture_output=True, text=True,
@@ -148,7 +177,7 @@ def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str,
         lag = result["spool_lag"]
         print(f"      spool lag (finish -> fsynced): mean {lag['mean_ms']:.2f} ms, p50 <= {lag['p50_le_ms']:g} ms, "
               f"p99 <= {lag['p99_le_ms']:g} ms over {lag['n']:.0f} requests")
-    return result["rps"], result["cpu_us_per_request"], result.get("spool_lag")
+    return result["rps"], result["cpu_us_per_request"], result.get("spool_lag"), result.get("peak_rss_mb") or {}
 
 
 def main() -> None:
@@ -161,6 +190,8 @@ def main() -> None:
                     help="passes over the configurations (alternating order), to average out drift")
     ap.add_argument("--quick", action="store_true", help="noop,local+kafka; 32 requests, 1 round, 1 pass")
     ap.add_argument("--json", metavar="PATH", help="write the rows as a JSON list")
+    ap.add_argument("--model", help="the tiny LLaVA's directory (default: built under ~/.cache/vllm-mm-events)")
+    ap.add_argument("--bootstrap", help="use this running Kafka (host:port) instead of starting one")
     args = ap.parse_args()
     if args.worker:
         return worker(json.loads(Path(args.worker).read_text()))
@@ -172,9 +203,15 @@ def main() -> None:
     import services
 
     work = Path(tempfile.mkdtemp(prefix="mm-bench-"))
-    model = str(tiny_llava.build(Path.home() / ".cache" / "vllm-mm-events" / "models" / "tiny-llava"))
+    model = args.model or str(tiny_llava.build(Path.home() / ".cache" / "vllm-mm-events" / "models" / "tiny-llava"))
     configs = args.configs.split(",")
-    kafka = services.KafkaBroker().start() if any("kafka" in c for c in configs) else None
+    started = None
+    if args.bootstrap:
+        kafka = services.RunningKafka(args.bootstrap)
+    elif any("kafka" in c for c in configs):
+        kafka = started = services.KafkaBroker().start()
+    else:
+        kafka = None
     minio = services.MinioServer().start() if any("s3" in c for c in configs) else None
     print(f"servers: {kafka.name if kafka else '-'} / {minio.name if minio else '-'}")
     print(f"{args.requests} requests x {args.rounds} rounds per configuration, 1 distinct image each, "
@@ -182,6 +219,7 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     per_pass: dict[tuple[int, str], float] = {}  # (pass, configuration) -> median req/s
     lags: dict[str, dict] = {}
+    peak: dict[str, dict[str, float]] = {}  # configuration -> role -> peak RSS MB
     cpu: dict[str, list[dict]] = {}
     order = [(p, c) for p in range(args.repeat) for c in (configs if p % 2 == 0 else configs[::-1])]
     try:
@@ -204,7 +242,10 @@ def main() -> None:
             elif name == "local+file":
                 spec["extra"] = {"object_store": (work / "objects2").as_uri(),
                                  "event_sink": (work / "events.avro").as_uri()}
-            rps, cpu_us, lag = run_config(name, spec, env)
+            rps, cpu_us, lag, rss = run_config(name, spec, env)
+            roles_peak = peak.setdefault(name, {})
+            for role, mb in rss.items():
+                roles_peak[role] = max(roles_peak.get(role, 0.0), mb)
             results.setdefault(name, []).extend(rps)
             per_pass[(pass_no, name)] = statistics.median(rps)
             if lag:
@@ -213,8 +254,8 @@ def main() -> None:
             print(f"  pass {pass_no + 1} {name:12s} {statistics.median(rps):7.1f} req/s "
                   f"(rounds: {', '.join(f'{x:.0f}' for x in rps)})", flush=True)
     finally:
-        if kafka:
-            kafka.stop()
+        if started:
+            started.stop()
         if minio:
             minio.stop()
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -229,7 +270,7 @@ def main() -> None:
         print(f"{k:14s} {v:7.1f}   {vs_none:7.3f}   {vs_noop:7.3f}   {spread_txt}")
         rows.append({"kind": "engine", "config": k, "requests_per_s": v, "rounds_per_s": results[k],
                      "vs_none": vs_none if "none" in med else None, "vs_noop": vs_noop if "noop" in med else None,
-                     "vs_noop_per_pass": spread, "spool_lag": lags.get(k),
+                     "vs_noop_per_pass": spread, "spool_lag": lags.get(k), "peak_rss_mb": peak.get(k, {}),
                      "cpu_us_per_request": {r: statistics.mean(run.get(r, 0.0) for run in cpu[k])
                                             for r in {r for run in cpu[k] for r in run}}})
     # CPU per request by process (mean over passes): noise-free attribution of the cost.
@@ -239,6 +280,10 @@ def main() -> None:
     for k, runs in cpu.items():
         vals = [statistics.mean(run.get(r, 0.0) for run in runs) for r in roles]
         print(f"{k:14s} " + " ".join(f"{v:22.0f}" for v in vals) + f" {sum(vals):8.0f}")
+    print("\nPeak RSS, MB (VmHWM, the largest process of each role; shared pages count in each)")
+    print(f"{'configuration':14s} " + " ".join(f"{r[:22]:>22s}" for r in roles))
+    for k in cpu:
+        print(f"{k:14s} " + " ".join(f"{peak.get(k, {}).get(r, 0.0):22.0f}" for r in roles))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 

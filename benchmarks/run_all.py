@@ -102,16 +102,19 @@ def section_engine(rows: list[dict], charts: list) -> str:
     for r in rs:
         spread = r.get("vs_noop_per_pass") or []
         cpu = r.get("cpu_us_per_request") or {}
-        side = sum(v for k, v in cpu.items() if k.startswith("sidecar"))
+        side = {k.split(": ")[1]: v for k, v in cpu.items() if k.startswith("sidecar")}
+        rss = {k.split(": ")[1]: v for k, v in (r.get("peak_rss_mb") or {}).items() if k.startswith("sidecar")}
         body.append([r["config"], f"{r['requests_per_s']:.1f}", ratio(r, "vs_none"), ratio(r, "vs_noop"),
-                     f"{min(spread):.3f}-{max(spread):.3f}" if spread else "-", f"{side:.0f}" if side else "-"])
+                     f"{min(spread):.3f}-{max(spread):.3f}" if spread else "-",
+                     " / ".join(f"{side.get(k, 0):.0f}" for k in ("scheduler", "worker")) if side else "-",
+                     " / ".join(f"{rss.get(k, 0):.0f}" for k in ("scheduler", "worker")) if rss else "-"])
     with_noop = [r for r in rs if r.get("vs_noop") is not None]
     charts.append(("engine", "Engine throughput vs the no-op connector", [r["config"] for r in with_noop],
                    [r["vs_noop"] for r in with_noop]))
     return "\n\n".join([
         "### Engine throughput with the publisher (tiny LLaVA, one image per request)",
         table(["configuration", "req/s (median)", "vs no connector", "vs no-op", "spread vs no-op (per pass)",
-               "sidecars CPU µs/request"], body),
+               "sidecar CPU µs/request: scheduler / worker", "sidecar peak RSS MB: scheduler / worker"], body),
         mermaid_bars("Engine throughput, ratio to the no-op connector", [r["config"] for r in with_noop],
                      [r["vs_noop"] for r in with_noop], "ratio")])
 

@@ -430,6 +430,17 @@ class _KafkaClients(_Waits):
                            f"{self._log_hint()}")
 
 
+class RunningKafka(_KafkaClients):
+    """A broker someone else runs (a benchmark's ``--bootstrap``): used as it is, never started or stopped."""
+
+    def __init__(self, bootstrap: str):
+        host, port = bootstrap.rsplit(":", 1)
+        self.host, self.port, self.name = host, int(port), f"Kafka at {bootstrap}"
+
+    def stop(self) -> None:
+        pass
+
+
 class KafkaBroker(_KafkaClients, _NativeServer):
     name = f"Apache Kafka {KAFKA_VERSION} (KRaft, single node)"
     backend = "native"
@@ -544,6 +555,26 @@ class _S3Clients(_Waits):
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
         return name
+
+
+class RunningS3(_S3Clients):
+    """An S3 server someone else runs (a benchmark's ``--endpoint``): used as it is, never started or
+    stopped; credentials from the standard AWS variables."""
+
+    def __init__(self, endpoint: str):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(endpoint)
+        self.host, self.port, self.name = u.hostname, u.port or (443 if u.scheme == "https" else 80), "S3 server"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": os.environ["AWS_ACCESS_KEY_ID"],
+                "AWS_SECRET_ACCESS_KEY": os.environ["AWS_SECRET_ACCESS_KEY"],
+                "AWS_REGION": os.environ.get("AWS_REGION", "us-east-1"), "AWS_ENDPOINT_URL": self.endpoint}
+
+    def stop(self) -> None:
+        pass
 
 
 class MinioServer(_S3Clients, _NativeServer):
@@ -962,6 +993,20 @@ class _PostgresClients:
     @property
     def env(self) -> dict[str, str]:
         return {"PGPASSWORD": PG_PASSWORD}
+
+
+class RunningPostgres:
+    """A PostgreSQL + pgvector someone else runs (a benchmark's ``--pgvector pgvector://user@host:port/db``):
+    used as it is, never started or stopped; the password from PGPASSWORD."""
+
+    def __init__(self, base_uri: str):
+        self.base_uri, self.name, self.env = base_uri.rstrip("/"), "PostgreSQL", {}
+
+    def uri(self, table: str) -> str:
+        return f"{self.base_uri}/{table}"
+
+    def stop(self) -> None:
+        pass
 
 
 class PostgresServer(_PostgresClients):

@@ -62,3 +62,19 @@ def test_consumer_throughput_quick(kafka, minio, postgres, tmp_path):
     md = report(tmp_path / "rows.json", tmp_path / "report")
     assert "### Consumer against a hand-written script" in md and "xychart-beta" in md
     assert (tmp_path / "report" / "consumer.png").stat().st_size > 10_000
+
+
+def test_publisher_throughput_quick(tiny_llava, kafka, tmp_path):
+    """The engine with the no-op connector and with the publisher (local store + Kafka), CPU and peak RSS
+    by process."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "publisher_throughput.py"), "--quick",
+                        "--model", str(tiny_llava), "--bootstrap", kafka.bootstrap,
+                        "--json", str(tmp_path / "rows.json")],
+                       capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "Throughput (median" in p.stdout and "Peak RSS, MB" in p.stdout
+    rows = {r["config"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"noop", "local+kafka"} and rows["noop"]["vs_noop"] == 1.0
+    assert "sidecar: scheduler" in rows["local+kafka"]["cpu_us_per_request"]
+    md = report(tmp_path / "rows.json", tmp_path / "report")
+    assert "### Engine throughput with the publisher" in md and (tmp_path / "report" / "engine.png").exists()
