@@ -65,7 +65,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 KAFKA_VERSION = "4.1.1"
 MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"  # github.com/minio/minio, Feb 2026
@@ -152,6 +152,37 @@ class _Waits:
 
     def _log_hint(self) -> str:
         return ""
+
+    def _poll_ready(self, probe: Callable[[], bool], what: str, timeout: float, interval: float = 0.2) -> None:
+        """Until ``probe()`` is true (an exception from it means "not yet"), checking the process meanwhile;
+        then a TimeoutError naming ``what``, the last answer and the log."""
+        deadline = time.monotonic() + timeout
+        last = "no answer yet"
+        while time.monotonic() < deadline:
+            self._check_process()
+            try:
+                if probe():
+                    return
+                last = "not ready"
+            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
+                last = str(e)
+            time.sleep(interval)
+        raise TimeoutError(f"{what} not ready after {timeout:g}s ({last}){self._log_hint()}")
+
+
+def json_call(what: str, method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+              timeout: float = 10) -> Any:
+    """One JSON HTTP request; the decoded answer (None when empty). An error status raises RuntimeError
+    naming ``what``, the request and the server's answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        raise RuntimeError(f"{what} {method} {urllib.parse.urlsplit(url).path}: HTTP {e.code}: "
+                           f"{e.read()[:800]!r}") from None
+    return json.loads(raw) if raw.strip() else None
 
 
 class _NativeServer(_Waits):
@@ -529,21 +560,10 @@ class _S3Clients(_Waits):
                 "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": self.endpoint}
 
     def _wait_ready(self, timeout: float = 30) -> None:
-        import urllib.request
-
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self._check_process()
-            try:
-                with urllib.request.urlopen(f"{self.endpoint}/minio/health/ready", timeout=2) as r:
-                    if r.status == 200:
-                        return
-                    last = f"HTTP {r.status}"
-            except OSError as e:
-                last = str(e)
-            time.sleep(0.2)
-        raise TimeoutError(f"MinIO at {self.endpoint} not ready after {timeout:g}s ({last}){self._log_hint()}")
+        def probe() -> bool:
+            with urllib.request.urlopen(f"{self.endpoint}/minio/health/ready", timeout=2) as r:
+                return r.status == 200
+        self._poll_ready(probe, f"MinIO at {self.endpoint}", timeout)
 
     def client(self):
         import boto3
@@ -651,17 +671,10 @@ class ToxiproxyServer(_NativeServer):
         return f"http://{self.host}:{self.port}"
 
     def _wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self._check_process()
-            try:
-                self.version = self.call("GET", "/version", timeout=2)["version"]
-                return
-            except (OSError, RuntimeError, ValueError, KeyError, TypeError) as e:
-                last = str(e)
-            time.sleep(0.1)
-        raise TimeoutError(f"Toxiproxy at {self.api} not ready after {timeout:g}s ({last}){self._log_hint()}")
+        def probe() -> bool:
+            self.version = self.call("GET", "/version", timeout=2)["version"]
+            return True
+        self._poll_ready(probe, f"Toxiproxy at {self.api}", timeout, interval=0.1)
 
     def start(self) -> "ToxiproxyServer":
         atexit.register(self.stop)
@@ -670,15 +683,7 @@ class ToxiproxyServer(_NativeServer):
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float = 10) -> Any:
         """One API request; the decoded JSON answer (None when empty). An error status raises RuntimeError."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.api + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"Toxiproxy {method} {path}: HTTP {e.code}: {e.read()[:500]!r}") from None
-        return json.loads(raw) if raw.strip() else None
+        return json_call("Toxiproxy", method, self.api + path, body, {"Content-Type": "application/json"}, timeout)
 
     def proxy(self, name: str, upstream: str, listen_port: int = 0) -> "ToxicProxy":
         """A new proxy, enabled and without toxics: it listens on 127.0.0.1:``listen_port`` (0: a free
@@ -886,17 +891,8 @@ class SchemaRegistryServer(_NativeServer):
         return f"http://{self.host}:{self.port}/apis/ccompat/v7"
 
     def _wait_ready(self, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        last = "no answer yet"
-        while time.monotonic() < deadline:
-            self._check_process()
-            try:
-                if isinstance(self.call("GET", "/subjects", timeout=2), list):
-                    return
-            except (OSError, RuntimeError, ValueError) as e:
-                last = str(e)
-            time.sleep(0.2)
-        raise TimeoutError(f"Schema Registry at {self.url} not ready after {timeout:g}s ({last}){self._log_hint()}")
+        self._poll_ready(lambda: isinstance(self.call("GET", "/subjects", timeout=2), list),
+                         f"Schema Registry at {self.url}", timeout)
 
     def start(self) -> "SchemaRegistryServer":
         apicurio_home()
@@ -907,18 +903,11 @@ class SchemaRegistryServer(_NativeServer):
     def call(self, method: str, path: str, body: Any = None, timeout: float = 10) -> Any:
         """One request to the Confluent-compatible API; the decoded JSON answer. An error status raises
         RuntimeError with the registry's error (``error_code``, ``message``)."""
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/vnd.schemaregistry.v1+json",
-                                                  "Accept": "application/vnd.schemaregistry.v1+json"})
+        headers = {"Content-Type": "application/vnd.schemaregistry.v1+json",
+                   "Accept": "application/vnd.schemaregistry.v1+json"}
         if self.user_info:
-            request.add_header("Authorization", "Basic " + base64.b64encode(self.user_info.encode()).decode())
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                raw = r.read()
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"Schema Registry {method} {path}: HTTP {e.code}: {e.read()[:800]!r}") from None
-        return json.loads(raw) if raw.strip() else None
+            headers["Authorization"] = "Basic " + base64.b64encode(self.user_info.encode()).decode()
+        return json_call("Schema Registry", method, self.url + path, body, headers, timeout)
 
     def set_compatibility(self, subject: str, level: str) -> str:
         """PUT /config/<subject>: the subject's compatibility mode (NONE, BACKWARD, FORWARD, FULL, ..._TRANSITIVE)."""
