@@ -263,6 +263,31 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
             return
 
 
+def _run_on_every_cpu(role: str) -> None:
+    """Undo a CPU pinning inherited from the engine process that started this sidecar.
+
+    vLLM's CPU worker binds itself to its cores (``VLLM_CPU_OMP_THREADS_BIND``) and, between steps,
+    spins on them (``sched_yield``) waiting for work; a child inherits the binding. The worker
+    sidecar, started from that worker, then shared one busy core with it and got no CPU time under a
+    steady load: objects were stored 12-30 s late, and some events went out with ``missing_embeddings``
+    after ``durability_timeout_s`` (benchmarks/latency.py). The sidecar may run on every CPU this
+    process is allowed (the kernel intersects the mask with the pod's cpuset)."""
+    try:
+        before = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+        after = os.sched_getaffinity(0)
+    except (AttributeError, OSError) as e:  # not Linux, or a cpuset that refuses: keep what we have
+        log.debug("mm-events %s sidecar: CPU affinity left as is (%s)", role, e)
+        return
+    if after != before:
+        log.info("mm-events %s sidecar: CPU affinity %s inherited from the engine; now %s", role,
+                 _cpus(before), _cpus(after))
+
+
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(str(c) for c in sorted(cpus))
+
+
 def main(argv: list[str]) -> int:
     # One core's worth of threads at most: the engine owns the machine's cores.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -275,6 +300,7 @@ def main(argv: list[str]) -> int:
     if os.fork() > 0:  # detach: the launcher exits, the sidecar is reparented away from vLLM
         os._exit(0)
     os.setsid()
+    _run_on_every_cpu(role)
     conn = Connection(fd)
     init = conn.recv()
     try:
