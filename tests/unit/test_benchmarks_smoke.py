@@ -78,3 +78,18 @@ def test_publisher_throughput_quick(tiny_llava, kafka, tmp_path):
     assert "sidecar: scheduler" in rows["local+kafka"]["cpu_us_per_request"]
     md = report(tmp_path / "rows.json", tmp_path / "report")
     assert "### Engine throughput with the publisher" in md and (tmp_path / "report" / "engine.png").exists()
+
+
+def test_latency_quick(tiny_llava, kafka, postgres, tmp_path):
+    """Finish -> Kafka -> searchable under a steady load, both profiles, LanceDB and pgvector."""
+    env = dict(os.environ, **postgres.env)
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latency.py"), "--quick", "--model", str(tiny_llava),
+                        "--bootstrap", kafka.bootstrap, "--pgvector", postgres.uri("").rstrip("/"),
+                        "--json", str(tmp_path / "rows.json")],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    searchable = {(r["profile"], r["sink"]) for r in rows if r["stage"] == "searchable" and r["n"] == r["requests"]}
+    assert searchable == {(p, s) for p in ("default", "low-latency") for s in ("lancedb", "pgvector")}, rows
+    md = report(tmp_path / "rows.json", tmp_path / "report")
+    assert "### Latency from a request's finish" in md and (tmp_path / "report" / "latency.png").exists()
