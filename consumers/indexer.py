@@ -16,7 +16,7 @@ import os
 import random
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,6 +57,7 @@ class Entry:
     event: dict | None = None
     poison: Poison | None = None
     nbytes: int = 0
+    fetches: list[Future] | None = None  # its items' vectors, started when its batch closed
 
 
 @dataclass
@@ -95,7 +96,8 @@ class Indexer:
         self._abandon_at: float | None = None
         self._fetch_pool = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="mm-events-fetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="mm-events-writer")
-        self._batch: list[Entry] = []
+        self._batch: list[Entry] = []  # open: polled, filling
+        self._closed: list[Entry] = []  # closed, objects prefetching, waiting for the writer
         self._batch_bytes = 0
         self._batch_started = 0.0
         self._inflight: Inflight | None = None
@@ -192,11 +194,22 @@ class Indexer:
                 or time.monotonic() - self._batch_started >= cfg.batch_linger_ms / 1000)
 
     def _dispatch(self) -> None:
-        if self._inflight is not None:
-            self._wait_paused()
         if self._stop.is_set() or not self._batch:
             return
-        entries, started = self._split_at_byte_cap()
+        self._closed, started = self._split_at_byte_cap()
+        # Its objects are fetched while the writer finishes the batch before it: with batches cut at
+        # batch_max_bytes (a dozen 4.7 MB objects), fetching only once the writer is free left the fetch
+        # threads idle through every upsert and commit.
+        self._prefetch(self._closed)
+        if self._inflight is not None:
+            self._wait_paused()  # a rebalance meanwhile may drop entries of self._closed
+        entries, self._closed = self._closed, []
+        if self._stop.is_set():
+            self._batch = entries + self._batch  # not written, not committed: read again after a restart
+            self._batch_bytes += sum(e.nbytes for e in entries)
+            return
+        if not entries:
+            return
         self._inflight = Inflight(self._writer.submit(self._write, entries), entries, started)
         if self.metrics.work_since is None:
             self.metrics.work_since = time.monotonic()
@@ -217,14 +230,20 @@ class Indexer:
         self._batch_bytes = sum(e.nbytes for e in self._batch)
         return entries, started
 
+    def _prefetch(self, entries: list[Entry]) -> None:
+        for e in entries:
+            if e.event is not None and e.poison is None:
+                e.fetches = [self._fetch_pool.submit(self._vector, item) for item in e.event["embeddings"]]
+
     def _wait_paused(self) -> None:
         """A slow sink: pause the partitions and keep polling (heartbeats, rebalances) until the writer is free."""
         self.source.pause()
         try:
             while self._inflight is not None and not self._inflight.future.done():
                 self.metrics.beat()
-                self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0.1))
+                self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0))
                 self.progress.tick(self.totals, self._lag)
+                wait([self._inflight.future], timeout=0.1)  # back as soon as the writer is done
                 if self._stop.is_set():
                     break
         finally:
@@ -267,11 +286,14 @@ class Indexer:
         """Partitions are moving to another consumer: finish and commit what we wrote of them first."""
         if self._inflight is not None:
             self._finish_inflight(wait=True)
-        kept = [e for e in self._batch if self.source.owns(e.record) and e.record.position[0] not in gone]
-        if len(kept) != len(self._batch):
+        def ours(e: Entry) -> bool:
+            return self.source.owns(e.record) and e.record.position[0] not in gone
+        kept, closed = [e for e in self._batch if ours(e)], [e for e in self._closed if ours(e)]
+        dropped = len(self._batch) + len(self._closed) - len(kept) - len(closed)
+        if dropped:
             log.info("rebalance: dropping %d polled, unwritten events of revoked partitions (their new owner "
-                     "reads them)", len(self._batch) - len(kept))
-            self._batch = kept
+                     "reads them)", dropped)
+            self._batch, self._closed = kept, closed
             self._batch_bytes = sum(e.nbytes for e in kept)
 
     # ---- writer thread ---------------------------------------------------------------------
@@ -307,7 +329,8 @@ class Indexer:
             if e.event is not None:
                 self.metrics.missing.inc(len(e.event.get("missing_embeddings") or ()))
                 for j, item in enumerate(e.event["embeddings"]):
-                    fetches[(ei, j)] = self._fetch_pool.submit(self._vector, item)
+                    fetches[(ei, j)] = (e.fetches[j] if e.fetches is not None
+                                        else self._fetch_pool.submit(self._vector, item))
         points: dict[int, list[Point]] = {}  # entry index -> its points
         for ei, e in enumerate(entries):
             if e.event is None:
