@@ -148,13 +148,15 @@ def section_consumer(rows: list[dict], charts: list) -> str:
         body = [[r["sink"], r["size"], r["events"], f"{r['store_alone_points_per_s']:,.0f}",
                  f"{r['script_events_per_s']:,.1f}", f"{r['consumer_events_per_s']:,.1f}",
                  f"{r['consumer_MB_per_s']:,.0f}", f"{r['ratio_consumer_script']:.2f}",
+                 f"{r['consumer_events_per_s_to_last_write'] / r['script_events_per_s']:.2f}",
                  f"{r['ratio_consumer_store_alone']:.2f}", f"{r['consumer_rss_growth_MB']:.0f}"] for r in rs]
         labels = [f"{r['sink']} {r['size']}" for r in rs]
         charts.append(("consumer", "Consumer vs the hand-written script", labels,
                        [r["ratio_consumer_script"] for r in rs]))
         parts += ["### Consumer against a hand-written script and the store alone (objects in MinIO)",
                   table(["sink", "object", "events", "store alone pts/s", "script ev/s", "consumer ev/s",
-                         "consumer MB/s", "consumer / script", "consumer / store", "consumer RSS +MB"], body),
+                         "consumer MB/s", "consumer / script", "the same, to its last write", "consumer / store",
+                         "consumer RSS +MB"], body),
                   mermaid_bars("Consumer events/s, ratio to the hand-written script", labels,
                                [r["ratio_consumer_script"] for r in rs], "ratio")]
     sc = by_kind(rows, "scaling")
@@ -182,8 +184,10 @@ def section_latency(rows: list[dict], charts: list) -> str:
         return ""
     body = [[r["profile"], r["stage"], r.get("sink") or "-", r["n"], f"{r['p50_ms']:.0f}", f"{r['p95_ms']:.0f}",
              f"{r['p99_ms']:.0f}", f"{r['max_ms']:.0f}"] for r in rs]
-    charts.append(("latency", "Latency CDFs", None, {f"{r['profile']} {r['stage']} {r.get('sink') or ''}".strip():
-                                                     r.get("samples_ms") or [] for r in rs}))
+    shown = [r for r in rs if r["stage"] in ("in_kafka", "searchable")]
+    charts.append(("latency", "Latency from the request's finish", sorted({r["profile"] for r in shown}),
+                   {(r["profile"], f"{r['stage']} {r.get('sink') or ''}".strip()): r.get("samples_ms") or []
+                    for r in shown}))
     return "\n\n".join(["### Latency from a request's finish (ms)",
                         table(["profile", "to", "sink", "n", "p50", "p95", "p99", "max"], body)])
 
@@ -211,6 +215,23 @@ def pngs(charts: list, out: Path) -> None:
     import numpy as np
 
     for name, title, x, y in charts:
+        if name == "latency":  # one panel per profile: to Kafka, and to searchable in each sink
+            fig, axes = plt.subplots(1, len(x), figsize=(6 * len(x), 4.5), sharey=True, squeeze=False)
+            for ax, profile in zip(axes[0], x):
+                for (p, label), samples in y.items():
+                    if p == profile and samples:
+                        v = np.sort(np.asarray(samples, dtype=float))
+                        ax.plot(v, np.arange(1, len(v) + 1) / len(v), label=label,
+                                linestyle="--" if label == "in_kafka" else "-")
+                ax.set_xscale("log")
+                ax.set_xlabel("ms from the request's finish")
+                ax.set_title(f"{title}: {profile}")
+                ax.legend(fontsize=8)
+            axes[0][0].set_ylabel("fraction of requests")
+            fig.tight_layout()
+            fig.savefig(out / f"{name}.png", dpi=110)
+            plt.close(fig)
+            continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
         if name in ("engine", "consumer"):
             ax.bar(range(len(x)), y, color="#4c72b0")
@@ -224,15 +245,6 @@ def pngs(charts: list, out: Path) -> None:
             ax.set_ylabel("MB/s")
             ax.set_xticks(x)
             ax.legend()
-        elif name == "latency":
-            for label, samples in y.items():
-                if samples:
-                    s = np.sort(np.asarray(samples, dtype=float))
-                    ax.plot(s, np.arange(1, len(s) + 1) / len(s), label=label)
-            ax.set_xscale("log")
-            ax.set_xlabel("ms from the request's finish")
-            ax.set_ylabel("fraction")
-            ax.legend(fontsize=7)
         ax.set_title(title)
         fig.tight_layout()
         fig.savefig(out / f"{name}.png", dpi=110)
