@@ -41,9 +41,9 @@ from consumers.vectors import Point, point_id, point_payload, pool
 
 log = logging.getLogger("vllm_mm_events.consumer")
 
+INFLIGHT_POLL_S = 0.02  # the poll's slice while a batch is being written
 # Fault injection for the crash/replay test: exit hard after the Nth batch is written to the
 # sinks and before its positions are committed.
-INFLIGHT_POLL_S = 0.02  # the poll's slice while a batch is being written
 CRASH_AFTER_WRITE_ENV = "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE"
 
 
@@ -138,9 +138,9 @@ class Indexer:
                                else 1e9)
                 # A batch being written: poll in short slices, so its commit follows its write by
                 # milliseconds rather than a whole idle poll.
-                wait = INFLIGHT_POLL_S if self._inflight is not None else cfg.poll_timeout_s
+                timeout = INFLIGHT_POLL_S if self._inflight is not None else cfg.poll_timeout_s
                 self._add(self.source.poll(cfg.batch_max_records - len(self._batch),
-                                           max(0.0, min(wait, linger_left))))
+                                           max(0.0, min(timeout, linger_left))))
                 self.progress.tick(self.totals, self._lag)
             self._finish_inflight(wait=True)
         finally:
