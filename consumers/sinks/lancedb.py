@@ -8,6 +8,7 @@ leave many fragments, so the table is compacted every ``OPTIMIZE_EVERY`` upserts
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -27,8 +28,8 @@ class LanceDBSink(VectorSink):
         super().__init__(uri, distance)
         import lancedb
 
-        parent, self.table_name = split_collection(uri)
-        self.db = lancedb.connect(parent)
+        self.parent, self.table_name = split_collection(uri)
+        self.db = lancedb.connect(self.parent)
         self._table = None
         self._upserts = 0
 
@@ -60,7 +61,17 @@ class LanceDBSink(VectorSink):
         return int(t.value_type.list_size), True
 
     def create(self, dim: int, multivector: bool) -> None:
-        self._table = self.db.create_table(self.table_name, schema=self._schema(dim, multivector), exist_ok=True)
+        # Two processes creating the table at once both write it: the second commit is an Overwrite,
+        # which can drop rows the first one's owner already wrote and fails that owner's next upsert
+        # ("incompatible with concurrent transaction Overwrite"). Creators take turns on a lock file;
+        # the one that waited opens the table the first one made (exist_ok).
+        import fcntl
+
+        os.makedirs(self.parent, exist_ok=True)
+        with open(os.path.join(self.parent, f".{self.table_name}.create.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._table = self.db.create_table(self.table_name, schema=self._schema(dim, multivector),
+                                               exist_ok=True)
 
     def upsert(self, points: list[Point]) -> None:
         import pyarrow as pa
