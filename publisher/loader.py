@@ -29,11 +29,14 @@ class EmbeddingNotAvailable(TimeoutError):
     """An object named in ec_transfer_params did not appear in the store in time."""
 
 
-def decode_embedding(data: bytes):
-    """Object bytes -> (CPU tensor in the stored dtype, ``__metadata__``)."""
+def decode_embedding(data: bytes, extras: dict | None = None):
+    """Object bytes -> (CPU tensor in the stored dtype, ``__metadata__``); the object's extra tensors
+    (``image_grid_thw``, ...) are put into ``extras`` as CPU tensors when it is given."""
     import torch
 
     stored = read_object(data)
+    if extras is not None:
+        extras.update({name: torch.from_numpy(a) for name, a in stored.extras.items()})
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[stored.dtype]
     raw = stored.raw.reshape(-1).view("u1")
     tensor = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype).reshape(stored.shape) \
@@ -43,8 +46,11 @@ def decode_embedding(data: bytes):
 
 def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str | None = None,
                        allowed_endpoints: Iterable[str] = (), local_dirs: Iterable[str] | None = None,
-                       max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES) -> list:
+                       max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES, with_extras: bool = False) -> list:
     """``RequestOutput`` or its ``ec_transfer_params`` dict -> list of CPU tensors.
+
+    ``with_extras=True`` gives ``(tensor, extras)`` pairs instead, ``extras`` mapping each extra
+    tensor stored beside the embedding (Qwen2-VL's ``image_grid_thw``, ...) to a CPU tensor.
 
     Text-only outputs (no params, or no items) give ``[]``. An object still being uploaded
     is waited for up to ``timeout`` seconds; then ``EmbeddingNotAvailable`` is raised.
@@ -77,10 +83,11 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
     with ObjectReader(dirs, endpoint, max_bytes=max_object_bytes, any_bucket=True) as reader:
         for ref in refs:
             uri = ref["uri"]
-            tensor, meta = decode_embedding(_get_when_ready(reader, uri, deadline, timeout))
+            extras: dict = {}
+            tensor, meta = decode_embedding(_get_when_ready(reader, uri, deadline, timeout), extras)
             if meta.get("mm_hash", ref["mm_hash"]) != ref["mm_hash"]:
                 raise ValueError(f"{uri}: holds mm_hash {meta.get('mm_hash')!r}, expected {ref['mm_hash']!r}")
-            tensors.append(tensor)
+            tensors.append((tensor, extras) if with_extras else tensor)
     return tensors
 
 

@@ -1,9 +1,13 @@
 """The stored object: one media item's encoder output as safetensors, its metadata and its key.
 
-An object holds exactly one tensor, ``embedding``, of shape (num_features, hidden_size), plus
+An object holds one tensor, ``embedding``, of shape (num_features, hidden_size), plus
 ``__metadata__`` (all strings, as safetensors requires) describing where it came from:
 ``format``, ``mm_hash``, ``modality``, ``model``, ``dtype``, ``encoder_dtype``, ``shape``,
-``source``. Keys are content-addressed: ``<prefix>/<model slug>/<dtype>/<mm_hash>.safetensors``.
+``source``. Where the model needs more than the embedding to use it again (Qwen2-VL's
+``image_grid_thw``, a video's ``video_grid_thw``), those small tensors follow it under their
+own names, listed in ``__metadata__["extra_tensors"]`` (a JSON list; absent when there are
+none, so such objects are byte-identical to the first format's).
+Keys are content-addressed: ``<prefix>/<model slug>/<dtype>/<mm_hash>.safetensors``.
 
 Written here (``encode_object``) and read here (``read_object``), with numpy only: the
 publisher's torch side and the torch-free consumer share the layout and its checks.
@@ -16,8 +20,8 @@ import json
 import math
 import re
 import struct
-from dataclasses import dataclass
-from typing import Any, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +36,20 @@ DTYPES: dict[str, tuple[str, np.dtype]] = {
     "bfloat16": ("BF16", np.dtype("<u2")),
 }
 _BY_ST_NAME = {st: (name, np_dtype) for name, (st, np_dtype) in DTYPES.items()}
+# Extra tensors: small integer or float arrays the processor made beside the media (grids, lengths).
+EXTRA_DTYPES: dict[str, tuple[str, np.dtype]] = {
+    "int64": ("I64", np.dtype("<i8")),
+    "int32": ("I32", np.dtype("<i4")),
+    "float64": ("F64", np.dtype("<f8")),
+    "float32": ("F32", np.dtype("<f4")),
+    "bool": ("BOOL", np.dtype("|b1")),
+}
+_EXTRA_BY_ST_NAME = {st: np_dtype for st, np_dtype in EXTRA_DTYPES.values()}
+MAX_EXTRAS = 8  # per object; a reader refuses more
+MAX_EXTRA_VALUES = 4096  # per extra tensor
+EXTRAS_KEY = "extra_tensors"  # in __metadata__: a JSON list of names
+STORE_EXTRAS_KEY = "extras"  # in the store's object metadata (an HTTP header on S3): comma-separated names
+_EXTRA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _SAFE_HASH = re.compile(r"[A-Za-z0-9._-]{1,200}")
 
 
@@ -77,19 +95,44 @@ class EncodedObject:
     sha256: str
     dtype: str
     shape: tuple[int, ...]
+    extra_tensors: tuple[str, ...] = ()
 
     def object_metadata(self) -> dict[str, str]:
         """What the store keeps beside the bytes, so a reader can verify without downloading."""
-        return {"sha256": self.sha256, "dtype": self.dtype, "shape": shape_str(self.shape)}
+        meta = {"sha256": self.sha256, "dtype": self.dtype, "shape": shape_str(self.shape)}
+        if self.extra_tensors:
+            meta[STORE_EXTRAS_KEY] = ",".join(self.extra_tensors)
+        return meta
+
+
+def check_extras(extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Name-sorted little-endian copies of ``extras``; ValueError naming the first one that cannot be stored."""
+    if len(extras) > MAX_EXTRAS:
+        raise ValueError(f"extra tensors: {len(extras)} given, at most {MAX_EXTRAS}")
+    out = {}
+    for name in extras:
+        if not isinstance(name, str) or not _EXTRA_NAME.fullmatch(name) or name == TENSOR_NAME:
+            raise ValueError(f"extra tensor name {name!r}: expected {_EXTRA_NAME.pattern}, not {TENSOR_NAME!r}")
+    for name in sorted(extras):
+        a = np.asarray(extras[name])
+        kind = a.dtype.name
+        if kind not in EXTRA_DTYPES:
+            raise ValueError(f"extra tensor {name}: dtype {a.dtype} is not one of {', '.join(EXTRA_DTYPES)}")
+        if a.size > MAX_EXTRA_VALUES:
+            raise ValueError(f"extra tensor {name}: {a.size} values, at most {MAX_EXTRA_VALUES}")
+        out[name] = np.ascontiguousarray(a, dtype=EXTRA_DTYPES[kind][1])
+    return out
 
 
 def encode_object(raw: bytes | memoryview, *, storage_dtype: str, shape: Sequence[int], mm_hash: str,
-                  modality: str, model: str, encoder_dtype: str, source: str = "ENCODER") -> EncodedObject:
+                  modality: str, model: str, encoder_dtype: str, source: str = "ENCODER",
+                  extras: Mapping[str, np.ndarray] | None = None) -> EncodedObject:
     """Little-endian tensor bytes of ``storage_dtype`` -> the object (safetensors bytes + its SHA-256).
 
-    The format is an 8-byte little-endian header length, a JSON header (padded to 8 bytes)
-    and the raw tensor bytes. Written directly rather than through the safetensors library,
-    which costs ~10x more per small tensor; the tests read every object back with it.
+    The format is an 8-byte little-endian header length, a JSON header (padded to 8 bytes),
+    the raw tensor bytes, then each extra tensor's bytes (``extras``, by name). Written directly
+    rather than through the safetensors library, which costs ~10x more per small tensor; the
+    tests read every object back with it.
     """
     if storage_dtype not in DTYPES:
         raise ValueError(f"storage_dtype: expected one of {', '.join(DTYPES)}, got {storage_dtype!r}")
@@ -109,15 +152,25 @@ def encode_object(raw: bytes | memoryview, *, storage_dtype: str, shape: Sequenc
         "shape": shape_str(shape),
         "source": source,
     }
-    header = json.dumps({"__metadata__": meta, TENSOR_NAME: {
-        "dtype": st_name, "shape": shape, "data_offsets": [0, len(raw)]}}, separators=(",", ":")).encode()
+    tensors: dict[str, Any] = {TENSOR_NAME: {"dtype": st_name, "shape": shape, "data_offsets": [0, len(raw)]}}
+    parts = [raw]
+    extra = check_extras(extras or {})
+    if extra:
+        meta[EXTRAS_KEY] = json.dumps(list(extra))
+        end = len(raw)
+        for name, a in extra.items():
+            tensors[name] = {"dtype": EXTRA_DTYPES[a.dtype.name][0],
+                             "shape": list(a.shape), "data_offsets": [end, end + a.nbytes]}
+            end += a.nbytes
+            parts.append(a.tobytes())
+    header = json.dumps({"__metadata__": meta, **tensors}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)
-    data = b"".join((struct.pack("<Q", len(header)), header, raw))
-    return EncodedObject(data, hashlib.sha256(data).hexdigest(), storage_dtype, tuple(shape))
+    data = b"".join((struct.pack("<Q", len(header)), header, *parts))
+    return EncodedObject(data, hashlib.sha256(data).hexdigest(), storage_dtype, tuple(shape), tuple(extra))
 
 
 def encode_array(array: np.ndarray, *, storage_dtype: str, mm_hash: str, modality: str, model: str,
-                 source: str = "ENCODER") -> EncodedObject:
+                 source: str = "ENCODER", extras: Mapping[str, np.ndarray] | None = None) -> EncodedObject:
     """A numpy (num_features, hidden) array -> object; float32 values are rounded to the storage dtype."""
     a = np.asarray(array)
     if storage_dtype == "bfloat16":  # round to nearest even, as torch does
@@ -126,7 +179,13 @@ def encode_array(array: np.ndarray, *, storage_dtype: str, mm_hash: str, modalit
     else:
         raw = np.ascontiguousarray(a, dtype=DTYPES[storage_dtype][1])
     return encode_object(raw.tobytes(), storage_dtype=storage_dtype, shape=a.shape, mm_hash=mm_hash,
-                         modality=modality, model=model, encoder_dtype=str(a.dtype), source=source)
+                         modality=modality, model=model, encoder_dtype=str(a.dtype), source=source, extras=extras)
+
+
+def extras_from_store_metadata(metadata: Mapping[str, str]) -> tuple[str, ...]:
+    """The extra tensors' names an object's store metadata lists (none for objects without)."""
+    names = tuple(n for n in metadata.get(STORE_EXTRAS_KEY, "").split(",") if n)
+    return names if len(names) <= MAX_EXTRAS and all(_EXTRA_NAME.fullmatch(n) for n in names) else ()
 
 
 def shape_str(shape: Sequence[int]) -> str:
@@ -142,6 +201,7 @@ class StoredTensor:
     raw: np.ndarray  # shaped, read-only view on the object's bytes
     dtype: str  # storage dtype name: float32, float16 or bfloat16
     metadata: dict[str, str]
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # name -> small array (a copy)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -198,4 +258,27 @@ def read_object(data: bytes | memoryview) -> StoredTensor:
                         f"in an object of {len(data)} bytes")
     raw = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape)
     meta = header.get("__metadata__") or {}
-    return StoredTensor(raw, dtype, dict(meta) if isinstance(meta, dict) else {})
+    return StoredTensor(raw, dtype, dict(meta) if isinstance(meta, dict) else {}, _read_extras(header, data, body_at))
+
+
+def _read_extras(header: dict[str, Any], data: bytes | memoryview, body_at: int) -> dict[str, np.ndarray]:
+    """Every tensor besides ``embedding``, each checked like it (bounds, dtype, count) and copied."""
+    names = [k for k in header if k not in ("__metadata__", TENSOR_NAME)]
+    if len(names) > MAX_EXTRAS:
+        raise BadObject(f"not an embedding object: {len(names)} extra tensors, at most {MAX_EXTRAS}")
+    out = {}
+    for name in names:
+        try:
+            spec = header[name]
+            np_dtype = _EXTRA_BY_ST_NAME[spec["dtype"]]
+            begin, end = (int(x) for x in spec["data_offsets"])
+            shape = tuple(int(d) for d in spec["shape"])
+        except (KeyError, ValueError, TypeError, OverflowError) as e:
+            raise BadObject(f"extra tensor {name[:64]!r}: bad or unsupported header entry ({e!r})") from None
+        count = math.prod(shape)
+        if min(shape, default=1) < 0 or count > MAX_EXTRA_VALUES or begin < 0 \
+                or end - begin != count * np_dtype.itemsize or body_at + end > len(data):
+            raise BadObject(f"extra tensor {name[:64]!r}: bytes [{begin}, {end}) do not hold shape {list(shape)} "
+                            f"(at most {MAX_EXTRA_VALUES} values) in an object of {len(data)} bytes")
+        out[name] = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape).copy()
+    return out

@@ -28,6 +28,7 @@ from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
 from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
 from publisher.sidecar.outbox import Outbox, OutboxFull
 from publisher.stores.base import ObjectStore
+from schemas.objects import extras_from_store_metadata
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
 MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
@@ -166,7 +167,7 @@ class EventDispatcher:
     def _remember_durable(self, key: str, info) -> None:
         m = info.metadata
         self._durable[key] = StoredItem(self.store.uri(key), m["sha256"], info.size, m["dtype"],
-                                        tuple(json.loads(m["shape"])))
+                                        tuple(json.loads(m["shape"])), extras_from_store_metadata(m))
         if len(self._durable) > self._remember:
             self._durable.popitem(last=False)
 

@@ -52,6 +52,7 @@ class StoredItem:
     size_bytes: int
     dtype: str
     shape: tuple[int, ...]
+    extra_tensors: tuple[str, ...] = ()
 
 
 def stringify_metadata(extra_args: Mapping[str, Any] | None) -> dict[str, str]:
@@ -82,7 +83,7 @@ def build_event(req: FinishedRequest, stored: Mapping[str, StoredItem], producer
             "mm_hash": item.mm_hash, "modality": item.modality, "item_index": item.item_index,
             "placeholder_offset": item.placeholder_offset, "placeholder_length": item.placeholder_length,
             "uri": obj.uri, "sha256": obj.sha256, "size_bytes": obj.size_bytes, "dtype": obj.dtype,
-            "shape": list(obj.shape), "source": item.source,
+            "shape": list(obj.shape), "source": item.source, "extra_tensors": list(obj.extra_tensors),
         })
     finished_ms = int(req.finished_time * 1000)
     published_time = time.time() if published_time is None else published_time

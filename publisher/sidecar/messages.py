@@ -7,7 +7,7 @@ sidecar: an init, then items or finished requests, then ``Close``. Sidecar -> en
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from publisher.sidecar.events import FinishedRequest
@@ -39,6 +39,7 @@ class ItemCaptured:
     mm_hash: str
     modality: str
     source: str  # ENCODER or CLIENT
+    extras: dict[str, Any] = field(default_factory=dict)  # name -> small numpy array, stored beside it
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
             return
         if isinstance(msg, ItemCaptured):
             host = ring_view(ring, msg.offset, getattr(torch, msg.dtype), msg.shape)
-            uploader.submit(UploadJob(msg.key, host, freer(msg.offset), msg.mm_hash, msg.modality, msg.source))
+            uploader.submit(UploadJob(msg.key, host, freer(msg.offset), msg.mm_hash, msg.modality, msg.source,
+                                      msg.extras))
         elif isinstance(msg, Close):
             _arm_watchdog(msg.timeout)
             left = uploader.close(msg.timeout)

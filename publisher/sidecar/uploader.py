@@ -38,6 +38,7 @@ class UploadJob:
     mm_hash: str
     modality: str
     source: str
+    extras: dict = field(default_factory=dict)  # name -> small numpy array (schemas.objects: extra tensors)
     captured_at: float = field(default_factory=time.monotonic)
 
 
@@ -127,7 +128,8 @@ class ObjectUploader:
         for job in jobs:
             try:
                 obj = encode_embedding(job.tensor, mm_hash=job.mm_hash, modality=job.modality,
-                                       model=self.model, storage_dtype=self.storage_dtype, source=job.source)
+                                       model=self.model, storage_dtype=self.storage_dtype, source=job.source,
+                                       extras=job.extras)
                 encoded.append((job, (job.key, obj.data, obj.object_metadata())))
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
                 self._count("upload_failed")

@@ -13,8 +13,8 @@ One class, two halves, in two processes that share no Python state:
 Each half keeps its slow work in a sidecar process (``publisher.sidecar``), off vLLM's GIL.
 
 The object store is the meeting point. The only thing the scheduler tells the worker is
-each scheduled item's modality and origin (through the connector metadata), so the
-stored object can describe itself.
+each scheduled item's modality, origin and extra tensors (through the connector metadata),
+so the stored object can describe itself and be used again.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from publisher.sidecar.messages import (
     SchedulerInit,
     WorkerInit,
 )
-from schemas.objects import object_key
+from schemas.objects import MAX_EXTRAS, object_key
 from schemas.uris import StoreLocation
 
 if TYPE_CHECKING:
@@ -65,8 +65,8 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 @dataclass
 class PublisherMetadata(ECConnectorMetadata):
-    """Scheduler -> worker, per step: mm_hash -> (modality, source) for items about to be encoded."""
-    items: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Scheduler -> worker, per step: mm_hash -> (modality, source, extras) for items about to be encoded."""
+    items: dict[str, tuple[str, str, dict]] = field(default_factory=dict)
 
 
 def _tp_rank() -> int:
@@ -113,6 +113,27 @@ def request_metadata(request: "Request") -> tuple[dict[str, str], int]:
     sp = request.sampling_params
     metadata = stringify_metadata(sp.extra_args if sp is not None else None)
     return metadata, sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+# The processor's inputs that are the media itself (or embeddings standing in for it): never extras.
+_MEDIA_INPUTS = re.compile(r"pixel_values.*|.*_embeds|.*input_features|.*audio_features|.*_values_videos")
+EXTRA_MAX_VALUES = 64  # grids, lengths and timings are a few values; anything larger is media
+
+
+def item_extras(feature) -> dict:
+    """The small tensors the processor made beside an item's media, which the model needs to use
+    its embedding again (Qwen2-VL's ``image_grid_thw``, a video's ``video_grid_thw`` and
+    ``second_per_grid_ts``), as numpy arrays: stored in the item's object and named in its event.
+    Models that need none (LLaVA) give {}."""
+    import torch
+
+    out = {}
+    for name, elem in sorted((feature.data or {}).items()):
+        value = getattr(elem, "data", None)
+        if (isinstance(value, torch.Tensor) and not _MEDIA_INPUTS.fullmatch(name) and value.numel() <= EXTRA_MAX_VALUES
+                and value.dtype in (torch.int64, torch.int32, torch.float32, torch.float64, torch.bool)):
+            out[name] = value.detach().cpu().numpy()
+    return dict(list(out.items())[:MAX_EXTRAS])
 
 
 def classify_item(feature) -> str | None:
@@ -190,10 +211,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
             log.warning("mm-events: dropped %s under backpressure (%d dropped so far)", mm_hash, self.dropped)
             return
         meta = self._connector_metadata
-        modality, source = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata) else None) or (
-            "unknown", ENCODER)
+        modality, source, extras = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata) else None) or (
+            "unknown", ENCODER, {})
         self.capture.capture(t, offset, ItemCaptured(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                                                     key, mm_hash, modality, source))
+                                                     key, mm_hash, modality, source, extras))
         self._known[key] = None
         if len(self._known) > 65536:
             self._known.popitem(last=False)
@@ -242,7 +263,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             pass_fds=(self._gauge_fd,))
         self._sent = 0
         self.dropped_events = 0
-        self._step_items: dict[str, tuple[str, str]] = {}
+        self._step_items: dict[str, tuple[str, str, dict]] = {}
         # request_id -> (refusal reason or None, the event's metadata): computed once per request
         self._verdicts: dict[str, tuple[str | None, dict[str, str]]] = {}
         self._refuse: set[str] = set()
@@ -254,7 +275,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
 
     def update_state_after_alloc(self, request: "Request", index: int) -> None:
         f = request.mm_features[index]
-        self._step_items[f.identifier] = (f.modality, classify_item(f) or CLIENT)
+        self._step_items[f.identifier] = (f.modality, classify_item(f) or CLIENT, item_extras(f))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> ECConnectorMetadata:
         meta = PublisherMetadata(self._step_items)

@@ -5,7 +5,7 @@ of one schema version; the consumer's real path reads (``open_source`` read-only
 ``read_events``, as ``vllm-mm-events events`` and ``consume`` decode). No registry here: values are
 single-object encoded (tests/backends/test_schema_registry.py has the Confluent framing).
 
-Versions: ``v1`` is the one released schema (schemas/history/v1.avsc), identical to the current one;
+Versions: ``v1`` is the first released schema (schemas/history/v1.avsc; the current one, v2, adds a field);
 ``next`` (tests/unit/test_schema_compat.py: the current schema plus optional fields with defaults) stands
 for the following release, so both directions are exercised on a real difference:
 

@@ -4,6 +4,7 @@ import threading
 import time
 
 import fastavro
+import numpy as np
 import torch
 
 from publisher.event_sinks.avro_file import AvroFileSink
@@ -19,8 +20,9 @@ def req(rid, hashes):
         MediaItem(h, "image", i, i * 16, 16) for i, h in enumerate(hashes)), None, None, time.time())
 
 
-def put(store, h):
-    o = encode_embedding(torch.randn(4, 8), mm_hash=h, modality="image", model="m", storage_dtype="float32")
+def put(store, h, extras=None):
+    o = encode_embedding(torch.randn(4, 8), mm_hash=h, modality="image", model="m", storage_dtype="float32",
+                         extras=extras)
     store.put_if_absent(f"k/{h}", o.data, o.object_metadata())
     return o
 
@@ -55,6 +57,18 @@ def test_missing_object_is_listed_never_named(tmp_path):
     (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
     assert [x["mm_hash"] for x in e["embeddings"]] == ["b"] and e["missing_embeddings"] == ["gone"]
     assert e["embeddings"][0]["sha256"] == o.sha256 and d.stats.incomplete == 1
+
+
+def test_event_lists_the_extra_tensors_its_object_holds(tmp_path):
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    put(store, "q", {"image_grid_thw": np.array([[1, 2, 2]]), "second_per_grid_ts": np.array([1.0], np.float32)})
+    put(store, "l")
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=5)
+    d.offer(req("r3", ["q", "l"]), {"q": "k/q", "l": "k/l"})
+    run_until(d, lambda: d.stats.published == 1)
+    (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
+    assert [x["extra_tensors"] for x in e["embeddings"]] == [["image_grid_thw", "second_per_grid_ts"], []]
 
 
 def test_close_is_bounded_and_reports(tmp_path):

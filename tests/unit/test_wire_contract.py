@@ -1,5 +1,7 @@
 """The wire contract's object format and URI forms (``schemas``), checked against independent readers."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from safetensors.numpy import load as st_load
 
 from publisher.sidecar.encode import encode_embedding
 from publisher.stores.local import LocalDirStore
-from schemas.objects import BadObject, encode_array, read_object
+from schemas.objects import BadObject, encode_array, extras_from_store_metadata, read_object
 from schemas.uris import StoreLocation, object_uri, split_object_uri
 
 
@@ -35,6 +37,60 @@ def test_numpy_writer_equals_the_torch_writer_and_safetensors_reads_both(dtype):
 def test_malformed_objects_are_refused(mangle):
     data = encode_array(np.ones((2, 3), np.float32), storage_dtype="float32", mm_hash="h", modality="image",
                         model="m").data
+    read_object(data)
+    with pytest.raises(BadObject):
+        read_object(mangle(data))
+
+
+GRID = {"image_grid_thw": np.array([[1, 4, 6]]), "second_per_grid_ts": np.array([0.5], np.float32),
+        "mask": np.array([True, False])}
+
+
+def test_extra_tensors_ride_beside_the_embedding_and_safetensors_reads_them():
+    a = np.random.default_rng(4).standard_normal((6, 10)).astype(np.float32)
+    obj = encode_embedding(torch.from_numpy(a), mm_hash="h", modality="image", model="m", storage_dtype="float32",
+                           extras=GRID)
+    assert obj.extra_tensors == ("image_grid_thw", "mask", "second_per_grid_ts")  # by name
+    assert obj.object_metadata()["extras"] == "image_grid_thw,mask,second_per_grid_ts"
+    assert extras_from_store_metadata(obj.object_metadata()) == obj.extra_tensors
+    independent = st_load(obj.data)
+    assert set(independent) == {"embedding", *GRID}
+    stored = read_object(obj.data)
+    assert json.loads(stored.metadata["extra_tensors"]) == list(obj.extra_tensors)
+    np.testing.assert_array_equal(stored.raw, a)
+    for name, want in GRID.items():
+        np.testing.assert_array_equal(independent[name], want)
+        np.testing.assert_array_equal(stored.extras[name], want)
+        assert stored.extras[name].dtype == want.dtype
+    # Without extras the object is byte for byte the first format's: no extras key anywhere.
+    plain = encode_array(a, storage_dtype="float32", mm_hash="h", modality="image", model="m")
+    assert b"extra" not in plain.data and "extras" not in plain.object_metadata()
+    assert read_object(plain.data).extras == {}
+    assert extras_from_store_metadata({"extras": "a,../b"}) == ()  # a forged header names nothing
+
+
+@pytest.mark.parametrize("extras, message", [
+    ({"embedding": np.zeros(2)}, "name"),
+    ({"../x": np.zeros(2)}, "name"),
+    ({"big": np.zeros(5000)}, "at most 4096"),
+    ({"half": np.zeros(2, np.float16)}, "dtype"),
+    ({f"e{i}": np.zeros(1) for i in range(9)}, "at most 8"),
+])
+def test_extras_the_format_cannot_hold_are_refused_by_name(extras, message):
+    with pytest.raises(ValueError, match=message):
+        encode_array(np.ones((2, 3), np.float32), storage_dtype="float32", mm_hash="h", modality="image", model="m",
+                     extras=extras)
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda d: d.replace(b'"I64"', b'"I8"', 1),  # a dtype extras never have
+    lambda d: d.replace(b'"shape":[1,3]', b'"shape":[1,4]', 1),  # shape does not fit its bytes
+    lambda d: d.replace(b'"shape":[1,3]', b'"shape":[1,-3]', 1),
+    lambda d: d[:-1],  # truncated
+])
+def test_malformed_extras_are_refused(mangle):
+    data = encode_array(np.ones((2, 3), np.float32), storage_dtype="float32", mm_hash="h", modality="image",
+                        model="m", extras={"image_grid_thw": np.array([[1, 2, 2]])}).data
     read_object(data)
     with pytest.raises(BadObject):
         read_object(mangle(data))
