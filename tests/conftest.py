@@ -31,11 +31,12 @@ MARKERS = {
     "postgres": "needs PostgreSQL + pgvector (fixture postgres; native or container)",
     "toxiproxy": "puts Toxiproxy (network faults) between a client and a server (fixture toxiproxy; native)",
     "schema_registry": "needs the Confluent-compatible Schema Registry (fixture schema_registry: Apicurio; native)",
-    "vllm": "runs the real vLLM engine on the tiny model (fixture tiny_llava)",
+    "vllm": "runs the real vLLM engine on a tiny model (fixtures tiny_llava, tiny_qwen2_vl, tiny_qwen2_audio)",
     "helm": "runs the helm and kubeconform CLIs (tests/helm)",
 }
 # Fixture -> marker; item.fixturenames includes fixtures used through other fixtures.
 FIXTURE_MARKERS = {"kafka": "kafka", "minio": "minio", "postgres": "postgres", "tiny_llava": "vllm",
+                   "tiny_qwen2_vl": "vllm", "tiny_qwen2_audio": "vllm",
                    "toxiproxy": "toxiproxy", "proxied_kafka": "kafka", "schema_registry": "schema_registry",
                    "schema_registry_with_auth": "schema_registry"}
 # Parametrized fixtures that reach a server through request.getfixturevalue() for one param only,
@@ -48,6 +49,8 @@ DYNAMIC_FIXTURE_MARKERS = {
     ("shared_sink_uri", "pgvector"): "postgres",  # tests/contract/test_vector_sink.py
     ("stream", "kafka"): "kafka",  # tests/contract/test_event_source.py
     ("dlq", "kafka"): "kafka",  # tests/contract/test_dead_letters.py
+    ("family_run", "qwen2_vl"): "vllm",  # tests/e2e/test_modalities.py
+    ("family_run", "qwen2_audio"): "vllm",
 }
 PATH_MARKERS = {Path(__file__).parent / "helm": "helm"}
 
@@ -202,3 +205,17 @@ def tiny_llava(tmp_path_factory) -> Path:
     from publisher.vllm.demo import tiny_llava
 
     return tiny_llava.build(tmp_path_factory.mktemp("models") / "tiny-llava")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_vl(tmp_path_factory) -> Path:
+    import tiny_qwen2_vl
+
+    return tiny_qwen2_vl.build(tmp_path_factory.mktemp("models") / "tiny-qwen2-vl")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_audio(tmp_path_factory) -> Path:
+    import tiny_qwen2_audio
+
+    return tiny_qwen2_audio.build(tmp_path_factory.mktemp("models") / "tiny-qwen2-audio")

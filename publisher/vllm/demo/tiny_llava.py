@@ -25,7 +25,6 @@ WORDS = ["the", "a", "image", "shows", "cat", "dog", "red", "blue", "green", "wh
 def build(path: str | Path, seed: int = 0) -> Path:
     """Write the model to ``path`` (skipped if already built there). Returns the path."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import (
         CLIPImageProcessor,
         CLIPVisionConfig,
@@ -33,7 +32,6 @@ def build(path: str | Path, seed: int = 0) -> Path:
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
-        PreTrainedTokenizerFast,
     )
 
     path = Path(path)
@@ -42,12 +40,8 @@ def build(path: str | Path, seed: int = 0) -> Path:
     path.mkdir(parents=True, exist_ok=True)
 
     specials = ["<unk>", "<s>", "</s>", "<pad>", "<image>"]
-    vocab = {tok: i for i, tok in enumerate(specials + WORDS)}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>",
-                                        eos_token="</s>", pad_token="<pad>",
-                                        additional_special_tokens=["<image>"])
+    tokenizer, vocab = word_tokenizer(specials + WORDS, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                      pad_token="<pad>", additional_special_tokens=["<image>"])
     vocab_size = 256  # room to spare; tokens past the vocab are never produced by the tokenizer
 
     vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -68,10 +62,29 @@ def build(path: str | Path, seed: int = 0) -> Path:
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
+    return finish(path, processor, tokenizer, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+
+
+def word_tokenizer(tokens: list[str], **special):
+    """A whitespace word-level tokenizer over ``tokens`` (ids in order, first occurrence wins) -> (tokenizer,
+    vocab). ``special``: PreTrainedTokenizerFast's token arguments (unk_token is required)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for tok in tokens:
+        vocab.setdefault(tok, len(vocab))
+    tk = Tokenizer(models.WordLevel(vocab, unk_token=special["unk_token"]))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, **special), vocab
+
+
+def finish(path: Path, processor, tokenizer, **generation) -> Path:
+    """Save the processor and tokenizer beside the weights, the generation config, then the marker that
+    makes ``build`` skip a finished model."""
     processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2,
-                                                             "pad_token_id": 3}))
+    (path / "generation_config.json").write_text(json.dumps(generation))
     (path / ".complete").write_text("ok\n")
     return path
 
