@@ -121,6 +121,20 @@ class PublisherConfig(Settings):
         "Prometheus /metrics of the publisher's sidecars on this host, summed (0: off). The first sidecar "
         "to bind it serves every sidecar's metrics.")
     metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the publisher's metrics server binds.")
+    reuse_stored_embeddings: bool = setting(
+        lambda: False, as_bool,
+        "Load an item's stored encoder output instead of running the encoder when this model's encoder "
+        "already stored it for the same processed input (another replica, an earlier run): checked against the "
+        "object's metadata and input digest, and its SHA-256, before use. Whoever can write the object store "
+        "can then change what the model sees: use only a store the operator controls (README).")
+    reuse_wait_ms: float = setting(
+        lambda: 200.0, number(float, 0.0),
+        "reuse_stored_embeddings: how long a new request waits for its items to be fetched and checked "
+        "before the encoder runs them instead.")
+    reuse_cache_bytes: int = setting(
+        lambda: 256 << 20, number(int, 1 << 20),
+        "reuse_stored_embeddings: size of the staging ring (under /dev/shm) where fetched embeddings wait to be "
+        "loaded; when it is full of items promised to the engine, further items are encoded.")
     topic_partitions: int = setting(
         lambda: 0, number(int, 0),
         "Create the Kafka topic with this many partitions if missing (0: leave to the broker).")

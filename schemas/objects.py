@@ -6,7 +6,9 @@ An object holds one tensor, ``embedding``, of shape (num_features, hidden_size),
 ``source``. Where the model needs more than the embedding to use it again (Qwen2-VL's
 ``image_grid_thw``, a video's ``video_grid_thw``), those small tensors follow it under their
 own names, listed in ``__metadata__["extra_tensors"]`` (a JSON list; absent when there are
-none, so such objects are byte-identical to the first format's).
+none, so such objects are byte-identical to the first format's). ``input_digest``, when present,
+is a digest of the processed input the encoder ran on (a publisher with ``reuse_stored_embeddings``
+records it): a reader that has the same input can prove the object is its encoder output.
 Keys are content-addressed: ``<prefix>/<model slug>/<dtype>/<mm_hash>.safetensors``.
 
 Written here (``encode_object``) and read here (``read_object``), with numpy only: the
@@ -126,7 +128,7 @@ def check_extras(extras: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def encode_object(raw: bytes | memoryview, *, storage_dtype: str, shape: Sequence[int], mm_hash: str,
                   modality: str, model: str, encoder_dtype: str, source: str = "ENCODER",
-                  extras: Mapping[str, np.ndarray] | None = None) -> EncodedObject:
+                  extras: Mapping[str, np.ndarray] | None = None, input_digest: str | None = None) -> EncodedObject:
     """Little-endian tensor bytes of ``storage_dtype`` -> the object (safetensors bytes + its SHA-256).
 
     The format is an 8-byte little-endian header length, a JSON header (padded to 8 bytes),
@@ -152,6 +154,8 @@ def encode_object(raw: bytes | memoryview, *, storage_dtype: str, shape: Sequenc
         "shape": shape_str(shape),
         "source": source,
     }
+    if input_digest:
+        meta["input_digest"] = input_digest
     tensors: dict[str, Any] = {TENSOR_NAME: {"dtype": st_name, "shape": shape, "data_offsets": [0, len(raw)]}}
     parts = [raw]
     extra = check_extras(extras or {})

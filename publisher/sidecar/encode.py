@@ -18,7 +18,8 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def encode_embedding(tensor: torch.Tensor, *, mm_hash: str, modality: str, model: str,
-                     storage_dtype: str, source: str = "ENCODER", extras=None) -> EncodedObject:
+                     storage_dtype: str, source: str = "ENCODER", extras=None,
+                     input_digest: str | None = None) -> EncodedObject:
     """Cast a host (num_features, hidden_size) tensor to ``storage_dtype`` and serialize it.
 
     ``storage_dtype`` is concrete (``native`` is resolved from the model's dtype at engine start,
@@ -34,4 +35,4 @@ def encode_embedding(tensor: torch.Tensor, *, mm_hash: str, modality: str, model
     raw = out.view(torch.uint8).reshape(-1).numpy().data if out.numel() else b""  # no copy until the join
     return encode_object(raw, storage_dtype=storage_dtype, shape=tuple(out.shape), mm_hash=mm_hash,
                          modality=modality, model=model, encoder_dtype=str(tensor.dtype).removeprefix("torch."),
-                         source=source, extras=extras)
+                         source=source, extras=extras, input_digest=input_digest)

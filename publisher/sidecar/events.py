@@ -22,6 +22,7 @@ class MediaItem:
     placeholder_offset: int
     placeholder_length: int
     source: str = "ENCODER"  # or CLIENT: the caller sent embeddings, no encoder ran
+    reused: bool = False  # loaded from the store instead of encoded (reuse_stored_embeddings)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ def build_event(req: FinishedRequest, stored: Mapping[str, StoredItem], producer
             "placeholder_offset": item.placeholder_offset, "placeholder_length": item.placeholder_length,
             "uri": obj.uri, "sha256": obj.sha256, "size_bytes": obj.size_bytes, "dtype": obj.dtype,
             "shape": list(obj.shape), "source": item.source, "extra_tensors": list(obj.extra_tensors),
+            "reused": item.reused,
         })
     finished_ms = int(req.finished_time * 1000)
     published_time = time.time() if published_time is None else published_time

@@ -30,6 +30,18 @@ class SchedulerInit:
 
 
 @dataclass(frozen=True)
+class FetcherInit:
+    """reuse_stored_embeddings: what the fetch sidecar checks objects against, and where it puts them."""
+    config: dict[str, Any]
+    model: str
+    model_dtype: str  # torch dtype name of the model's encoder output, without "torch."
+    hidden_size: int
+    storage_dtype: str  # what the keys name: a stored object in another dtype is refused
+    ring: str  # the staging ring, a file in a private tmpfs directory, which the worker maps too
+    ring_size: int
+
+
+@dataclass(frozen=True)
 class ItemCaptured:
     """An encoder output whose bytes are in the ring at ``offset``: store it under ``key``."""
     offset: int
@@ -40,6 +52,7 @@ class ItemCaptured:
     modality: str
     source: str  # ENCODER or CLIENT
     extras: dict[str, Any] = field(default_factory=dict)  # name -> small numpy array, stored beside it
+    input_digest: str | None = None  # of the processed input (reuse_stored_embeddings records it)
 
 
 @dataclass(frozen=True)
@@ -52,6 +65,23 @@ class RequestFinished:
 @dataclass(frozen=True)
 class EventsDropped:
     """The engine dropped events under backpressure=drop; counted in the sidecar's report."""
+    count: int
+
+
+@dataclass(frozen=True)
+class Fetch:
+    """Fetch and check the object under ``key`` for a request whose item has ``input_digest``; on
+    success its tensor's raw bytes go to the staging ring at ``offset`` (the scheduler's region)."""
+    key: str
+    mm_hash: str
+    input_digest: str
+    num_embeds: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Reused:
+    """Items the engine loaded instead of encoding; counted in the fetch sidecar's report."""
     count: int
 
 
@@ -77,6 +107,14 @@ class Failed:
 class RegionFreed:
     """The upload of the item at ``offset`` ended: the worker may reuse its ring region."""
     offset: int
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """The answer to ``Fetch``: ``outcome`` hit (the tensor is in the ring), absent, rejected or error."""
+    mm_hash: str
+    outcome: str
+    reason: str = ""
 
 
 @dataclass(frozen=True)

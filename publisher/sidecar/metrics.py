@@ -43,6 +43,14 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "bytes_uploaded": ("object_bytes_stored", "Bytes of objects written to the store."),
     "retries": ("upload_retries", "Upload attempts after a failed one."),
     "upload_failed": ("uploads_failed", "Objects never stored (serialization error, or the store away too long)."),
+    # fetch sidecar (reuse_stored_embeddings)
+    "reused": ("items_reused", "Items the engine loaded from the store instead of running the encoder."),
+    "fetched": ("reuse_objects_fetched", "Stored objects fetched and checked for reuse."),
+    "absent": ("reuse_objects_absent", "Items looked up for reuse with no object stored yet."),
+    "rejected": ("reuse_objects_rejected", "Stored objects refused for reuse (checksum, model, input digest, "
+                                           "dtype or shape): the encoder ran instead."),
+    "fetch_errors": ("reuse_fetch_errors", "Reuse lookups that failed (store away, timeout): the encoder ran."),
+    "bytes_fetched": ("reuse_bytes_fetched", "Tensor bytes fetched for reuse."),
 }
 
 

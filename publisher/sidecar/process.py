@@ -7,6 +7,8 @@ talks to it over a socketpair with typed messages (``messages.py``):
   item it is told about and stores it (``ObjectUploader``), then frees the ring region.
 - scheduler sidecar: turns finished-request snapshots into events once their objects are
   durable and publishes them (``EventDispatcher`` + an ``EventSink``).
+- fetch sidecar (only with ``reuse_stored_embeddings``, started by the scheduler half):
+  fetches and checks stored objects that may stand in for encoder runs (``fetcher.py``).
 
 In vLLM's processes this leaves a memcpy (or an async DMA) and one small message per item,
 and one small message per finished request. The sidecar owns the slow parts: safetensors,
@@ -30,6 +32,7 @@ import sys
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from publisher.sidecar.messages import (
@@ -37,10 +40,13 @@ from publisher.sidecar.messages import (
     Closed,
     EventsDropped,
     Failed,
+    Fetch,
+    FetcherInit,
     ItemCaptured,
     Ready,
     RegionFreed,
     RequestFinished,
+    Reused,
     SchedulerInit,
     WorkerInit,
 )
@@ -56,8 +62,8 @@ class SidecarError(RuntimeError):
 class Sidecar:
     """Parent side: start the sidecar, send it messages, collect its report at close."""
 
-    def __init__(self, init: WorkerInit | SchedulerInit, pass_fds: tuple[int, ...] = ()):
-        role = "worker" if isinstance(init, WorkerInit) else "scheduler"
+    def __init__(self, init: WorkerInit | SchedulerInit | FetcherInit, pass_fds: tuple[int, ...] = ()):
+        role = {WorkerInit: "worker", SchedulerInit: "scheduler", FetcherInit: "fetcher"}[type(init)]
         parent, child = socket.socketpair()
         # The sidecar detaches (double fork) so that it is nobody's child: vLLM force-kills
         # its engine's process tree a few seconds into shutdown, and the sidecar must be
@@ -156,7 +162,7 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
         if isinstance(msg, ItemCaptured):
             host = ring_view(ring, msg.offset, getattr(torch, msg.dtype), msg.shape)
             uploader.submit(UploadJob(msg.key, host, freer(msg.offset), msg.mm_hash, msg.modality, msg.source,
-                                      msg.extras))
+                                      msg.extras, msg.input_digest))
         elif isinstance(msg, Close):
             _arm_watchdog(msg.timeout)
             left = uploader.close(msg.timeout)
@@ -264,6 +270,46 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
             return
 
 
+def _fetcher_main(conn: Connection, init: FetcherInit, engine_pid: int) -> None:
+    from publisher.config import PublisherConfig
+    from publisher.sidecar.fetcher import StoredEmbeddingFetcher
+    from publisher.stores import open_store
+
+    c = PublisherConfig.from_dict(init.config)
+    store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region, fsync=False)
+    send_lock = threading.Lock()
+
+    def reply(msg) -> None:
+        with send_lock:
+            try:
+                conn.send(msg)
+            except OSError:
+                pass  # the engine is gone
+
+    try:
+        store.head(".vllm-mm-events-warmup")  # open the connection now, not on the first request's lookup
+    except Exception as e:  # noqa: BLE001 - lookups report the store's state as they come
+        log.info("mm-events fetch sidecar: the object store did not answer yet: %s", e)
+    fetcher = StoredEmbeddingFetcher(store, Path(init.ring), init.ring_size, model=init.model,
+                                     model_dtype=init.model_dtype, storage_dtype=init.storage_dtype,
+                                     hidden_size=init.hidden_size, reply=reply, metrics=_metrics(c))
+    conn.send(Ready(os.getpid()))
+    try:
+        while True:
+            msg = conn.recv()
+            if isinstance(msg, Fetch):
+                fetcher.submit(msg)
+            elif isinstance(msg, Reused):
+                fetcher.stats.inc("reused", msg.count)
+            elif isinstance(msg, Close):
+                _arm_watchdog(msg.timeout)
+                fetcher.close()
+                reply(Closed(fetcher.stats.as_dict()))
+                return
+    except (EOFError, OSError):
+        fetcher.close()  # the engine is gone: nobody will load what is fetched
+
+
 def _run_on_every_cpu(role: str) -> None:
     """Undo a CPU pinning inherited from the engine process that started this sidecar.
 
@@ -305,7 +351,7 @@ def main(argv: list[str]) -> int:
     conn = Connection(fd)
     init = conn.recv()
     try:
-        (_worker_main if role == "worker" else _scheduler_main)(conn, init, engine_pid)
+        {"worker": _worker_main, "scheduler": _scheduler_main, "fetcher": _fetcher_main}[role](conn, init, engine_pid)
     except Exception as e:  # noqa: BLE001 - tell the engine, then die loudly
         log.exception("mm-events %s sidecar failed", role)
         try:

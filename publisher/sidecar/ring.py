@@ -60,6 +60,44 @@ class RingAllocator:
             self._head = 0
 
 
+class SpanAllocator:
+    """Regions of one buffer, freed in any order and reused first-fit (free neighbours merge).
+
+    For a staging area whose regions live for different times (``reuse_stored_embeddings``: a
+    promised item outlives the ones fetched after it), where the ring's oldest-first reclaim
+    would let one long-lived region block the rest. Single-threaded, like ``RingAllocator``."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._free: list[list[int]] = [[0, size]]  # [offset, nbytes], by offset, never adjacent
+        self._taken: dict[int, int] = {}
+        self.used = 0
+
+    def alloc(self, nbytes: int) -> int | None:
+        n = -(-max(nbytes, 1) // ALIGN) * ALIGN
+        for i, span in enumerate(self._free):
+            if span[1] >= n:
+                offset = span[0]
+                span[0] += n
+                span[1] -= n
+                if not span[1]:
+                    del self._free[i]
+                self._taken[offset] = n
+                self.used += n
+                return offset
+        return None
+
+    def free(self, offset: int) -> None:
+        n = self._taken.pop(offset)
+        self.used -= n
+        i = next((i for i, s in enumerate(self._free) if s[0] > offset), len(self._free))
+        self._free.insert(i, [offset, n])
+        if i + 1 < len(self._free) and offset + n == self._free[i + 1][0]:  # merge with the next
+            self._free[i][1] += self._free.pop(i + 1)[1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # and with the previous
+            self._free[i - 1][1] += self._free.pop(i)[1]
+
+
 class SharedRing:
     """A memfd mapped here and, through its fd, in the sidecar."""
 
@@ -78,10 +116,15 @@ class SharedRing:
     def pin(self) -> None:
         """Page-lock the ring for async device->host DMA (once)."""
         if not self.pinned:
-            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), self.size, 0)
-            if int(rc) != 0:
-                raise RuntimeError(f"cudaHostRegister failed ({rc})")
+            pin_host(self.tensor)
             self.pinned = True
+
+
+def pin_host(mapped: torch.Tensor) -> None:
+    """Page-lock a host mapping (``cudaHostRegister``) so copies to and from it are async DMAs."""
+    rc = torch.cuda.cudart().cudaHostRegister(mapped.data_ptr(), mapped.numel() * mapped.element_size(), 0)
+    if int(rc) != 0:
+        raise RuntimeError(f"cudaHostRegister failed ({rc})")
 
 
 def ring_view(ring: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:

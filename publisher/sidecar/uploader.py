@@ -39,6 +39,7 @@ class UploadJob:
     modality: str
     source: str
     extras: dict = field(default_factory=dict)  # name -> small numpy array (schemas.objects: extra tensors)
+    input_digest: str | None = None  # of the processed input the encoder ran on (reuse_stored_embeddings)
     captured_at: float = field(default_factory=time.monotonic)
 
 
@@ -129,7 +130,7 @@ class ObjectUploader:
             try:
                 obj = encode_embedding(job.tensor, mm_hash=job.mm_hash, modality=job.modality,
                                        model=self.model, storage_dtype=self.storage_dtype, source=job.source,
-                                       extras=job.extras)
+                                       extras=job.extras, input_digest=job.input_digest)
                 encoded.append((job, (job.key, obj.data, obj.object_metadata())))
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
                 self._count("upload_failed")

@@ -1,4 +1,7 @@
-"""Worker side, inside the model step: hand an encoder output to the sidecar without stalling.
+"""Worker side, inside the model step: device <-> host copies of encoder outputs that do not stall it.
+
+``DeviceToHostCapture`` hands each encoder output to the sidecar; ``HostToDeviceLoad`` puts a
+fetched stored output back (``reuse_stored_embeddings``).
 
 Tensors go into the shared ring (``publisher.sidecar.ring``) that the worker's sidecar
 process maps too. In the step:
@@ -16,6 +19,8 @@ waits for the sidecar to free space; ``drop`` skips the item and counts it).
 
 from __future__ import annotations
 
+import mmap
+import os
 import threading
 import time
 from collections import deque
@@ -23,7 +28,7 @@ from typing import Any, Callable
 
 import torch
 
-from publisher.sidecar.ring import SharedRing
+from publisher.sidecar.ring import SharedRing, pin_host, ring_view
 
 
 class DeviceToHostCapture:
@@ -95,3 +100,44 @@ class DeviceToHostCapture:
             time.sleep(self.SWEEP_S)
             if self._inflight:
                 self.flush_ready()
+
+
+_STORED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class HostToDeviceLoad:
+    """Copies a fetched stored tensor from the staging ring onto the encoder cache's device, in its
+    dtype, inside the step that needs it.
+
+    The ring is a file on tmpfs that the fetch sidecar writes into; it is mapped here on first use.
+    - CPU: one memcpy out of the ring (the region is reused later, so never a view on it), and the
+      cast if the store keeps another dtype.
+    - CUDA: the ring is page-locked once (``cudaHostRegister``), so the load is an async DMA on the
+      step's stream: the host thread does not wait for it, and the step's later kernels see the data.
+      The scheduler keeps the region untouched long after (``reuse.PIN_S``).
+    """
+
+    def __init__(self) -> None:
+        self.ring: torch.Tensor | None = None
+        self._where: tuple[str, int] | None = None
+
+    def attach(self, path: str, size: int) -> None:
+        if self._where == (path, size):
+            return
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self.ring = torch.frombuffer(mmap.mmap(fd, size), dtype=torch.uint8)
+        finally:
+            os.close(fd)
+        self._where, self._pinned = (path, size), False
+
+    def load(self, offset: int, stored_dtype: str, shape: tuple[int, ...], device: torch.device,
+             dtype: torch.dtype) -> torch.Tensor:
+        host = ring_view(self.ring, offset, _STORED[stored_dtype], shape)
+        if device.type != "cuda":
+            return host.to(device=device, dtype=dtype, copy=True)
+        if not self._pinned:
+            pin_host(self.ring)
+            self._pinned = True
+        dev = host.to(device, non_blocking=True)
+        return dev if dev.dtype == dtype else dev.to(dtype)

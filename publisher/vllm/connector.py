@@ -12,6 +12,9 @@ One class, two halves, in two processes that share no Python state:
 
 Each half keeps its slow work in a sidecar process (``publisher.sidecar``), off vLLM's GIL.
 
+With ``reuse_stored_embeddings`` the connector is also a source: items whose checked stored
+outputs are in host memory are loaded instead of encoded (``publisher.vllm.reuse``).
+
 The object store is the meeting point. The only thing the scheduler tells the worker is
 each scheduled item's modality, origin and extra tensors (through the connector metadata),
 so the stored object can describe itself and be used again.
@@ -65,8 +68,12 @@ _INTERNAL_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
 
 @dataclass
 class PublisherMetadata(ECConnectorMetadata):
-    """Scheduler -> worker, per step: mm_hash -> (modality, source, extras) for items about to be encoded."""
-    items: dict[str, tuple[str, str, dict]] = field(default_factory=dict)
+    """Scheduler -> worker, per step: mm_hash -> (modality, source, extras, input digest) for items about
+    to be encoded; mm_hash -> (ring offset, stored dtype, shape) for fetched items to load instead,
+    from the staging ring ``ring`` (path, size)."""
+    items: dict[str, tuple[str, str, dict, str | None]] = field(default_factory=dict)
+    loads: dict[str, tuple[int, str, tuple[int, ...]]] = field(default_factory=dict)
+    ring: tuple[str, int] | None = None
 
 
 def _tp_rank() -> int:
@@ -136,6 +143,11 @@ def item_extras(feature) -> dict:
     return dict(list(out.items())[:MAX_EXTRAS])
 
 
+def _encoded(request: "Request") -> list:
+    """The request's items the encoder would run on (raw media, not client embeddings)."""
+    return [f for f in request.mm_features if classify_item(f) == ENCODER]
+
+
 def classify_item(feature) -> str | None:
     """ENCODER for raw media the encoder will run on; CLIENT for caller-supplied embeddings;
     None for an item with no data at all (metadata only, expecting a connector to load it)."""
@@ -178,7 +190,19 @@ class MMEmbeddingPublisher(ECConnectorBase):
     # ===================================================================================
     def _init_worker(self) -> None:
         self.saves = 0  # save_caches calls seen: one per encoder run of an item
+        self.loads = 0  # items loaded from the store instead (reuse_stored_embeddings)
         self.dropped = 0
+        if self.config.reuse_stored_embeddings:  # every TP rank loads what its encoder would have computed
+            import torch
+
+            from publisher.vllm.capture import HostToDeviceLoad
+
+            self._loader = HostToDeviceLoad()
+            self._dtype = self._vllm_config.model_config.dtype
+            device = torch.device(self._vllm_config.device_config.device or "cpu")
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", torch.cuda.current_device())
+            self._device = device
         self._known: OrderedDict[str, None] = OrderedDict()  # keys already handed over (bounded)
         # With tensor parallelism every rank sees the same encoder output; rank 0 stores it.
         self._uploads_here = _tp_rank() == 0
@@ -194,7 +218,14 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self.capture = DeviceToHostCapture(self.ring, self.sidecar.send)
 
     def start_load_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
-        return  # never a source of encoder outputs: has_cache_item() is always False
+        # vLLM calls this in the step, before the encoder runs; the scheduler promised these items
+        # (has_cache_item) and skipped their encoder runs, so each must be in the cache after this.
+        meta = self._connector_metadata
+        if isinstance(meta, PublisherMetadata) and meta.loads:
+            from publisher.vllm.reuse import load_stored
+
+            self._loader.attach(*meta.ring)
+            self.loads += load_stored(encoder_cache, meta.loads, self._device, self._dtype, self._loader)
 
     def save_caches(self, encoder_cache: dict[str, "torch.Tensor"], mm_hash: str, **kwargs) -> None:
         # In the model step: a memcpy (CPU) or a launched async copy (CUDA), and one small message.
@@ -211,10 +242,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
             log.warning("mm-events: dropped %s under backpressure (%d dropped so far)", mm_hash, self.dropped)
             return
         meta = self._connector_metadata
-        modality, source, extras = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata) else None) or (
-            "unknown", ENCODER, {})
+        modality, source, extras, digest = (meta.items.get(mm_hash) if isinstance(meta, PublisherMetadata)
+                                            else None) or ("unknown", ENCODER, {}, None)
         self.capture.capture(t, offset, ItemCaptured(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape),
-                                                     key, mm_hash, modality, source, extras))
+                                                     key, mm_hash, modality, source, extras, digest))
         self._known[key] = None
         if len(self._known) > 65536:
             self._known.popitem(last=False)
@@ -263,23 +294,66 @@ class MMEmbeddingPublisher(ECConnectorBase):
             pass_fds=(self._gauge_fd,))
         self._sent = 0
         self.dropped_events = 0
-        self._step_items: dict[str, tuple[str, str, dict]] = {}
+        self._step_items: dict[str, tuple[str, str, dict, str | None]] = {}
+        self._reuse = self._start_reuse() if c.reuse_stored_embeddings else None
+        self._allocated: list[tuple[str, int, str]] = []  # this step's (request id, item index, mm_hash)
+        self._reused: dict[str, set[str]] = {}  # request id -> items loaded instead of encoded
         # request_id -> (refusal reason or None, the event's metadata): computed once per request
         self._verdicts: dict[str, tuple[str | None, dict[str, str]]] = {}
         self._refuse: set[str] = set()
         self._randomized_ids = not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
         self._endpoint = c.s3_endpoint_url if c.object_store.startswith("s3://") else None
 
+    def _start_reuse(self):
+        """reuse_stored_embeddings: the fetch sidecar, and the index the scheduler answers from."""
+        from publisher.sidecar.fetcher import private_dir
+        from publisher.sidecar.messages import FetcherInit
+        from publisher.sidecar.process import Sidecar
+        from publisher.vllm.reuse import StoredItemIndex
+
+        mc, c = self._vllm_config.model_config, self.config
+        self._ring = (str(private_dir() / "ring"), c.reuse_cache_bytes)
+        self._fetcher = Sidecar(FetcherInit(c.to_dict(), self.model, str(mc.dtype).removeprefix("torch."),
+                                            mc.get_hidden_size(), c.storage_dtype, *self._ring))
+        return StoredItemIndex(self._fetcher.send, self._fetched, wait_s=c.reuse_wait_ms / 1000,
+                               ring_size=c.reuse_cache_bytes, hidden_size=mc.get_hidden_size(),
+                               storage_dtype=c.storage_dtype)
+
+    def _fetched(self) -> list:
+        """The fetch sidecar's answers so far (never waits). If it is gone, nothing is in flight any more."""
+        out, conn = [], self._fetcher.conn
+        try:
+            while self._fetcher.alive and conn.poll():
+                out.append(conn.recv())
+        except (EOFError, OSError):
+            self._fetcher.alive = False
+            self._reuse.lost_sidecar()
+            log.error("mm-events: the fetch sidecar is gone; every item is encoded from now on")
+        return out
+
     def has_cache_item(self, identifier: str) -> bool:
-        return False
+        return self._reuse is not None and self._reuse.has(identifier)
 
     def update_state_after_alloc(self, request: "Request", index: int) -> None:
+        # Called for the items vLLM will encode and for those it will load (has_cache_item said so).
         f = request.mm_features[index]
-        self._step_items[f.identifier] = (f.modality, classify_item(f) or CLIENT, item_extras(f))
+        source = classify_item(f) or CLIENT
+        digest = self._reuse.digest(f) if self._reuse is not None and source == ENCODER else None
+        self._step_items[f.identifier] = (f.modality, source, item_extras(f), digest)
+        if self._reuse is not None:
+            self._allocated.append((request.request_id, index, f.identifier))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> ECConnectorMetadata:
         meta = PublisherMetadata(self._step_items)
         self._step_items = {}
+        if self._reuse is not None:
+            meta.loads, by_request = self._reuse.take_loads(self._allocated, scheduler_output)
+            meta.ring = self._ring if meta.loads else None
+            self._allocated = []
+            for rid, hashes in by_request.items():
+                self._reused.setdefault(rid, set()).update(hashes)
+                for h in hashes:
+                    meta.items.pop(h, None)  # loaded, not encoded: nothing to store
         return meta
 
     def ensure_cache_available(self, request: "Request", num_computed_tokens: int) -> bool:
@@ -293,7 +367,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
             metadata, size = request_metadata(request)
             self._verdicts[rid] = (self._refusal(request, size), metadata)
         if self._verdicts[rid][0] is None:
-            return True
+            # reuse_stored_embeddings: a new request waits (a few steps, at most reuse_wait_ms) while
+            # its items' stored outputs are fetched and checked, so has_cache_item can answer from memory.
+            return self._reuse is None or self._reuse.ready(request, num_computed_tokens, self.key_for, _encoded)
         self._refuse.add(rid)
         return False
 
@@ -330,6 +406,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # On the scheduler loop: build a snapshot and enqueue; no I/O.
         rid = request.request_id
         refusal, metadata = self._verdicts.pop(rid, (None, None))
+        reused = self._reused.pop(rid, ())
+        if self._reuse is not None:
+            self._reuse.forget(rid)
         if refusal is not None:
             return False, {"mm_embeddings": [], "error": refusal}
         features = request.mm_features
@@ -339,7 +418,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         for i, f in enumerate(features):
             pos = f.mm_position
             source = classify_item(f) or CLIENT
-            items.append(MediaItem(f.identifier, f.modality, i, pos.offset, pos.length, source))
+            items.append(MediaItem(f.identifier, f.modality, i, pos.offset, pos.length, source, f.identifier in reused))
             key = keys[f.identifier] = self.key_for(f.identifier)
             refs.append({"uri": self.location.uri(key), "mm_hash": f.identifier, "modality": f.modality,
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
@@ -423,12 +502,16 @@ class MMEmbeddingPublisher(ECConnectorBase):
         t = self.config.shutdown_timeout_s
         if self.role == ECConnectorRole.SCHEDULER:
             with _sigterm_deferred():
+                reuse = self._fetcher.close(min(t, 5.0)) if self._reuse is not None else None
                 report = self.sidecar.close(t)
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
+            if reuse is not None:
+                log.info("mm-events reuse: %s", reuse)
         elif self._uploads_here:
             with _sigterm_deferred():
                 report = self.sidecar.close(t)
-            log.info("mm-events worker side stopped: saves=%d %s, dropped=%d", self.saves, report, self.dropped)
+            log.info("mm-events worker side stopped: saves=%d loads=%d %s, dropped=%d", self.saves,
+                     getattr(self, "loads", 0), report, self.dropped)
         else:
-            log.info("mm-events worker side stopped: saves=%d {'uploaded': 0} (TP rank %d; rank 0 stores)",
-                     self.saves, _tp_rank())
+            log.info("mm-events worker side stopped: saves=%d loads=%d {'uploaded': 0} (TP rank %d; rank 0 stores)",
+                     self.saves, self.loads, _tp_rank())

@@ -3,6 +3,7 @@
     python engine_driver.py spec.json
 
 spec: {"model", "extra_config", "tp", "dtype" (float32 unless given), "out", "family" (llava unless given),
+       "temperature" (1.0 unless given; 0 is greedy),
        "batches": [[{"images": [seed, ...], "extra_args": {...}}]]}
 Other families (``qwen2_vl``, ``qwen2_audio``: tests/support/tiny_*.py) take
 ``{"media": [["image", seed, width, height], ["video", seed, frames, width, height], ["audio", seed, seconds]]}``.
@@ -84,7 +85,8 @@ def main() -> None:
         prompts, params = [], []
         for r in batch:
             prompts.append(make_prompt(r))
-            params.append(SamplingParams(max_tokens=r.get("max_tokens", 4), extra_args=r.get("extra_args")))
+            params.append(SamplingParams(max_tokens=r.get("max_tokens", 4), extra_args=r.get("extra_args"),
+                                         temperature=spec.get("temperature", 1.0)))
         for r, o in zip(batch, llm.generate(prompts, params, use_tqdm=False)):
             refs = (o.ec_transfer_params or {}).get("mm_embeddings") or []
             located = all("uri" in ref for ref in refs)  # return_params=ids names no locations
@@ -99,6 +101,7 @@ def main() -> None:
             results.append({"request_id": o.request_id, "images": r.get("images", []), "media": r.get("media", []),
                             "finish_reason": o.outputs[0].finish_reason,
                             "num_output_tokens": len(o.outputs[0].token_ids),
+                            "token_ids": list(o.outputs[0].token_ids),
                             "num_prompt_tokens": len(o.prompt_token_ids),
                             "prompt_token_ids": list(o.prompt_token_ids),
                             "ec_transfer_params": o.ec_transfer_params, "num_tensors": len(tensors)})

@@ -7,6 +7,7 @@ input; each placeholder against the prompt's own tokens; each extra tensor again
 
 from __future__ import annotations
 
+import re
 import uuid
 from urllib.parse import urlsplit
 
@@ -18,7 +19,7 @@ from safetensors.torch import load, load_file
 import consumer_run as cr
 import tiny_qwen2_audio
 import tiny_qwen2_vl
-from pipeline import all_ids, consume, run_driver, source
+from pipeline import all_ids, consume, run_driver, source, stats_line
 
 pytestmark = pytest.mark.e2e
 
@@ -74,15 +75,19 @@ def family_run(request, tmp_path_factory, kafka, minio):
     model = request.getfixturevalue("tiny_" + family)
     bucket = minio.create_bucket(f"mod-{uuid.uuid4().hex[:8]}")
     topic = f"vllm.mm-embeddings.{family}.{uuid.uuid4().hex[:6]}"
+    # reuse on: objects record their input digest, so test_a_second_engine_loads_every_item can reuse them
     extra = {"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
-             "event_sink": f"kafka://{kafka.bootstrap}/{topic}"}
+             "event_sink": f"kafka://{kafka.bootstrap}/{topic}", "reuse_stored_embeddings": True,
+             "reuse_wait_ms": 5000}  # exact counts below: no item may miss its load on a busy 2-core machine
     env = {k: v for k, v in minio.env.items() if k != "AWS_ENDPOINT_URL"}
     work = tmp_path_factory.mktemp(family)
-    results, log = run_driver({"model": str(model), "family": family, "extra_config": extra,
-                               "batches": FAMILIES[family]}, work, env=env)
+    spec = {"model": str(model), "family": family, "extra_config": extra, "batches": FAMILIES[family],
+            "temperature": 0.0}
+    results, log = run_driver(spec, work, env=env)
     events = {e["request_id"]: e for e, _ in consume(kafka.bootstrap, topic, expected=len(results))}
     return dict(family=family, model=model, results=results, events=events, bucket=bucket, topic=topic,
-                s3=minio.client(), out=work / "out", log=log)
+                s3=minio.client(), out=work / "out", log=log,
+                again=lambda name: run_driver(spec, tmp_path_factory.mktemp(name), env=env))
 
 
 def get(run: dict, uri: str) -> bytes:
@@ -162,3 +167,15 @@ def test_the_consumer_indexes_every_item(family_run, kafka, minio, tmp_path):
                 assert np.isfinite(query).all()
     finally:
         sink.close()
+
+
+def test_a_second_engine_loads_every_item_instead_of_encoding(family_run):
+    """The store as a shared encoder cache for every modality: a second engine given the same media runs
+    the encoder zero times (Qwen2-VL places each loaded image and video by the request's own grid)."""
+    results, log = family_run["again"](f"{family_run['family']}-again")
+    items = sum(len(r["media"]) for r in results)
+    saves, loads = (int(x) for x in re.search(r"saves=(\d+) loads=(\d+)", stats_line(log, "worker")).groups())
+    assert (saves, loads) == (0, items), stats_line(log, "worker")
+    assert [r["token_ids"] for r in results] == [r["token_ids"] for r in family_run["results"]]  # greedy: same
+    assert [p["uri"] for r in results for p in r["ec_transfer_params"]["mm_embeddings"]] == \
+        [p["uri"] for r in family_run["results"] for p in r["ec_transfer_params"]["mm_embeddings"]]

@@ -22,8 +22,12 @@ WORDS = ["the", "a", "image", "shows", "cat", "dog", "red", "blue", "green", "wh
          "describe", "picture", "and", "of", "on", "with", "USER:", "ASSISTANT:", "?", ".", ","]
 
 
-def build(path: str | Path, seed: int = 0) -> Path:
-    """Write the model to ``path`` (skipped if already built there). Returns the path."""
+def build(path: str | Path, seed: int = 0, *, vision_hidden: int = 32, vision_layers: int = 2,
+          image_size: int = IMAGE_SIZE, patch: int = PATCH, max_positions: int = 512) -> Path:
+    """Write the model to ``path`` (skipped if already built there). Returns the path.
+
+    The keywords size the vision tower (heads of 16 up to hidden 32, of 64 beyond; MLP 2x up to 32, 4x
+    beyond): benchmarks/reuse.py builds one whose encoder costs something. The defaults are the tiny model."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -44,10 +48,13 @@ def build(path: str | Path, seed: int = 0) -> Path:
                                       pad_token="<pad>", additional_special_tokens=["<image>"])
     vocab_size = 256  # room to spare; tokens past the vocab are never produced by the tokenizer
 
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32)
+    small = vision_hidden <= 32
+    vision = CLIPVisionConfig(hidden_size=vision_hidden, intermediate_size=vision_hidden * (2 if small else 4),
+                              num_hidden_layers=vision_layers,
+                              num_attention_heads=vision_hidden // 16 if small else max(1, vision_hidden // 64),
+                              image_size=image_size, patch_size=patch, projection_dim=vision_hidden)
     text = LlamaConfig(hidden_size=HIDDEN, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512,
+                       num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=max_positions,
                        bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False)
     cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
                       vision_feature_layer=-2, vision_feature_select_strategy="default",
@@ -57,9 +64,9 @@ def build(path: str | Path, seed: int = 0) -> Path:
     model.save_pretrained(path, safe_serialization=True)
     _rename_vision_keys(path)
 
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH,
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=CHAT_TEMPLATE)
     return finish(path, processor, tokenizer, bos_token_id=1, eos_token_id=2, pad_token_id=3)
