@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "publisher_throughput": (["--configs", "noop,local+kafka,s3+kafka", "--requests", "256", "--rounds", "3"],
                              ["--quick"]),
     "latency": ([], ["--quick"]),
+    "reuse": ([], ["--quick"]),
 }
 
 
@@ -192,10 +193,27 @@ def section_latency(rows: list[dict], charts: list) -> str:
                         table(["profile", "to", "sink", "n", "p50", "p95", "p99", "max"], body)])
 
 
+def section_reuse(rows: list[dict], charts: list) -> str:
+    rs = by_kind(rows, "reuse")
+    if not rs:
+        return ""
+    body = [[f"reuse {r['mode']}", ", ".join(f"{x:.2f}" for x in r["rounds_per_s"]), f"{r['requests_per_s']:.2f}",
+             f"{r['ratio_on_off']:.2f}", ", ".join(map(str, r["saves"])), ", ".join(map(str, r["loads"]))] for r in rs]
+    on = next(r for r in rs if r["mode"] == "on")
+    charts.append(("reuse", "Engine throughput, every image stored: reuse_stored_embeddings off vs on",
+                   [f"reuse {r['mode']}" for r in rs], [r["ratio_on_off"] for r in rs]))
+    return "\n\n".join([
+        "### Reusing stored embeddings: engine throughput, every image already stored",
+        table(["mode", "req/s per round", "median req/s", "ratio on/off", "saves (encoder runs)", "loads"], body),
+        f"Encoder per item {on['encoder_ms_per_item']:.1f} ms (transformers, {on['encoder_threads']} threads); saving "
+        f"per hit from the throughputs {on['saving_ms_per_hit_inferred']:.1f} ms; {on['features_per_item']} features "
+        f"per image; outputs identical: {'yes' if on['outputs_identical'] else 'NO'}."])
+
+
 def render(rows: list[dict], failed: list[str], out: Path, quick: bool) -> Path:
     charts: list = []
     sections = [f(rows, charts) for f in (section_engine, section_bytes, section_s3, section_consumer,
-                                          section_latency)]
+                                          section_latency, section_reuse)]
     note = " (--quick: sizes too small to mean anything)" if quick else ""
     head = (f"## Benchmarks, {dt.date.today().isoformat()}{note}\n\n"
             f"{os.cpu_count()} CPUs; `benchmarks/run_all.py{' --quick' if quick else ''}`.")
@@ -233,7 +251,7 @@ def pngs(charts: list, out: Path) -> None:
             plt.close(fig)
             continue
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        if name in ("engine", "consumer"):
+        if name in ("engine", "consumer", "reuse"):
             ax.bar(range(len(x)), y, color="#4c72b0")
             ax.set_xticks(range(len(x)), x, rotation=30, ha="right")
             ax.axhline(1.0, color="grey", linewidth=0.8)

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -93,3 +95,16 @@ def test_latency_quick(tiny_llava, kafka, postgres, tmp_path):
     assert searchable == {(p, s) for p in ("default", "low-latency") for s in ("lancedb", "pgvector")}, rows
     md = report(tmp_path / "rows.json", tmp_path / "report")
     assert "### Latency from a request's finish" in md and (tmp_path / "report" / "latency.png").exists()
+
+
+@pytest.mark.vllm  # engines on a model of its own (no fixture marks it)
+def test_reuse_quick(tmp_path):
+    """Engines on a store that holds every image: reuse off encodes them all, reuse on loads them all."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "reuse.py"), "--quick", "--reuse-wait-ms", "5000",
+                        "--json", str(tmp_path / "rows.json")], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads((tmp_path / "rows.json").read_text())}
+    assert rows["off"]["saves"] == [9] and rows["off"]["loads"] == [0]  # 8 stored images + the warm-up
+    assert rows["on"]["saves"] == [1] and rows["on"]["loads"] == [8] and rows["on"]["outputs_identical"]
+    md = report(tmp_path / "rows.json", tmp_path / "report")
+    assert "### Reusing stored embeddings" in md and (tmp_path / "report" / "reuse.png").exists()
