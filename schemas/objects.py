@@ -262,27 +262,47 @@ def read_object(data: bytes | memoryview) -> StoredTensor:
                         f"in an object of {len(data)} bytes")
     raw = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape)
     meta = header.get("__metadata__") or {}
-    return StoredTensor(raw, dtype, dict(meta) if isinstance(meta, dict) else {}, _read_extras(header, data, body_at))
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    return StoredTensor(raw, dtype, meta, _read_extras(header, meta, data, body_at, end))
 
 
-def _read_extras(header: dict[str, Any], data: bytes | memoryview, body_at: int) -> dict[str, np.ndarray]:
-    """Every tensor besides ``embedding``, each checked like it (bounds, dtype, count) and copied."""
+def _read_extras(header: dict[str, Any], meta: dict, data: bytes | memoryview, body_at: int,
+                 embedding_end: int) -> dict[str, np.ndarray]:
+    """Every tensor besides ``embedding``, checked as the writer lays them out: named as the metadata
+    lists them, each within bounds, after the embedding and overlapping nothing; each one copied."""
     names = [k for k in header if k not in ("__metadata__", TENSOR_NAME)]
     if len(names) > MAX_EXTRAS:
         raise BadObject(f"not an embedding object: {len(names)} extra tensors, at most {MAX_EXTRAS}")
-    out = {}
-    for name in names:
+    listed = meta.get(EXTRAS_KEY)
+    if names or listed is not None:
         try:
-            spec = header[name]
+            declared = json.loads(listed) if isinstance(listed, str) else None
+        except ValueError:
+            declared = None
+        if declared != sorted(names) or not all(_EXTRA_NAME.fullmatch(n) for n in names):
+            raise BadObject(f"extra tensors {[n[:64] for n in sorted(names)]} are not those __metadata__ lists "
+                            f"({str(listed)[:200]!r}), or not valid names")
+    spans, out = [], {}
+    for name in names:
+        spec = header[name]
+        try:
+            offsets, dims = spec["data_offsets"], spec["shape"]
+            if not (isinstance(offsets, list) and len(offsets) == 2 and isinstance(dims, list)):
+                raise TypeError("data_offsets must be [begin, end] and shape a list")
             np_dtype = _EXTRA_BY_ST_NAME[spec["dtype"]]
-            begin, end = (int(x) for x in spec["data_offsets"])
-            shape = tuple(int(d) for d in spec["shape"])
+            begin, end = (int(x) for x in offsets)
+            shape = tuple(int(d) for d in dims)
         except (KeyError, ValueError, TypeError, OverflowError) as e:
-            raise BadObject(f"extra tensor {name[:64]!r}: bad or unsupported header entry ({e!r})") from None
+            raise BadObject(f"extra tensor {name!r}: bad or unsupported header entry ({e!r})") from None
         count = math.prod(shape)
-        if min(shape, default=1) < 0 or count > MAX_EXTRA_VALUES or begin < 0 \
+        if min(shape, default=1) < 0 or count > MAX_EXTRA_VALUES or begin < embedding_end \
                 or end - begin != count * np_dtype.itemsize or body_at + end > len(data):
-            raise BadObject(f"extra tensor {name[:64]!r}: bytes [{begin}, {end}) do not hold shape {list(shape)} "
-                            f"(at most {MAX_EXTRA_VALUES} values) in an object of {len(data)} bytes")
+            raise BadObject(f"extra tensor {name!r}: bytes [{begin}, {end}) do not hold shape {list(shape)} (at "
+                            f"most {MAX_EXTRA_VALUES} values) after the embedding in an object of {len(data)} bytes")
+        spans.append((begin, end, name))
         out[name] = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape).copy()
+    spans.sort()
+    for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
+        if begin < end:
+            raise BadObject(f"extra tensors {a!r} and {b!r} overlap")
     return out

@@ -12,8 +12,8 @@ An object is used only if every check passes; otherwise the answer says why and 
 - its bytes hash to the SHA-256 the store recorded when it was written;
 - it is this format, ``source=ENCODER``, this model, this ``mm_hash``, and its ``input_digest``
   equals the digest of the request's own processed input (same preprocessing, same pixels);
-- its values are exactly what this model's encoder returns: ``encoder_dtype`` is the model's
-  dtype, stored in it or in float32 (a widening, undone exactly), and the dtype the key names;
+- its values need no rounding to be the model's: ``encoder_dtype`` is the model's dtype, stored in
+  it or in float32 (a widening, undone exactly), and in the dtype the key names;
 - its shape is (the item's number of embeddings, the model's hidden size).
 """
 
@@ -25,7 +25,6 @@ import mmap
 import os
 import shutil
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -64,15 +63,20 @@ class StoredEmbeddingFetcher:
         self.reply = reply
         self.stats = FetcherStats(metrics)
         self.ring_path = ring
-        with open(ring, "wb") as f:  # tmpfs: pages are taken as regions are written
-            f.truncate(ring_size)
-        fd = os.open(ring, os.O_RDWR)
+        fd = os.open(ring, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            # Taken up front: a tmpfs that cannot hold the ring fails here, at engine start, not later
+            # with a SIGBUS in the middle of a write, or in the worker page-locking it inside a step.
+            try:
+                os.posix_fallocate(fd, 0, ring_size)
+            except OSError as e:
+                raise OSError(f"reuse_cache_bytes: cannot take {ring_size} bytes in {ring.parent.parent} for the "
+                              f"staging ring ({e.strerror}); lower reuse_cache_bytes or give /dev/shm more room") \
+                    from None
             self.ring = mmap.mmap(fd, ring_size)
         finally:
             os.close(fd)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="mm-events-fetch")
-        self._lock = threading.Lock()
 
     def submit(self, msg: Fetch) -> None:
         self._pool.submit(self._run, msg)
@@ -92,8 +96,7 @@ class StoredEmbeddingFetcher:
             self.stats.inc("fetch_errors")
             log.info("mm-events: could not fetch %s for reuse: %s: %s", msg.key, type(e).__name__, e)
             answer = Fetched(msg.mm_hash, "error", reason=f"{type(e).__name__}: {e}")
-        with self._lock:
-            self.reply(answer)
+        self.reply(answer)  # thread-safe: the sidecar's reply takes its send lock
 
     def _fetch(self, msg: Fetch) -> Fetched:
         info = self.store.head(msg.key)
@@ -112,6 +115,15 @@ class StoredEmbeddingFetcher:
         except BadObject as e:
             raise Rejected(str(e)) from None
         self._check(stored, msg)
+        if "input_digest" not in stored.metadata:
+            # This model's, written without reuse on (an older release, a replica with it off): not refused,
+            # not usable either.
+            log.info("mm-events: %s records no input digest; it is encoded again (never reused)", msg.key)
+            self.stats.inc("absent")
+            return Fetched(msg.mm_hash, "absent", reason="no input digest")
+        if stored.metadata["input_digest"] != msg.input_digest:
+            raise Rejected("its input digest differs from this request's processed input (another preprocessing, "
+                           "or not this item)")
         raw = stored.raw.reshape(-1).view("u1")
         if msg.offset < 0 or msg.offset + raw.nbytes > len(self.ring):
             raise Rejected(f"region [{msg.offset}, +{raw.nbytes}) is outside the staging ring")
@@ -122,17 +134,12 @@ class StoredEmbeddingFetcher:
 
     def _check(self, stored, msg: Fetch) -> None:
         m = stored.metadata
-        expect = {"format": FORMAT, "source": "ENCODER", "model": self.model, "mm_hash": msg.mm_hash,
-                  "input_digest": msg.input_digest}
+        expect = {"format": FORMAT, "source": "ENCODER", "model": self.model, "mm_hash": msg.mm_hash}
         for name, want in expect.items():
             if m.get(name) != want:
-                got = m.get(name)
-                raise Rejected(f"{name} is {got[:80] if isinstance(got, str) else got!r}, expected {want!r}"
-                               if name != "input_digest" else
-                               "its input digest differs from this request's processed input (another "
-                               "preprocessing, or not this item)" if got else "it records no input digest")
+                raise Rejected(f"{name} is {str(m.get(name))[:80]!r}, expected {want!r}")
         if m.get("encoder_dtype") != self.model_dtype or stored.dtype not in (self.model_dtype, "float32"):
-            raise Rejected(f"encoder_dtype {m.get('encoder_dtype')!r} stored as {stored.dtype}: not exactly "
+            raise Rejected(f"encoder_dtype {str(m.get('encoder_dtype'))[:40]!r} stored as {stored.dtype}: not exactly "
                            f"what this model's encoder ({self.model_dtype}) returns")
         if stored.dtype != self.storage_dtype:
             raise Rejected(f"stored as {stored.dtype} under a key that names {self.storage_dtype}")

@@ -19,6 +19,7 @@ waits for the sidecar to free space; ``drop`` skips the item and counts it).
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
@@ -28,7 +29,10 @@ from typing import Any, Callable
 
 import torch
 
+from publisher.sidecar.encode import torch_dtype
 from publisher.sidecar.ring import SharedRing, pin_host, ring_view
+
+log = logging.getLogger("vllm_mm_events.capture")
 
 
 class DeviceToHostCapture:
@@ -102,8 +106,6 @@ class DeviceToHostCapture:
                 self.flush_ready()
 
 
-_STORED = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 class HostToDeviceLoad:
     """Copies a fetched stored tensor from the staging ring onto the encoder cache's device, in its
@@ -121,7 +123,8 @@ class HostToDeviceLoad:
         self.ring: torch.Tensor | None = None
         self._where: tuple[str, int] | None = None
 
-    def attach(self, path: str, size: int) -> None:
+    def attach(self, path: str, size: int, device: torch.device) -> None:
+        """Map the staging ring (once per engine: the scheduler names one ring); page-lock it for a GPU."""
         if self._where == (path, size):
             return
         fd = os.open(path, os.O_RDWR)
@@ -130,14 +133,19 @@ class HostToDeviceLoad:
         finally:
             os.close(fd)
         self._where, self._pinned = (path, size), False
+        if device.type == "cuda":
+            try:
+                pin_host(self.ring)
+                self._pinned = True
+            except RuntimeError as e:  # loads still work, as synchronous copies
+                log.warning("mm-events: cannot page-lock the staging ring (%s); loads are synchronous copies", e)
 
     def load(self, offset: int, stored_dtype: str, shape: tuple[int, ...], device: torch.device,
              dtype: torch.dtype) -> torch.Tensor:
-        host = ring_view(self.ring, offset, _STORED[stored_dtype], shape)
+        host = ring_view(self.ring, offset, torch_dtype(stored_dtype), shape)
         if device.type != "cuda":
             return host.to(device=device, dtype=dtype, copy=True)
         if not self._pinned:
-            pin_host(self.ring)
-            self._pinned = True
+            return host.to(device=device, dtype=dtype, copy=True)  # synchronous: the region may be reused
         dev = host.to(device, non_blocking=True)
         return dev if dev.dtype == dtype else dev.to(dtype)

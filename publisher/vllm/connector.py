@@ -129,9 +129,9 @@ EXTRA_MAX_VALUES = 64  # grids, lengths and timings are a few values; anything l
 
 def item_extras(feature) -> dict:
     """The small tensors the processor made beside an item's media, which the model needs to use
-    its embedding again (Qwen2-VL's ``image_grid_thw``, a video's ``video_grid_thw`` and
-    ``second_per_grid_ts``), as numpy arrays: stored in the item's object and named in its event.
-    Models that need none (LLaVA) give {}."""
+    its embedding again (Qwen2-VL's ``image_grid_thw``, a video's ``video_grid_thw``; Qwen2.5-VL
+    adds ``second_per_grid_ts``), as numpy arrays: stored in the item's object and named in its
+    event. Models that need none (LLaVA) give {}."""
     import torch
 
     out = {}
@@ -140,6 +140,9 @@ def item_extras(feature) -> dict:
         if (isinstance(value, torch.Tensor) and not _MEDIA_INPUTS.fullmatch(name) and value.numel() <= EXTRA_MAX_VALUES
                 and value.dtype in (torch.int64, torch.int32, torch.float32, torch.float64, torch.bool)):
             out[name] = value.detach().cpu().numpy()
+    if len(out) > MAX_EXTRAS:
+        log.warning("mm-events: %s item has %d small inputs; only the first %d are stored as extra tensors (%s)",
+                    feature.modality, len(out), MAX_EXTRAS, ", ".join(list(out)[:MAX_EXTRAS]))
     return dict(list(out.items())[:MAX_EXTRAS])
 
 
@@ -224,7 +227,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         if isinstance(meta, PublisherMetadata) and meta.loads:
             from publisher.vllm.reuse import load_stored
 
-            self._loader.attach(*meta.ring)
+            self._loader.attach(*meta.ring, self._device)
             self.loads += load_stored(encoder_cache, meta.loads, self._device, self._dtype, self._loader)
 
     def save_caches(self, encoder_cache: dict[str, "torch.Tensor"], mm_hash: str, **kwargs) -> None:
@@ -306,11 +309,19 @@ class MMEmbeddingPublisher(ECConnectorBase):
 
     def _start_reuse(self):
         """reuse_stored_embeddings: the fetch sidecar, and the index the scheduler answers from."""
+        from publisher.config import ConfigError
         from publisher.sidecar.fetcher import private_dir
         from publisher.sidecar.messages import FetcherInit
         from publisher.sidecar.process import Sidecar
         from publisher.vllm.reuse import StoredItemIndex
 
+        pc = self._vllm_config.parallel_config
+        if pc.nnodes > 1 or pc.distributed_executor_backend not in (None, "mp", "uni"):
+            raise ConfigError(f"reuse_stored_embeddings: needs the scheduler and its workers on one host (the staging "
+                              f"ring is shared memory); this engine uses {pc.distributed_executor_backend!r} on "
+                              f"{pc.nnodes} node(s)")
+        if not self._is_consumer:
+            raise ConfigError("reuse_stored_embeddings: needs ec_role=ec_both (vLLM loads only into a consumer)")
         mc, c = self._vllm_config.model_config, self.config
         self._ring = (str(private_dir() / "ring"), c.reuse_cache_bytes)
         self._fetcher = Sidecar(FetcherInit(c.to_dict(), self.model, str(mc.dtype).removeprefix("torch."),
@@ -327,7 +338,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
                 out.append(conn.recv())
         except (EOFError, OSError):
             self._fetcher.alive = False
-            self._reuse.lost_sidecar()
+        if not self._fetcher.alive and self._reuse.store_down_until != float("inf"):
+            self._reuse.lost_sidecar()  # found here or by a failed send: release what was in flight
             log.error("mm-events: the fetch sidecar is gone; every item is encoded from now on")
         return out
 
@@ -338,7 +350,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # Called for the items vLLM will encode and for those it will load (has_cache_item said so).
         f = request.mm_features[index]
         source = classify_item(f) or CLIENT
-        digest = self._reuse.digest(f) if self._reuse is not None and source == ENCODER else None
+        digest = self._reuse.digest(request.request_id, f) if self._reuse is not None and source == ENCODER else None
         self._step_items[f.identifier] = (f.modality, source, item_extras(f), digest)
         if self._reuse is not None:
             self._allocated.append((request.request_id, index, f.identifier))
@@ -502,11 +514,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
         t = self.config.shutdown_timeout_s
         if self.role == ECConnectorRole.SCHEDULER:
             with _sigterm_deferred():
-                reuse = self._fetcher.close(min(t, 5.0)) if self._reuse is not None else None
+                if self._reuse is not None:  # first and quick: nothing of it outlives the engine
+                    log.info("mm-events reuse: %s", self._fetcher.close(min(t, 5.0)))
                 report = self.sidecar.close(t)
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
-            if reuse is not None:
-                log.info("mm-events reuse: %s", reuse)
         elif self._uploads_here:
             with _sigterm_deferred():
                 report = self.sidecar.close(t)

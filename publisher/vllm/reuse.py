@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("vllm_mm_events.reuse")
 
 PIN_S = 60.0  # a fetched tensor handed to the worker (or promised by has_cache_item) is kept this long
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 MISS_S = 5.0  # an absent object is looked up again after this long (another replica may be storing it)
 STORE_DOWN_S = 5.0  # after a failed lookup (store away, timeout), no new lookups for this long: no waits either
 REJECT_S = 300.0  # a refused object: not fetched again for this long
@@ -50,14 +49,14 @@ def input_digest(feature) -> str | None:
     for name, elem in sorted(data.items()):
         value = getattr(elem, "data", None)
         if not isinstance(value, torch.Tensor):
-            return None  # nested inputs: no digest, so never reused
-        tensors.append((name, value.detach().cpu().contiguous()))
+            return None  # nested inputs, or handles into vLLM's shm processor cache: no digest, never reused
+        tensors.append((name, value.detach().cpu().contiguous().reshape(-1)))  # 0-d fields too (reshape)
     # On the scheduler loop (once per item, only with reuse on): ~0.2 ms for a LLaVA-1.5 image's 1.4 MB
     # of pixels on one core; past 1 MiB blake3 may use more cores to keep it short.
     total = sum(t.numel() * t.element_size() for _, t in tensors)
     h = blake3.blake3(max_threads=blake3.blake3.AUTO if total >= 1 << 20 else 1)
     for name, t in tensors:
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(f"{name}|{t.dtype}|{tuple(data[name].data.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
     return "blake3:" + h.hexdigest()
 
@@ -66,6 +65,7 @@ def input_digest(feature) -> str | None:
 class Resident:
     offset: int  # in the staging ring
     shape: tuple[int, ...]
+    digest: str  # of the input it was checked against: promised only to requests with that input
     pinned_until: float = 0.0
 
 
@@ -78,46 +78,67 @@ class StoredItemIndex:
 
     def __init__(self, send, receive, *, wait_s: float, ring_size: int, hidden_size: int, storage_dtype: str):
         from publisher.sidecar.ring import SpanAllocator
+        from schemas.objects import DTYPES
 
         self.send, self.receive = send, receive
         self.wait_s = wait_s
         self.ring = SpanAllocator(ring_size)
-        self.row_bytes = hidden_size * _ITEMSIZE[storage_dtype]
+        self.row_bytes = hidden_size * DTYPES[storage_dtype][1].itemsize
         self.hidden_size, self.storage_dtype = hidden_size, storage_dtype
         self.resident: OrderedDict[str, Resident] = OrderedDict()  # in allocation order
-        self.fetching: dict[str, tuple[int, int]] = {}  # mm_hash -> (ring offset, rows)
+        self.fetching: dict[str, tuple[int, int, str]] = {}  # mm_hash -> (ring offset, rows, input digest)
         self.retry_at: dict[str, float] = {}  # mm_hash -> no lookup before (absent, refused, failed)
         self.store_down_until = 0.0
         self.local: set[str] = set()  # in vLLM's own encoder cache (allocated, not yet freed)
-        self.digests: OrderedDict[str, str | None] = OrderedDict()
+        # request id -> {mm_hash: digest of that request's own input}: never shared across requests, as a
+        # client-chosen id may name other pixels in another request
+        self._digests: dict[str, dict[str, str | None]] = {}
+        self._draining: list[tuple[float, int]] = []  # (until, ring offset): dropped, maybe still loading
         self._deadline: dict[str, float] = {}  # request id -> when it stops waiting
         self._settled: set[str] = set()  # request ids past their wait
-        self.loaded = 0
 
-    def digest(self, feature) -> str | None:
+    def digest(self, request_id: str, feature) -> str | None:
+        mine = self._digests.setdefault(request_id, {})
         h = feature.identifier
-        if h not in self.digests:
-            self.digests[h] = input_digest(feature)
-            if len(self.digests) > 65536:
-                self.digests.popitem(last=False)
-        return self.digests[h]
+        if h not in mine:
+            try:
+                mine[h] = input_digest(feature)
+            except Exception as e:  # noqa: BLE001 - an input of a shape not seen here: encode it, never crash
+                log.warning("mm-events: no input digest for %s (%s: %s); it is encoded, never reused",
+                            h, type(e).__name__, e)
+                mine[h] = None
+            if mine[h] is None and feature.data:
+                _warn_once_no_digest()
+        return mine[h]
 
     def ready(self, request, num_computed_tokens: int, key_for, encoded_items) -> bool:
         """``ensure_cache_available``: False while a new request's items are being fetched (within the wait)."""
         rid = request.request_id
-        if rid in self._settled:
+        settled = rid in self._settled
+        if settled and not self.resident:
             return True
-        self.poll()
+        if not settled:
+            self.poll()
         now = time.monotonic()
         pending = False
         for f in encoded_items(request):
             h, pos = f.identifier, f.mm_position
-            if pos.offset + pos.length <= num_computed_tokens or h in self.resident or h in self.local:
+            if pos.offset + pos.length <= num_computed_tokens or h in self.local:
+                continue
+            r = self.resident.get(h)
+            if r is not None:
+                if r.digest == self.digest(rid, f) and r.shape[0] == pos.get_num_embeds():
+                    continue
+                # Checked against another request's input under the same id: has() must not promise it to
+                # this one. Its region stays untouched while a promise to the other may still be loading.
+                del self.resident[h]
+                self._release(r, now)
+            if settled:
                 continue
             if h in self.fetching:
                 pending = True
             elif self.retry_at.get(h, 0.0) <= now and self.store_down_until <= now:
-                pending |= self._fetch(h, f, key_for(h), pos.get_num_embeds(), now)
+                pending |= self._fetch(rid, h, f, key_for(h), pos.get_num_embeds(), now)
         deadline = self._deadline.setdefault(rid, now + self.wait_s)
         if pending and now < deadline:
             return False
@@ -125,8 +146,8 @@ class StoredItemIndex:
         self._deadline.pop(rid, None)
         return True
 
-    def _fetch(self, h: str, feature, key: str, rows: int, now: float) -> bool:
-        digest = self.digest(feature)
+    def _fetch(self, rid: str, h: str, feature, key: str, rows: int, now: float) -> bool:
+        digest = self.digest(rid, feature)
         if digest is None:
             return False
         offset = self._alloc(rows * self.row_bytes, now)
@@ -137,11 +158,19 @@ class StoredItemIndex:
         if not self.send(Fetch(key, h, digest, rows, offset)):
             self.ring.free(offset)
             return False
-        self.fetching[h] = (offset, rows)
+        self.fetching[h] = (offset, rows, digest)
         return True
+
+    def _release(self, r: Resident, now: float) -> None:
+        if r.pinned_until > now:
+            self._draining.append((r.pinned_until, r.offset))
+        else:
+            self.ring.free(r.offset)
 
     def _alloc(self, nbytes: int, now: float) -> int | None:
         """A ring region, evicting the oldest resident items that are not promised while needed."""
+        if nbytes > self.ring.size:
+            return None
         while (offset := self.ring.alloc(nbytes)) is None:
             victim = next((h for h, r in self.resident.items() if r.pinned_until <= now), None)
             if victim is None:
@@ -178,23 +207,27 @@ class StoredItemIndex:
         if loads:
             from publisher.sidecar.messages import Reused
 
-            self.loaded += len(loads)
             self.send(Reused(len(loads)))
         return loads, by_request
 
     def forget(self, request_id: str) -> None:
         self._settled.discard(request_id)
         self._deadline.pop(request_id, None)
+        self._digests.pop(request_id, None)
 
     def poll(self) -> None:
         """Apply the fetch sidecar's answers (never waits)."""
         now = time.monotonic()
+        if self._draining:
+            for _, offset in (d for d in self._draining if d[0] <= now):
+                self.ring.free(offset)
+            self._draining = [d for d in self._draining if d[0] > now]
         for msg in self.receive():
-            offset, rows = self.fetching.pop(msg.mm_hash, (None, 0))
+            offset, rows, digest = self.fetching.pop(msg.mm_hash, (None, 0, ""))
             if offset is None:
                 continue
             if msg.outcome == "hit" and msg.mm_hash not in self.resident:
-                self.resident[msg.mm_hash] = Resident(offset, (rows, self.hidden_size))
+                self.resident[msg.mm_hash] = Resident(offset, (rows, self.hidden_size), digest)
             else:
                 self.ring.free(offset)
                 if msg.outcome != "hit":
@@ -206,9 +239,21 @@ class StoredItemIndex:
 
     def lost_sidecar(self) -> None:
         """The fetch sidecar is gone: nothing more will land; what is resident stays loadable."""
-        for offset, _ in self.fetching.values():
+        for offset, _, _ in self.fetching.values():
             self.ring.free(offset)
         self.fetching.clear()
+        self.store_down_until = float("inf")  # no more lookups: every item is encoded
+
+
+_warned: list[bool] = []
+
+
+def _warn_once_no_digest() -> None:
+    if not _warned:
+        _warned.append(True)
+        log.warning("mm-events: items carry inputs this publisher cannot digest (nested inputs, or vLLM's shm "
+                    "processor cache, mm_processor_cache_type=shm, which hands the scheduler handles): such "
+                    "items are encoded, never reused, and stored without their extra tensors")
 
 
 # ---- worker half --------------------------------------------------------------------------------

@@ -5,12 +5,12 @@ of one schema version; the consumer's real path reads (``open_source`` read-only
 ``read_events``, as ``vllm-mm-events events`` and ``consume`` decode). No registry here: values are
 single-object encoded (tests/backends/test_schema_registry.py has the Confluent framing).
 
-Versions: ``v1`` is the first released schema (schemas/history/v1.avsc; the current one, v2, adds a field);
+Versions: ``v1`` is the first released schema (schemas/history/v1.avsc; the current one, v2, adds two item fields);
 ``next`` (tests/unit/test_schema_compat.py: the current schema plus optional fields with defaults) stands
 for the following release, so both directions are exercised on a real difference:
 
 - backward, a newer reader: a consumer on ``next`` (which knows v1 by fingerprint) reads v1 events;
-- forward, an older reader: today's consumer, pinned to v1, reads ``next`` events where the writer schema
+- forward, an older reader: today's consumer (the current schema) reads ``next`` events where the writer schema
   travels with them (the event log's header, or a registry id); on Kafka without a registry it cannot
   (the fingerprint names a schema it has never seen) and dead-letters them as ``unknown_schema``.
 """
@@ -83,7 +83,7 @@ def test_one_topic_v1_current_and_next_writers(kafka, events):
     _publish(uri, AvroCodec(), current)  # today's publisher
     _publish(uri, AvroCodec(next_schema(), writers=[]), nxt)  # a publisher of the next version
 
-    # Today's consumer: v1 and current events (one fingerprint today); next's fingerprint is unknown to it.
+    # Today's consumer: v1 and current events (it knows v1's fingerprint); next's is unknown to it.
     got, warnings = _read(uri, EventDecoder(), event_schema())
     assert [e["request_id"] for e in got] == [e["request_id"] for e in v1 + current]
     assert all("priority" not in e for e in got)
@@ -118,7 +118,7 @@ def test_one_event_log_started_by_an_older_publisher(tmp_path, events):
 
 
 def test_one_event_log_started_by_a_newer_publisher(tmp_path, events):
-    """A log started by the next version: today's consumer, pinned to v1, reads every event through the
+    """A log started by the next version: today's consumer (the current schema) reads every event through the
     writer schema in the log's header (forward); an older publisher appending to it gets the new fields'
     defaults written for it."""
     log = tmp_path / "events.avro"
@@ -128,7 +128,7 @@ def test_one_event_log_started_by_a_newer_publisher(tmp_path, events):
     _publish(log.as_uri(), AvroCodec(V1, writers=[]), v1)
     _publish(log.as_uri(), AvroCodec(), current)
 
-    got, warnings = _read(log.as_uri(), EventDecoder(), event_schema())  # pinned to v1 (= current)
+    got, warnings = _read(log.as_uri(), EventDecoder(), event_schema())  # today's reader
     assert warnings == [] and [e["request_id"] for e in got] == [e["request_id"] for e in nxt + v1 + current]
     assert all("priority" not in e and "encoder_ms" not in e["embeddings"][0] for e in got)
     got, warnings = _read(log.as_uri(), _next_decoder(), next_schema())

@@ -70,16 +70,18 @@ def test_a_checked_object_is_fetched_into_the_staging_ring_on_tmpfs(fetch):
     assert fetch(Fetch("k/h1", "h1", DIGEST, 4, offset=4096 - 32)).outcome == "rejected"
 
 
-def test_absent_is_a_plain_miss(fetch):
+def test_absent_is_a_plain_miss_and_so_is_an_object_stored_without_a_digest(fetch):
     assert fetch(Fetch("k/none", "h1", DIGEST, 4, 0)).outcome == "absent"
-    assert fetch.fetcher.stats.absent == 1 and fetch.fetcher.stats.rejected == 0
+    # Stored by an older release or a replica with reuse off: never used, but nothing to alert on either.
+    put(fetch.store, "k/h1", torch.randn(4, 8).to(torch.bfloat16), input_digest=None)
+    assert fetch(Fetch("k/h1", "h1", DIGEST, 4, 0)) == Fetched("h1", "absent", reason="no input digest")
+    assert fetch.fetcher.stats.absent == 2 and fetch.fetcher.stats.rejected == 0
 
 
 @pytest.mark.parametrize("case, reason", [
     ("corrupted", "SHA-256"),
     ("other model", "model is"),
     ("other input", "input digest differs"),
-    ("no digest", "records no input digest"),
     ("client embeddings", "source is"),
     ("other item", "mm_hash is"),
     ("lossy dtype", "not exactly"),
@@ -90,7 +92,7 @@ def test_absent_is_a_plain_miss(fetch):
 def test_an_object_that_cannot_stand_in_for_the_encoder_is_refused_with_the_reason(fetch, case, reason):
     t = torch.randn(4, 8).to(torch.bfloat16)
     kw = {"other model": dict(model="org/other"), "other input": dict(input_digest="blake3:" + "cd" * 32),
-          "no digest": dict(input_digest=None), "client embeddings": dict(source="CLIENT"),
+          "client embeddings": dict(source="CLIENT"),
           "other item": dict(mm_hash="h2"), "lossy dtype": dict(storage_dtype="float16"),
           "float32 key": dict(storage_dtype="float32")}.get(case, {})
     if case == "other encoder dtype":  # float16 values widened to float32: exact, but not what a bf16 encoder gives
@@ -210,7 +212,7 @@ def test_load_copies_the_stored_values_out_of_the_ring_in_the_models_dtype(tmp_p
     ring = tmp_path / "ring"
     ring.write_bytes(t.view(torch.uint16).numpy().tobytes() + bytes(176) + t.float().numpy().tobytes())
     loader = HostToDeviceLoad()
-    loader.attach(str(ring), ring.stat().st_size)
+    loader.attach(str(ring), ring.stat().st_size, torch.device("cpu"))
     cache = {"old": torch.zeros(1)}
     loads = {"x": (0, "bfloat16", (5, 8)), "y": (256, "float32", (5, 8)),
              "old": (0, "bfloat16", (5, 8))}  # already cached: left alone
@@ -246,3 +248,31 @@ def test_a_failed_lookup_pauses_lookups_so_requests_stop_waiting_on_a_store_that
     assert index.ready(request("r1", feature("a")), 0, str, lambda req: req.mm_features)
     assert index.ready(request("r2", feature("b")), 0, str, lambda req: req.mm_features)  # no wait, no lookup
     assert [m.mm_hash for m in wire.sent] == ["a"] and index.ring.used == 0
+
+
+def test_an_item_resident_for_another_input_under_the_same_id_is_never_promised_to_this_request():
+    """A client-chosen id may name other pixels in another request: what is resident was checked against
+    the first request's input, so a second request with other input under that id gets its own lookup."""
+    wire = Wire()
+    index = StoredItemIndex(wire.send, wire.receive, wait_s=60, ring_size=1 << 20, hidden_size=8,
+                            storage_dtype="bfloat16")
+    mine = feature("x")
+    assert not index.ready(request("r1", mine), 0, str, lambda req: req.mm_features)
+    wire.answers = [Fetched("x", "hit")]
+    assert index.ready(request("r1", mine), 0, str, lambda req: req.mm_features) and "x" in index.resident
+    other = feature("x")
+    other.data = {"pixel_values": SimpleNamespace(data=torch.zeros(2, 3))}  # same id, other pixels
+    assert not index.ready(request("r2", other), 0, str, lambda req: req.mm_features)  # looked up for its own input
+    assert "x" not in index.resident and wire.sent[-1].input_digest != wire.sent[0].input_digest
+    # While a promise to that input stands, a request with other input under the id is not promised it
+    # (its own lookup follows), and the promised region is left alone until the promise has run out.
+    wire.answers = [Fetched("x", "hit")]
+    index.poll()
+    assert index.has("x")
+    promised = index.resident["x"].offset
+    assert not index.ready(request("r3", feature("x")), 0, str, lambda req: req.mm_features)
+    assert not index.has("x") and wire.sent[-1].offset != promised and index._draining[0][1] == promised
+    # Scalar (0-d) inputs, as vLLM gives batched per-item fields (Qwen2.5-VL's second_per_grid_ts), digest fine.
+    scalar = feature("s")
+    scalar.data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(0.5))
+    assert index.digest("r4", scalar).startswith("blake3:")

@@ -1,7 +1,7 @@
 """Schema evolution as a test: the current event schema is FULL-compatible with every released version
 (``schemas/history/``), and a breaking change is rejected with a message naming the field.
 
-Two versions have been released (v1; v2, the current schema, which added ``extra_tensors``); the checks
+Two versions have been released (v1; v2, the current schema, which added ``extra_tensors`` and ``reused``); the checks
 are also run on ``next_schema()``: the current schema plus optional fields with defaults, the kind of change the
 README allows; the mixed-version tests (tests/backends/test_schema_versions.py, test_schema_registry.py)
 write and read events of both through the real sinks, sources and decoder.
