@@ -338,7 +338,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
                 out.append(conn.recv())
         except (EOFError, OSError):
             self._fetcher.alive = False
-        if not self._fetcher.alive and self._reuse.store_down_until != float("inf"):
+        if not self._fetcher.alive and not self._reuse.lost:
             self._reuse.lost_sidecar()  # found here or by a failed send: release what was in flight
             log.error("mm-events: the fetch sidecar is gone; every item is encoded from now on")
         return out

@@ -89,6 +89,7 @@ class StoredItemIndex:
         self.fetching: dict[str, tuple[int, int, str]] = {}  # mm_hash -> (ring offset, rows, input digest)
         self.retry_at: dict[str, float] = {}  # mm_hash -> no lookup before (absent, refused, failed)
         self.store_down_until = 0.0
+        self.lost = False  # the fetch sidecar is gone: no more lookups
         self.local: set[str] = set()  # in vLLM's own encoder cache (allocated, not yet freed)
         # request id -> {mm_hash: digest of that request's own input}: never shared across requests, as a
         # client-chosen id may name other pixels in another request
@@ -96,6 +97,7 @@ class StoredItemIndex:
         self._draining: list[tuple[float, int]] = []  # (until, ring offset): dropped, maybe still loading
         self._deadline: dict[str, float] = {}  # request id -> when it stops waiting
         self._settled: set[str] = set()  # request ids past their wait
+        self._items: dict[str, list] = {}  # request id -> its items the encoder would run on (fixed per request)
 
     def digest(self, request_id: str, feature) -> str | None:
         mine = self._digests.setdefault(request_id, {})
@@ -121,7 +123,10 @@ class StoredItemIndex:
             self.poll()
         now = time.monotonic()
         pending = False
-        for f in encoded_items(request):
+        items = self._items.get(rid)
+        if items is None:  # once per request, not on every step it runs
+            items = self._items[rid] = encoded_items(request)
+        for f in items:
             h, pos = f.identifier, f.mm_position
             if pos.offset + pos.length <= num_computed_tokens or h in self.local:
                 continue
@@ -137,7 +142,7 @@ class StoredItemIndex:
                 continue
             if h in self.fetching:
                 pending = True
-            elif self.retry_at.get(h, 0.0) <= now and self.store_down_until <= now:
+            elif not self.lost and self.retry_at.get(h, 0.0) <= now and self.store_down_until <= now:
                 pending |= self._fetch(rid, h, f, key_for(h), pos.get_num_embeds(), now)
         deadline = self._deadline.setdefault(rid, now + self.wait_s)
         if pending and now < deadline:
@@ -212,6 +217,7 @@ class StoredItemIndex:
 
     def forget(self, request_id: str) -> None:
         self._settled.discard(request_id)
+        self._items.pop(request_id, None)
         self._deadline.pop(request_id, None)
         self._digests.pop(request_id, None)
 
@@ -242,7 +248,7 @@ class StoredItemIndex:
         for offset, _, _ in self.fetching.values():
             self.ring.free(offset)
         self.fetching.clear()
-        self.store_down_until = float("inf")  # no more lookups: every item is encoded
+        self.lost = True  # no more lookups: every item is encoded
 
 
 _warned: list[bool] = []
