@@ -37,8 +37,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "s3_client": ([], ["--objects", "40"]),
     "publisher_bytes": ([], ["--quick"]),
     "consumer_throughput": ([], ["--quick"]),
-    "publisher_throughput": (["--configs", "noop,local+kafka,s3+kafka", "--requests", "256", "--rounds", "3"],
-                             ["--quick"]),
+    "publisher_throughput": (["--configs", "noop,local+kafka,s3+kafka", "--layouts", "shared,split",
+                              "--requests", "256", "--rounds", "3"], ["--quick"]),
     "latency": ([], ["--quick"]),
     "reuse": ([], ["--quick"]),
 }
@@ -112,8 +112,11 @@ def section_engine(rows: list[dict], charts: list) -> str:
     with_noop = [r for r in rs if r.get("vs_noop") is not None]
     charts.append(("engine", "Engine throughput vs the no-op connector", [r["config"] for r in with_noop],
                    [r["vs_noop"] for r in with_noop]))
+    split = ("(split): the engine on every CPU but the last, the sidecars (`sidecar_cpus`) and the servers on the "
+             "last one, as on a GPU host; each ratio is against the no-op connector of the same layout.")
     return "\n\n".join([
         "### Engine throughput with the publisher (tiny LLaVA, one image per request)",
+        *([split] if any(r["config"].endswith(" (split)") for r in rs) else []),
         table(["configuration", "req/s (median)", "vs no connector", "vs no-op", "spread vs no-op (per pass)",
                "sidecar CPU µs/request: scheduler / worker", "sidecar peak RSS MB: scheduler / worker"], body),
         mermaid_bars("Engine throughput, ratio to the no-op connector", [r["config"] for r in with_noop],

@@ -128,7 +128,7 @@ class Indexer:
             while not self._stop.is_set():
                 self.metrics.beat()
                 self._reap()
-                caught_up = self.source.caught_up()
+                caught_up = once and self.source.caught_up()
                 if self._batch and (self._batch_closed() or (once and caught_up)):
                     self._dispatch()
                     continue

@@ -18,6 +18,7 @@ from publisher.settings import (
     Settings,
     as_bind_host,
     as_bool,
+    as_cpu_list,
     as_dict,
     as_event_uri,
     as_http_url,
@@ -120,6 +121,11 @@ class PublisherConfig(Settings):
         lambda: 0, as_port,
         "Prometheus /metrics of the publisher's sidecars on this host, summed (0: off). The first sidecar "
         "to bind it serves every sidecar's metrics.")
+    sidecar_cpus: str | None = setting(
+        lambda: None, as_cpu_list,
+        "CPUs the publisher's sidecars run on, as a list such as 2-3,8 (empty: every CPU the pod may use). On a "
+        "GPU host, cores the engine's own threads leave free, so serialization, hashing and uploads never "
+        "take a core from vLLM's loops.")
     metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the publisher's metrics server binds.")
     reuse_stored_embeddings: bool = setting(
         lambda: False, as_bool,

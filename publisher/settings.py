@@ -245,6 +245,37 @@ def as_bind_host(v: Any, key: str) -> str:
     return v
 
 
+MAX_CPU = 1 << 14  # past any host's CPU numbering: a typo, not a CPU
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """``"0-3,8"`` (the kernel's cpuset list format) as a set of CPU numbers; ValueError if malformed."""
+    cpus: set[int] = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d{1,5})(?:\s*-\s*(\d{1,5}))?\s*", part)
+        if m is None:
+            raise ValueError(f"{part.strip()!r} is not a CPU number or range")
+        lo, hi = int(m[1]), int(m[2] or m[1])
+        if lo > hi or hi >= MAX_CPU:
+            raise ValueError(f"{part.strip()!r} is not a range of CPU numbers below {MAX_CPU}")
+        cpus.update(range(lo, hi + 1))
+    return cpus
+
+
+def as_cpu_list(v: Any, key: str) -> str | None:
+    """A CPU list such as ``2-3,8`` (empty: none given)."""
+    if v in (None, ""):
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    v = as_str(v, key)
+    try:
+        parse_cpu_list(v)
+    except ValueError as e:
+        raise ConfigError(f"{key}: expected a CPU list such as 2-3,8; {e}") from None
+    return v
+
+
 def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
     """A parser for one of ``options``."""
     def parse(v: Any, key: str) -> str:

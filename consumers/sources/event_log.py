@@ -248,7 +248,14 @@ class AvroLogSource(EventSource):
             os.close(fd)
 
     def caught_up(self) -> bool:
-        return self.at_end and not self._pending
+        if self._pending:
+            return False
+        if self.at_end:
+            return True
+        try:  # everything read up to the file's end: no need for another (empty) read to say so
+            return self.sync is not None and os.stat(self.path).st_size <= self.offset
+        except OSError:
+            return False
 
     def lag(self) -> int | None:
         """Records not yet handed out: those pending plus the counts in the headers of the complete

@@ -310,23 +310,35 @@ def _fetcher_main(conn: Connection, init: FetcherInit, engine_pid: int) -> None:
         fetcher.close()  # the engine is gone: nobody will load what is fetched
 
 
-def _run_on_every_cpu(role: str) -> None:
-    """Undo a CPU pinning inherited from the engine process that started this sidecar.
+def _place_on_cpus(role: str, cpu_list: str | None) -> None:
+    """Run on ``sidecar_cpus``, or else undo a CPU pinning inherited from the engine process.
 
     vLLM's CPU worker binds itself to its cores (``VLLM_CPU_OMP_THREADS_BIND``) and, between steps,
     spins on them (``sched_yield``) waiting for work; a child inherits the binding. The worker
     sidecar, started from that worker, then shared one busy core with it and got no CPU time under a
     steady load: objects were stored 12-30 s late, and some events went out with ``missing_embeddings``
-    after ``durability_timeout_s`` (benchmarks/latency.py). The sidecar may run on every CPU this
-    process is allowed (the kernel intersects the mask with the pod's cpuset)."""
+    after ``durability_timeout_s`` (benchmarks/latency.py). Without ``sidecar_cpus`` the sidecar may run
+    on every CPU this process is allowed (the kernel intersects the mask with the pod's cpuset)."""
+    from publisher.settings import parse_cpu_list
+
     try:
         before = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, range(os.cpu_count() or 1))
-        after = os.sched_getaffinity(0)
-    except (AttributeError, OSError) as e:  # not Linux, or a cpuset that refuses: keep what we have
+    except (AttributeError, OSError) as e:  # not Linux: keep what we have
         log.debug("mm-events %s sidecar: CPU affinity left as is (%s)", role, e)
         return
-    if after != before:
+    wanted = parse_cpu_list(cpu_list) if cpu_list else None
+    try:
+        os.sched_setaffinity(0, wanted if wanted else range(os.cpu_count() or 1))
+    except OSError as e:
+        if wanted is None:
+            log.debug("mm-events %s sidecar: CPU affinity left as is (%s)", role, e)
+            return
+        # None of the listed CPUs is in the pod's cpuset: say so, and do not starve (see above).
+        log.warning("mm-events %s sidecar: sidecar_cpus %s cannot be used here (%s); running on every allowed CPU",
+                    role, cpu_list, e.strerror or e)
+        return _place_on_cpus(role, None)
+    after = os.sched_getaffinity(0)
+    if after != before or wanted:
         log.info("mm-events %s sidecar: CPU affinity %s inherited from the engine; now %s", role,
                  _cpus(before), _cpus(after))
 
@@ -347,9 +359,9 @@ def main(argv: list[str]) -> int:
     if os.fork() > 0:  # detach: the launcher exits, the sidecar is reparented away from vLLM
         os._exit(0)
     os.setsid()
-    _run_on_every_cpu(role)
     conn = Connection(fd)
     init = conn.recv()
+    _place_on_cpus(role, init.config.get("sidecar_cpus"))
     try:
         {"worker": _worker_main, "scheduler": _scheduler_main, "fetcher": _fetcher_main}[role](conn, init, engine_pid)
     except Exception as e:  # noqa: BLE001 - tell the engine, then die loudly

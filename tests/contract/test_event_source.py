@@ -95,3 +95,18 @@ def test_caught_up_only_once_everything_is_read(stream):
         assert not source.caught_up()
         rest = drain(source)
         assert len(first) + len(rest) == 5 and source.caught_up()
+
+
+def test_caught_up_as_the_last_record_is_handed_out(stream):
+    """No wait for an empty read after the last record: ``--once`` ends as soon as what existed is out."""
+    uri, open_ = stream
+    publish(uri, [event(i) for i in range(5)])
+    with open_("g4") as source:
+        got, deadline = [], time.monotonic() + 60
+        while len(got) < 5 and time.monotonic() < deadline:
+            got += source.poll(5 - len(got), 0.5)
+            if len(got) < 5:
+                assert not source.caught_up()
+        assert request_ids(got) == [f"req-{i}" for i in range(5)]
+        assert source.caught_up()
+

@@ -175,8 +175,14 @@ def test_durable_before_return_holds_each_response_until_its_request_is_spooled(
 def replayed_by_a_second_engine(tiny_llava, config, tmp_path, kafka, topic, returned) -> str:
     """After the pod was killed: a new engine on the same spool_dir replays, and every returned request has
     exactly its event (an object not stored by the kill is listed missing, never named). Its log."""
-    second = OpenAIServer(tiny_llava, config, tmp_path / "second").wait_ready()
+    # The second engine also places its sidecars on a CPU of their own (sidecar_cpus), as on a GPU host.
+    cpu = max(os.sched_getaffinity(0))
+    tag = uuid.uuid4().hex
+    second = OpenAIServer(tiny_llava, {**config, "sidecar_cpus": str(cpu)}, tmp_path / "second",
+                          env={TAG: tag}).wait_ready()
     try:
+        assert {p.info["cmdline"][-2]: set(p.cpu_affinity()) for p in sidecars(tag)} == {
+            "worker": {cpu}, "scheduler": {cpu}}
         summary(kafka, topic, returned, allow_missing=True)
     finally:
         log = second.stop()

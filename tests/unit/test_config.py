@@ -53,6 +53,10 @@ def test_env_dict_is_json():
     ("kafka", {"acks": [1]}, "kafka.acks: expected a string, number or boolean"),
     ("s3_endpoint_url", "minio:9000", "s3_endpoint_url: expected an http(s):// URL"),
     ("no_such_key", 1, "no_such_key: unknown key"),
+    ("sidecar_cpus", "2-", "sidecar_cpus: expected a CPU list such as 2-3,8; '2-' is not a CPU number or range"),
+    ("sidecar_cpus", "3-1", "sidecar_cpus: expected a CPU list such as 2-3,8; '3-1' is not a range"),
+    ("sidecar_cpus", "0-99999", "sidecar_cpus: expected a CPU list"),
+    ("sidecar_cpus", "all", "sidecar_cpus: expected a CPU list"),
 ])
 def test_errors_name_the_key_and_expectation(key, value, needle):
     with pytest.raises(ConfigError) as e:
@@ -145,3 +149,11 @@ def test_resolved_config_is_concrete_everywhere_it_travels():
     assert worker.to_dict() == dict(c.to_dict(), storage_dtype="bfloat16")  # nothing else changes
     explicit = load({"storage_dtype": "float16"})
     assert explicit.resolved(torch.bfloat16) is explicit
+
+
+@pytest.mark.parametrize("text,cpus", [("3", {3}), ("0-2,8", {0, 1, 2, 8}), (" 4 - 5 , 7", {4, 5, 7})])
+def test_sidecar_cpus_is_a_kernel_cpu_list(text, cpus):
+    from publisher.settings import parse_cpu_list
+
+    assert load({"sidecar_cpus": text}).sidecar_cpus == text and parse_cpu_list(text) == cpus
+    assert load({"sidecar_cpus": 5}).sidecar_cpus == "5" and load({"sidecar_cpus": ""}).sidecar_cpus is None

@@ -202,6 +202,9 @@ publisher.config.KEYS; unset optional ones are left out so the publisher's own d
       "spool_dir" (include "vmme.spool.dir" .)
       "max_spool_bytes" (int64 $p.spool.maxBytes)
       "metrics_port" (int64 $p.metricsPort) }}
+{{- with $p.sidecarCpus }}
+{{- $_ := set $extra "sidecar_cpus" . }}
+{{- end }}
 {{- with .Values.objectStore.endpointUrl }}
 {{- $_ := set $extra "s3_endpoint_url" . }}
 {{- end }}
