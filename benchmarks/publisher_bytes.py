@@ -11,7 +11,7 @@ directory:
   sidecar->S3      the real worker sidecar process (``publisher.sidecar.process``, as vLLM starts it), fed as
                    the engine feeds it: a memfd ring (``SharedRing``) it maps, one memcpy per item
                    into the ring (``DeviceToHostCapture`` on CPU), an ``ItemCaptured`` message, the
-                   region reused when the sidecar says ``RegionFreed``. It serializes (safetensors),
+                   region reused when the sidecar says ``RegionsFreed``. It serializes (safetensors),
                    hashes (SHA-256) and PUTs (``S3LeanClient``, If-None-Match, checksum header).
   boto3            ``put_object`` from a thread pool of the same size, the same bytes and headers
                    (the SHA-256 for ``ChecksumSHA256`` computed per object, as any checksummed upload must).
@@ -115,7 +115,7 @@ class SidecarFeeder:
         import psutil
 
         from publisher.config import PublisherConfig
-        from publisher.sidecar.messages import WorkerInit
+        from publisher.sidecar.messages import ItemsCaptured, WorkerInit
         from publisher.sidecar.process import Sidecar
         from publisher.sidecar.ring import SharedRing
         from publisher.vllm.capture import DeviceToHostCapture
@@ -131,18 +131,19 @@ class SidecarFeeder:
         self.ring = SharedRing(config.max_inflight_bytes)
         self.sidecar = Sidecar(WorkerInit(config.to_dict(), MODEL, self.ring.fd, self.ring.size),
                                pass_fds=(self.ring.fd,))
-        self.capture = DeviceToHostCapture(self.ring, self.sidecar.send)
+        self.capture = DeviceToHostCapture(self.ring, lambda item: self.sidecar.send(ItemsCaptured((item,))))
         self.proc = psutil.Process(self.sidecar.pid)
         self.sent = self.freed = 0
         self.object_bytes = len(kind.encode(kind.tensors[0], self.storage_dtype).data)
         self.measure(2, "warmup")  # connections, imports, first directories
 
     def _apply(self, msg) -> None:
-        from publisher.sidecar.messages import RegionFreed
+        from publisher.sidecar.messages import RegionsFreed
 
-        if isinstance(msg, RegionFreed):
-            self.ring.allocator.free(msg.offset)
-            self.freed += 1
+        if isinstance(msg, RegionsFreed):
+            for offset in msg.offsets:
+                self.ring.allocator.free(offset)
+            self.freed += len(msg.offsets)
 
     def _feed(self, sub: str) -> None:
         from publisher.sidecar.messages import ItemCaptured

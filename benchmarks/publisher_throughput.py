@@ -18,11 +18,9 @@ Prints requests/s and the ratios against no connector and against the no-op conn
 the spread: each pass's median against the same pass's no-op), CPU per request by process and,
 for configurations with a spool, the window between a request's finish and its spool record
 being fsynced (the publisher's ``spool_lag_seconds`` histogram, scraped from its /metrics).
-``--layouts shared,split``: ``shared`` lets every process run on every CPU (the sidecars' CPU comes out of
-the engine's cores); ``split`` runs each configuration again with the engine on every CPU but the last
-and the sidecars (``sidecar_cpus``) and the servers this benchmark started on the last one: a GPU
-host's layout, where the sidecars have cores the engine's threads do not use. Ratios are against the
-no-op connector of the same layout.
+The publisher runs as ``timed_connector.TimedPublisher``, which clocks every hook vLLM calls: the
+time the connector takes on vLLM's own threads (the scheduler loop, the model step) per request,
+the part of its cost that no spare core can take away.
 ``--quick``: no-op and local+kafka, 32 requests, one round, one pass (proves it runs).
 ``--json PATH``: the rows as a JSON list of dicts (``"kind": "engine"``).
 """
@@ -48,11 +46,6 @@ def worker(spec: dict) -> None:
     """In the subprocess: one engine, warm-up + timed rounds; prints JSON."""
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    if spec.get("engine_cpus"):  # every engine process inherits it; vLLM binds its OpenMP threads there
-        from publisher.settings import parse_cpu_list
-
-        os.sched_setaffinity(0, parse_cpu_list(spec["engine_cpus"]))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec["engine_cpus"]
     from vllm import LLM, SamplingParams
     from vllm.config import ECTransferConfig
 
@@ -63,8 +56,8 @@ def worker(spec: dict) -> None:
         ec = ECTransferConfig(ec_connector="NoopConnector", ec_role="ec_both",
                               ec_connector_module_path="noop_connector")
     elif spec["connector"] == "publisher":
-        ec = ECTransferConfig(ec_connector="MMEmbeddingPublisher", ec_role="ec_both",
-                              ec_connector_extra_config=spec["extra"])
+        ec = ECTransferConfig(ec_connector="TimedPublisher", ec_role="ec_both",
+                              ec_connector_module_path="timed_connector", ec_connector_extra_config=spec["extra"])
     llm = LLM(model=spec["model"], ec_transfer_config=ec, max_model_len=256, enforce_eager=True,
               limit_mm_per_prompt={"image": 1}, seed=0)
     sp = SamplingParams(max_tokens=8, ignore_eos=True)
@@ -171,18 +164,25 @@ def processes() -> list[tuple[str, object]]:
     return out
 
 
-def place(server, cpus: str) -> None:
-    """Move a server this benchmark started (every thread of it) onto ``cpus``."""
-    proc = getattr(server, "proc", None)
-    if proc is not None and proc.poll() is None:
-        subprocess.run(["taskset", "-a", "-cp", cpus, str(proc.pid)], check=True, capture_output=True)
+def hook_times(directory: str, requests: int) -> dict[str, dict[str, float]]:
+    """What timed_connector wrote: per role, µs per request inside the connector's hooks (wall, CPU)."""
+    out: dict[str, dict[str, float]] = {}
+    for f in Path(directory).glob("*.json"):
+        d = json.loads(f.read_text())
+        role = out.setdefault(d["role"], {"wall_us": 0.0, "cpu_us": 0.0})
+        for h in d["hooks"].values():
+            role["wall_us"] += h["wall_s"] / requests * 1e6
+            role["cpu_us"] += h["cpu_s"] / requests * 1e6
+    return out
 
 
-def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str, float], dict | None, dict]:
+def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str, float], dict | None, dict, dict]:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
+    hooks_dir = tempfile.mkdtemp(prefix="mm-hooks-")
     p = subprocess.run([sys.executable, __file__, "--worker", f.name], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONPATH=str(HERE), **env), timeout=1200)
+                       env=dict(os.environ, PYTHONPATH=str(HERE), MM_EVENTS_HOOK_TIMES=hooks_dir, **env),
+                       timeout=1200)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode != 0 or line is None:
         sys.exit(f"{name} failed ({p.returncode}):\n{p.stderr[-4000:]}")
@@ -194,7 +194,12 @@ def run_config(name: str, spec: dict, env: dict) -> tuple[list[float], dict[str,
         lag = result["spool_lag"]
         print(f"      spool lag (finish -> fsynced): mean {lag['mean_ms']:.2f} ms, p50 <= {lag['p50_le_ms']:g} ms, "
               f"p99 <= {lag['p99_le_ms']:g} ms over {lag['n']:.0f} requests")
-    return result["rps"], result["cpu_us_per_request"], result.get("spool_lag"), result.get("peak_rss_mb") or {}
+    hooks = hook_times(hooks_dir, spec["requests"] * (spec["rounds"] + 1))  # the warm-up round is clocked too
+    if hooks:
+        print("      on vLLM's threads, inside the connector: " + ", ".join(
+            f"{role} {t['wall_us']:.0f} µs/request (CPU {t['cpu_us']:.0f})" for role, t in sorted(hooks.items())))
+    return (result["rps"], result["cpu_us_per_request"], result.get("spool_lag"), result.get("peak_rss_mb") or {},
+            hooks)
 
 
 def main() -> None:
@@ -203,7 +208,6 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--configs", default="none,noop,local+kafka,s3+kafka")
-    ap.add_argument("--layouts", default="shared", help="shared, split or both (shared,split): see above")
     ap.add_argument("--repeat", type=int, default=2,
                     help="passes over the configurations (alternating order), to average out drift")
     ap.add_argument("--quick", action="store_true", help="noop,local+kafka; 32 requests, 1 round, 1 pass")
@@ -222,42 +226,29 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="mm-bench-"))
     model = args.model or str(tiny_llava.build(Path.home() / ".cache" / "vllm-mm-events" / "models" / "tiny-llava"))
-    base_configs = args.configs.split(",")
-    layouts = args.layouts.split(",")
-    all_cpus = sorted(os.sched_getaffinity(0))
-    if "split" in layouts and len(all_cpus) < 2:
-        sys.exit("--layouts split needs at least 2 CPUs")
-    engine_cpus = f"{all_cpus[0]}-{all_cpus[-2]}" if len(all_cpus) > 2 else str(all_cpus[0])
-    side_cpus = str(all_cpus[-1])
-    configs = [c if layout == "shared" else f"{c} (split)" for layout in layouts for c in base_configs]
+    configs = args.configs.split(",")
     started = None
     if args.bootstrap:
         kafka = services.RunningKafka(args.bootstrap)
-    elif any("kafka" in c for c in base_configs):
+    elif any("kafka" in c for c in configs):
         kafka = started = services.KafkaBroker().start()
     else:
         kafka = None
-    minio = services.MinioServer().start() if any("s3" in c for c in base_configs) else None
+    minio = services.MinioServer().start() if any("s3" in c for c in configs) else None
     print(f"servers: {kafka.name if kafka else '-'} / {minio.name if minio else '-'}")
     print(f"{args.requests} requests x {args.rounds} rounds per configuration, 1 distinct image each, "
           f"8 output tokens, {os.cpu_count()} CPUs")
-    if "split" in layouts:
-        print(f"split layout: engine on CPUs {engine_cpus}; sidecars and the servers started here on CPU {side_cpus}"
-              + ("" if started or minio else " (Kafka given by --bootstrap: left where it runs)"))
     results: dict[str, list[float]] = {}
     per_pass: dict[tuple[int, str], float] = {}  # (pass, configuration) -> median req/s
     lags: dict[str, dict] = {}
     peak: dict[str, dict[str, float]] = {}  # configuration -> role -> peak RSS MB
     cpu: dict[str, list[dict]] = {}
+    hook_us: dict[str, dict[str, list[float]]] = {}  # configuration -> role -> µs/request on vLLM's threads
     order = [(p, c) for p in range(args.repeat) for c in (configs if p % 2 == 0 else configs[::-1])]
     try:
-        for i, (pass_no, label) in enumerate(order):
-            name, split = label.removesuffix(" (split)"), label.endswith(" (split)")
-            for server in (started, minio):
-                place(server, side_cpus if split else ",".join(map(str, all_cpus)))
+        for i, (pass_no, name) in enumerate(order):
             spec = {"model": model, "requests": args.requests, "rounds": args.rounds, "seed_base": i * 10**6,
-                    "connector": {"none": None, "noop": "noop"}.get(name, "publisher"),
-                    "engine_cpus": engine_cpus if split else None}
+                    "connector": {"none": None, "noop": "noop"}.get(name, "publisher")}
             env = {}
             topic = f"bench-{uuid.uuid4().hex[:6]}"
             if name in ("local+kafka", "local+kafka-nospool", "local+kafka-durable"):
@@ -274,10 +265,9 @@ def main() -> None:
             elif name == "local+file":
                 spec["extra"] = {"object_store": (work / "objects2").as_uri(),
                                  "event_sink": (work / "events.avro").as_uri()}
-            if split and "extra" in spec:
-                spec["extra"]["sidecar_cpus"] = side_cpus
-            rps, cpu_us, lag, rss = run_config(label, spec, env)
-            name = label
+            rps, cpu_us, lag, rss, hooks = run_config(name, spec, env)
+            for role, t in hooks.items():
+                hook_us.setdefault(name, {}).setdefault(role, []).append(t["wall_us"])
             roles_peak = peak.setdefault(name, {})
             for role, mb in rss.items():
                 roles_peak[role] = max(roles_peak.get(role, 0.0), mb)
@@ -298,15 +288,15 @@ def main() -> None:
     print("configuration    req/s   vs none   vs noop   spread vs noop")
     rows = []
     for k, v in med.items():
-        none, noop = ("none (split)", "noop (split)") if k.endswith(" (split)") else ("none", "noop")
-        vs_none = v / med[none] if none in med else float("nan")
-        vs_noop = v / med[noop] if noop in med else float("nan")
-        spread = [per_pass[(p, k)] / per_pass[(p, noop)] for p in range(args.repeat) if (p, noop) in per_pass]
+        vs_none = v / med["none"] if "none" in med else float("nan")
+        vs_noop = v / med["noop"] if "noop" in med else float("nan")
+        spread = [per_pass[(p, k)] / per_pass[(p, "noop")] for p in range(args.repeat) if (p, "noop") in per_pass]
         spread_txt = f"{min(spread):.3f}-{max(spread):.3f}" if spread else "-"
         print(f"{k:14s} {v:7.1f}   {vs_none:7.3f}   {vs_noop:7.3f}   {spread_txt}")
         rows.append({"kind": "engine", "config": k, "requests_per_s": v, "rounds_per_s": results[k],
-                     "vs_none": vs_none if none in med else None, "vs_noop": vs_noop if noop in med else None,
+                     "vs_none": vs_none if "none" in med else None, "vs_noop": vs_noop if "noop" in med else None,
                      "vs_noop_per_pass": spread, "spool_lag": lags.get(k), "peak_rss_mb": peak.get(k, {}),
+                     "hook_us_per_request": {role: statistics.mean(v) for role, v in hook_us.get(k, {}).items()},
                      "cpu_us_per_request": {r: statistics.mean(run.get(r, 0.0) for run in cpu[k])
                                             for r in {r for run in cpu[k] for r in run}}})
     # CPU per request by process (mean over passes): noise-free attribution of the cost.

@@ -37,8 +37,8 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "s3_client": ([], ["--objects", "40"]),
     "publisher_bytes": ([], ["--quick"]),
     "consumer_throughput": ([], ["--quick"]),
-    "publisher_throughput": (["--configs", "noop,local+kafka,s3+kafka", "--layouts", "shared,split",
-                              "--requests", "256", "--rounds", "3"], ["--quick"]),
+    "publisher_throughput": (["--configs", "noop,local+kafka,s3+kafka", "--requests", "256", "--rounds", "3"],
+                             ["--quick"]),
     "latency": ([], ["--quick"]),
     "reuse": ([], ["--quick"]),
 }
@@ -105,20 +105,20 @@ def section_engine(rows: list[dict], charts: list) -> str:
         cpu = r.get("cpu_us_per_request") or {}
         side = {k.split(": ")[1]: v for k, v in cpu.items() if k.startswith("sidecar")}
         rss = {k.split(": ")[1]: v for k, v in (r.get("peak_rss_mb") or {}).items() if k.startswith("sidecar")}
+        hooks = r.get("hook_us_per_request") or {}
         body.append([r["config"], f"{r['requests_per_s']:.1f}", ratio(r, "vs_none"), ratio(r, "vs_noop"),
                      f"{min(spread):.3f}-{max(spread):.3f}" if spread else "-",
                      " / ".join(f"{side.get(k, 0):.0f}" for k in ("scheduler", "worker")) if side else "-",
-                     " / ".join(f"{rss.get(k, 0):.0f}" for k in ("scheduler", "worker")) if rss else "-"])
+                     " / ".join(f"{rss.get(k, 0):.0f}" for k in ("scheduler", "worker")) if rss else "-",
+                     " / ".join(f"{hooks.get(k, 0):.0f}" for k in ("scheduler", "worker")) if hooks else "-"])
     with_noop = [r for r in rs if r.get("vs_noop") is not None]
     charts.append(("engine", "Engine throughput vs the no-op connector", [r["config"] for r in with_noop],
                    [r["vs_noop"] for r in with_noop]))
-    split = ("(split): the engine on every CPU but the last, the sidecars (`sidecar_cpus`) and the servers on the "
-             "last one, as on a GPU host; each ratio is against the no-op connector of the same layout.")
     return "\n\n".join([
         "### Engine throughput with the publisher (tiny LLaVA, one image per request)",
-        *([split] if any(r["config"].endswith(" (split)") for r in rs) else []),
         table(["configuration", "req/s (median)", "vs no connector", "vs no-op", "spread vs no-op (per pass)",
-               "sidecar CPU µs/request: scheduler / worker", "sidecar peak RSS MB: scheduler / worker"], body),
+               "sidecar CPU µs/request: scheduler / worker", "sidecar peak RSS MB: scheduler / worker",
+               "µs/request on vLLM's threads: scheduler loop / model step"], body),
         mermaid_bars("Engine throughput, ratio to the no-op connector", [r["config"] for r in with_noop],
                      [r["vs_noop"] for r in with_noop], "ratio")])
 

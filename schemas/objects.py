@@ -17,6 +17,7 @@ publisher's torch side and the torch-free consumer share the layout and its chec
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -61,6 +62,7 @@ class BadObject(ValueError):
 
 # ---- keys ---------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)  # on vLLM's loops for every new item's key: a regex and a hash each time
 def model_slug(model: str) -> str:
     """A readable, collision-safe path segment for a model name or path.
 

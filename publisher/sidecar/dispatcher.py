@@ -78,6 +78,7 @@ class EventDispatcher:
         self._on_spooled = on_spooled  # told the running count of engine requests whose spool write is settled
         self._spool_settled = 0  # engine requests synced into the spool (or that failed to be)
         self._spool_pending = 0
+        self._gauges: tuple[int, int] | None = None  # what the metrics gauges were last set to
 
     @property
     def in_flight(self) -> int:
@@ -127,9 +128,11 @@ class EventDispatcher:
         resent = self.sink.resends - self.stats.resent
         if resent:
             self.stats.inc("resent", resent)
-        if self.metrics is not None:
-            self.metrics.in_flight.set(self.in_flight)
-            self.metrics.spool_bytes.set(self.outbox.bytes if self.outbox is not None else 0)
+        gauges = (self.in_flight, self.outbox.bytes if self.outbox is not None else 0)
+        if self.metrics is not None and gauges != self._gauges:  # each set writes a shared file
+            self._gauges = gauges
+            self.metrics.in_flight.set(gauges[0])
+            self.metrics.spool_bytes.set(gauges[1])
         if self._waiting:
             return max(0.0, min(MAX_WAIT, self._waiting[0].next_try - time.monotonic()))
         return MAX_WAIT

@@ -2,7 +2,9 @@
 
 Sent over a socketpair with ``multiprocessing.connection`` framing (pickled). Engine ->
 sidecar: an init, then items or finished requests, then ``Close``. Sidecar -> engine:
-``Ready`` or ``Failed`` once, ``RegionFreed`` as uploads end (worker), ``Closed`` last.
+``Ready`` or ``Failed`` once, ``RegionsFreed`` as uploads end (worker), ``Closed`` last.
+Messages that come many to a step carry lists: one pickle and one write per step, not per
+request, on vLLM's scheduler loop.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class FetcherInit:
 
 @dataclass(frozen=True)
 class ItemCaptured:
-    """An encoder output whose bytes are in the ring at ``offset``: store it under ``key``."""
+    """An encoder output whose bytes are in the ring at ``offset``: store it under ``key`` (in ``ItemsCaptured``)."""
     offset: int
     dtype: str  # torch dtype name, without "torch."
     shape: tuple[int, ...]
@@ -56,10 +58,16 @@ class ItemCaptured:
 
 
 @dataclass(frozen=True)
-class RequestFinished:
-    """Publish this request's event once the objects under ``keys`` (mm_hash -> key) are durable."""
-    request: FinishedRequest
-    keys: dict[str, str]
+class ItemsCaptured:
+    """Items whose bytes landed in the ring (in one engine step): store each."""
+    items: tuple[ItemCaptured, ...]
+
+
+@dataclass(frozen=True)
+class RequestsFinished:
+    """Requests that finished (in one engine step): publish each one's event once the objects under its
+    keys (mm_hash -> key) are durable."""
+    requests: tuple[tuple[FinishedRequest, dict[str, str]], ...]
 
 
 @dataclass(frozen=True)
@@ -104,9 +112,9 @@ class Failed:
 
 
 @dataclass(frozen=True)
-class RegionFreed:
-    """The upload of the item at ``offset`` ended: the worker may reuse its ring region."""
-    offset: int
+class RegionsFreed:
+    """The uploads of the items at ``offsets`` ended (one batch): the worker may reuse their ring regions."""
+    offsets: tuple[int, ...]
 
 
 @dataclass(frozen=True)

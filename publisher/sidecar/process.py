@@ -42,10 +42,10 @@ from publisher.sidecar.messages import (
     Failed,
     Fetch,
     FetcherInit,
-    ItemCaptured,
+    ItemsCaptured,
     Ready,
-    RegionFreed,
-    RequestFinished,
+    RegionsFreed,
+    RequestsFinished,
     Reused,
     SchedulerInit,
     WorkerInit,
@@ -137,19 +137,28 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
     store, _ = open_store(c.object_store, endpoint_url=c.s3_endpoint_url, region=c.s3_region,
                           fsync=c.fsync, max_connections=max(10, c.upload_threads * 2))
     ring = attach_ring(init.ring_fd, init.ring_size)
-    uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads,
-                              retry_for_s=c.durability_timeout_s, metrics=_metrics(c))
     send_lock = threading.Lock()
-    conn.send(Ready(os.getpid()))
+    freed: list[int] = []  # ring offsets released by the uploader, told to the engine once per batch
 
     def freer(offset: int):
         def free() -> None:
             with send_lock:
-                try:
-                    conn.send(RegionFreed(offset))
-                except OSError:
-                    pass  # the engine is gone; nothing to free for
+                freed.append(offset)
         return free
+
+    def tell_freed() -> None:
+        with send_lock:
+            offsets = tuple(freed)
+            freed.clear()
+            try:
+                if offsets:
+                    conn.send(RegionsFreed(offsets))
+            except OSError:
+                pass  # the engine is gone; nothing to free for
+
+    uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads,
+                              retry_for_s=c.durability_timeout_s, metrics=_metrics(c), after_release=tell_freed)
+    conn.send(Ready(os.getpid()))
 
     timeout = c.shutdown_timeout_s
     while True:
@@ -159,10 +168,11 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
             _arm_watchdog(timeout)
             uploader.close(timeout)  # the engine died: store what we have, bounded
             return
-        if isinstance(msg, ItemCaptured):
-            host = ring_view(ring, msg.offset, getattr(torch, msg.dtype), msg.shape)
-            uploader.submit(UploadJob(msg.key, host, freer(msg.offset), msg.mm_hash, msg.modality, msg.source,
-                                      msg.extras, msg.input_digest))
+        if isinstance(msg, ItemsCaptured):
+            for it in msg.items:
+                host = ring_view(ring, it.offset, getattr(torch, it.dtype), it.shape)
+                uploader.submit(UploadJob(it.key, host, freer(it.offset), it.mm_hash, it.modality, it.source,
+                                          it.extras, it.input_digest))
         elif isinstance(msg, Close):
             _arm_watchdog(msg.timeout)
             left = uploader.close(msg.timeout)
@@ -220,7 +230,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     # "block" policy, applied by the kernel.
     # At the cap it still reads a little (up to PARKED requests, held back), so a Close or a
     # drop count behind them is seen even while the sink is away for good.
-    parked: list[RequestFinished] = []
+    parked: list[tuple] = []  # (FinishedRequest, keys)
 
     def full() -> bool:
         return dispatcher.in_flight >= c.max_pending_events or (outbox is not None and outbox.full())
@@ -228,8 +238,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     while True:
         wait = dispatcher.pump()
         while parked and not full():
-            msg = parked.pop(0)
-            dispatcher.offer(msg.request, msg.keys)
+            dispatcher.offer(*parked.pop(0))
         try:
             if full() and len(parked) >= PARKED:
                 if not pid_alive(engine_pid):
@@ -240,17 +249,18 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                 continue
             while True:
                 msg = conn.recv()
-                if isinstance(msg, RequestFinished):
-                    if full() or parked:
-                        parked.append(msg)
-                    else:
-                        dispatcher.offer(msg.request, msg.keys)
+                if isinstance(msg, RequestsFinished):
+                    for req, keys in msg.requests:  # past the cap: parked (at most one step's requests over)
+                        if full() or parked:
+                            parked.append((req, keys))
+                        else:
+                            dispatcher.offer(req, keys)
                 elif isinstance(msg, EventsDropped):
                     dispatcher.stats.inc("dropped", msg.count)
                 elif isinstance(msg, Close):
                     _arm_watchdog(msg.timeout)
-                    for p in parked:  # spooled, so not lost when the flush cannot send them
-                        dispatcher.offer(p.request, p.keys)
+                    for req, keys in parked:  # spooled, so not lost when the flush cannot send them
+                        dispatcher.offer(req, keys)
                     left = dispatcher.close(msg.timeout)
                     report = dict(dispatcher.stats.as_dict(), undelivered=left)
                     try:
@@ -261,8 +271,8 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                 if not conn.poll(0) or (full() and len(parked) >= PARKED):
                     break
         except (EOFError, OSError):
-            for p in parked:
-                dispatcher.offer(p.request, p.keys)
+            for req, keys in parked:
+                dispatcher.offer(req, keys)
             _arm_watchdog(c.shutdown_timeout_s)
             left = dispatcher.close(c.shutdown_timeout_s)  # the engine died: publish what we can, bounded
             log.info("mm-events scheduler sidecar stopped after its engine: %s",

@@ -63,7 +63,8 @@ class ObjectUploader:
     max_batch_bytes = 8 << 20
 
     def __init__(self, store: ObjectStore, model: str, storage_dtype: str, threads: int = 2,
-                 retry_for_s: float = 60.0, metrics: PublisherMetrics | None = None):
+                 retry_for_s: float = 60.0, metrics: PublisherMetrics | None = None,
+                 after_release: Callable[[], None] | None = None):
         # Every thread takes a batch of what is queued. A group-committing store's threads linger
         # for company (one sync for many objects), and two of them overlap one batch's sync with
         # the next one's hashing and writes; other stores do not linger (an S3 PUT is a round trip,
@@ -73,6 +74,9 @@ class ObjectUploader:
         self.model = model
         self.storage_dtype = storage_dtype
         self.retry_for_s = retry_for_s
+        # Called once a batch's jobs are all released: the sidecar tells the engine about a whole
+        # batch's ring regions in one message.
+        self.after_release = after_release
         self.stats = UploaderStats(metrics)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
@@ -117,6 +121,8 @@ class ObjectUploader:
             finally:
                 for job in jobs:
                     job.release()
+                if jobs and self.after_release is not None:
+                    self.after_release()
                 with self._lock:
                     self._pending -= len(jobs)
                     if not self._pending:

@@ -26,6 +26,7 @@ import logging
 import mmap
 import os
 import re
+import select
 import signal
 import struct
 import threading
@@ -47,8 +48,9 @@ from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, 
 from publisher.sidecar.messages import (
     EventsDropped,
     ItemCaptured,
-    RegionFreed,
-    RequestFinished,
+    ItemsCaptured,
+    RegionsFreed,
+    RequestsFinished,
     SchedulerInit,
     WorkerInit,
 )
@@ -218,7 +220,40 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self.ring = SharedRing(self.config.max_inflight_bytes)
         self.sidecar = Sidecar(WorkerInit(self.config.to_dict(), self.model, self.ring.fd, self.ring.size),
                                pass_fds=(self.ring.fd,))
-        self.capture = DeviceToHostCapture(self.ring, self.sidecar.send)
+        self.capture = DeviceToHostCapture(self.ring, self._item_ready)
+        # Whether the sidecar said something, asked at every item without blocking: one poll object
+        # (Connection.poll builds and registers a selector per call).
+        self._from_sidecar = select.poll()
+        self._from_sidecar.register(self.sidecar.conn.fileno(), select.POLLIN)
+        # Items whose copies landed inside a step wait here for the step's end (get_finished), then go
+        # in one message; one landing outside a step (a CUDA copy noticed by the sweeper) goes at once.
+        self._ready: list[ItemCaptured] = []
+        self._ready_lock = threading.Lock()
+        self._in_step = False
+
+    def _item_ready(self, item: ItemCaptured) -> None:
+        with self._ready_lock:
+            self._ready.append(item)
+        if not self._in_step:
+            self._send_ready()
+
+    def _send_ready(self) -> None:
+        with self._ready_lock:
+            batch, self._ready = tuple(self._ready), []
+        if batch:
+            self.sidecar.send(ItemsCaptured(batch))
+
+    def start_save_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
+        # vLLM calls this at the start of the step's encoder phase (ec_both is a producer), and
+        # get_finished at its end, always (a finally).
+        if self._uploads_here:
+            self._in_step = True
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._uploads_here:
+            self._in_step = False
+            self._send_ready()
+        return None, None
 
     def start_load_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
         # vLLM calls this in the step, before the encoder runs; the scheduler promised these items
@@ -261,12 +296,14 @@ class MMEmbeddingPublisher(ECConnectorBase):
             return None
         while self.sidecar.alive:
             try:
-                while conn.poll():
+                while self._from_sidecar.poll(0):
                     self._apply(conn.recv())
                 offset = ring.alloc(nbytes)
                 if offset is not None or self.config.backpressure == "drop":
                     return offset
                 # block: wait for a copy still in flight to land, else for the sidecar to free space
+                # (it can free only what it was told of)
+                self._send_ready()
                 if not self.capture.wait_one():
                     self._apply(conn.recv())
             except (EOFError, OSError):
@@ -275,8 +312,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
         return None
 
     def _apply(self, msg: object) -> None:
-        if isinstance(msg, RegionFreed):
-            self.ring.allocator.free(msg.offset)
+        if isinstance(msg, RegionsFreed):
+            for offset in msg.offsets:
+                self.ring.allocator.free(offset)
 
     # ===================================================================================
     # Scheduler half
@@ -295,7 +333,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self.sidecar = Sidecar(SchedulerInit(
             c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype)),
             pass_fds=(self._gauge_fd,))
-        self._sent = 0
+        self._sent = 0  # requests handed to the sidecar
+        # Requests finished inside a step wait here for the step's end (take_unavailable_requests), then
+        # go in one message; one finished outside a step (an abort) goes at once.
+        self._finished: list[tuple[FinishedRequest, dict[str, str]]] = []
+        self._in_step = False
         self.dropped_events = 0
         self._step_items: dict[str, tuple[str, str, dict, str | None]] = {}
         self._reuse = self._start_reuse() if c.reuse_stored_embeddings else None
@@ -356,6 +398,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
             self._allocated.append((request.request_id, index, f.identifier))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> ECConnectorMetadata:
+        self._send_finished()  # normally empty: the last step's end sent them
+        self._in_step = True  # until this step's update_from_output ends (take_unavailable_requests)
         meta = PublisherMetadata(self._step_items)
         self._step_items = {}
         if self._reuse is not None:
@@ -405,6 +449,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # vLLM calls this once per step in update_from_output, after the step's finished requests
         # were freed (request_finished) and before the step's outputs are sent: the one place to
         # wait for their spool records once per step rather than once per request.
+        self._in_step = False
+        self._send_finished()
         if self.config.durable_before_return and self._sent:
             self._wait_spooled()
         if not self._refuse:
@@ -447,18 +493,26 @@ class MMEmbeddingPublisher(ECConnectorBase):
 
     def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str]) -> None:
         if self.config.backpressure == "drop":
-            in_flight = self._sent - struct.unpack_from("<Q", self._settled, 0)[0]
+            in_flight = self._sent + len(self._finished) - struct.unpack_from("<Q", self._settled, 0)[0]
             if in_flight >= self.config.max_pending_events:
                 self.dropped_events += 1
                 self.sidecar.send(EventsDropped(1))  # so the sidecar's report counts it too
                 log.warning("mm-events: dropped the event of %s: %d events in flight (%d dropped so far)",
                             snapshot.request_id, in_flight, self.dropped_events)
                 return
+        self._finished.append((snapshot, keys))
+        if not self._in_step:
+            self._send_finished()
+
+    def _send_finished(self) -> None:
+        if not self._finished:
+            return
+        batch, self._finished = tuple(self._finished), []
         # With backpressure=block this send waits while the sidecar is full (it stops reading).
-        if self.sidecar.send(RequestFinished(snapshot, keys)):
-            self._sent += 1
+        if self.sidecar.send(RequestsFinished(batch)):
+            self._sent += len(batch)
         else:
-            self.dropped_events += 1
+            self.dropped_events += len(batch)
 
     def _wait_spooled(self) -> None:
         """durable_before_return: hold the step's outputs until the sidecar has fsynced every request
@@ -516,10 +570,13 @@ class MMEmbeddingPublisher(ECConnectorBase):
             with _sigterm_deferred():
                 if self._reuse is not None:  # first and quick: nothing of it outlives the engine
                     log.info("mm-events reuse: %s", self._fetcher.close(min(t, 5.0)))
+                self._send_finished()
                 report = self.sidecar.close(t)
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
         elif self._uploads_here:
             with _sigterm_deferred():
+                self.capture.flush_ready()
+                self._send_ready()
                 report = self.sidecar.close(t)
             log.info("mm-events worker side stopped: saves=%d loads=%d %s, dropped=%d", self.saves,
                      getattr(self, "loads", 0), report, self.dropped)
