@@ -32,10 +32,11 @@ from schemas.objects import extras_from_store_metadata
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
 MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
-# First look after this long, then back off: objects take a moment to land (the local store
-# group-commits), and polling sooner only burns CPU. Under load, events that come due
-# together are resolved with one head_many.
-FIRST_CHECK_S = 0.02
+# A request is checked as it arrives, in the same wake-up: its objects were captured when its
+# encoder ran, steps before it finished, and are usually stored by then. If not, the next look
+# is this much later, then backing off (the local store group-commits; polling sooner only burns
+# CPU). Under load, events that come due together are resolved with one head_many.
+FIRST_RETRY_S = 0.02
 
 
 @dataclass(order=True)
@@ -101,8 +102,8 @@ class EventDispatcher:
         now = time.monotonic()
         self._seq += 1
         self.stats.inc("accepted")
-        heapq.heappush(self._waiting, _Pending(now + FIRST_CHECK_S, self._seq, req, keys,
-                                               now + self.durability_timeout_s, FIRST_CHECK_S))
+        heapq.heappush(self._waiting, _Pending(now, self._seq, req, keys, now + self.durability_timeout_s,
+                                               FIRST_RETRY_S / 2))
 
     def pump(self) -> float:
         """Do what is due; returns how long the caller may wait before the next pump."""
