@@ -22,10 +22,9 @@ Script and consumer each run in a fresh process (spawned, the store client libra
 into a collection of their own; each clock starts when the group hands out partitions (join time excluded) and
 stops at the last commit. RSS +MB: the process's peak RSS (VmHWM, reset after the imports) minus its RSS then,
 so opening the clients counts (Milvus Lite's server is a process of its own, not counted). MB/s: object bytes
-read per second. The script knows it has N events to read; the consumer (``run(once=True)``) finds the end by
-seeing every partition's end, which librdkafka reports after an empty fetch: up to ``fetch.wait.max.ms`` (500 ms)
-after the last record, a fixed cost that weighs on small sets. "(to write)" is the consumer's rate up to its last
-upsert, without that wait.
+read per second. The script knows it has N events to read; the consumer (``run(once=True)``) finds the end as it
+hands out the record before each partition's high watermark (as its fetches report it). "(to write)" is the
+consumer's rate up to its last upsert (what is left after it: the last batch's commit).
 
 ``--scaling`` (default on, off with ``--quick``): the ``vllm-mm-events consume`` CLI, one process then two in one
 group, on sinks two processes can share (pgvector, LanceDB; Qdrant local mode and Milvus Lite lock their files to
@@ -561,8 +560,7 @@ def main() -> None:
               f"{r['ratio_consumer_script']:>11.2f} "
               f"{r['ratio_consumer_store_alone']:>10.3f} {r['consumer_rss_growth_MB']:>12.0f} "
               f"{r['script_rss_growth_MB']:>14.0f} {r['consumer_batch_events']:>10.0f}")
-    print("(to write): the consumer's rate up to its last upsert. Its last commit comes once the main thread sees "
-          "the end\nof every partition (--once): librdkafka reports it after an empty fetch (fetch.wait.max.ms).")
+    print("(to write): the consumer's rate up to its last upsert; the last commit follows it.")
     if scale_rows:
         print("\n`vllm-mm-events consume`, one process vs two in one group: events produced once the group is "
               "stable,\nrate up to the group's last commit (startup and join excluded); split: events each indexed")

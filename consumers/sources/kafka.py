@@ -41,11 +41,6 @@ class KafkaSource(EventSource):
         self.consumer = Consumer(conf)
         self.assigned: set[tuple[str, int]] = set()
         self.at_eof: set[tuple[str, int]] = set()
-        # Each partition's high watermark when caught_up() first saw it: "what existed". Handing out
-        # the record before it ends the partition at once; librdkafka's end-of-partition event comes
-        # only after an empty fetch (up to fetch.wait.max.ms later), a second per --once run with large
-        # events. None: the watermark could not be read, so the event is the end.
-        self.end_at: dict[tuple[str, int], int | None] = {}
         self.has_assignment = False
         self.paused = False
         if read_only:
@@ -85,12 +80,10 @@ class KafkaSource(EventSource):
             self.before_revoke(gone)  # finish + commit the batch in flight while we still own them
         self.assigned -= gone
         self.at_eof -= gone
-        for tp in gone:
-            self.end_at.pop(tp, None)
         log.info("revoked partitions %s", sorted(p for _, p in gone))
 
     def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
-        from confluent_kafka import KafkaError, KafkaException
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
         # Drain what is buffered without waiting; if nothing is, wait for the first record only
         # (consume(n, timeout) would hold out for all n until the timeout).
@@ -100,7 +93,7 @@ class KafkaSource(EventSource):
             msgs = [first] if first is not None else []
             if first is not None and max_records > 1:
                 msgs += self.consumer.consume(num_messages=max_records - 1, timeout=0)
-        out = []
+        out, last = [], {}
         for m in msgs:
             err = m.error()
             tp = (m.topic(), m.partition())
@@ -112,16 +105,25 @@ class KafkaSource(EventSource):
                     raise KafkaException(err)
                 log.warning("kafka: %s", err)
                 continue
-            end = self.end_at.get(tp)
-            if end is not None and m.offset() + 1 >= end:
-                self.at_eof.add(tp)
-            else:
-                self.at_eof.discard(tp)
+            last[tp] = m.offset()
             ts_type, ts = m.timestamp()
             out.append(SourceRecord(
                 value=m.value() or b"", key=m.key(), headers=list(m.headers() or []), position=(tp, m.offset()),
                 coords={"topic": m.topic(), "partition": str(m.partition()), "offset": str(m.offset()),
                         "timestamp": str(ts)}))
+        for tp, offset in last.items():
+            # At the end once the record before the partition's high watermark is handed out, as the
+            # broker reported it with the last fetch (cached: no request). The end-of-partition event
+            # comes only after a further, empty fetch (up to fetch.wait.max.ms later): a second per
+            # --once run with large events. It still ends partitions that hand out nothing.
+            try:
+                high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1]
+            except KafkaException:
+                high = -1
+            if 0 <= high <= offset + 1:
+                self.at_eof.add(tp)
+            else:
+                self.at_eof.discard(tp)
         return out
 
     def commit(self, records: list[SourceRecord]) -> None:
@@ -151,35 +153,7 @@ class KafkaSource(EventSource):
             self.paused = False
 
     def caught_up(self) -> bool:
-        if not self.has_assignment:
-            return False
-        if self.assigned - self.end_at.keys():
-            self._note_ends(self.assigned - self.end_at.keys())
-        return self.at_eof >= self.assigned
-
-    def _note_ends(self, tps: set[tuple[str, int]]) -> None:
-        """Snapshot the high watermark of newly assigned partitions; one with nothing left to read
-        from where this reader starts (its position, else the group's commit, else the beginning)
-        is at its end now."""
-        from confluent_kafka import TopicPartition
-
-        parts = [TopicPartition(t, p) for t, p in sorted(tps)]
-        try:
-            start = {(tp.topic, tp.partition): tp.offset for tp in self.consumer.position(parts)}
-            unread = [tp for tp in parts if start[(tp.topic, tp.partition)] < 0]
-            if unread and not self.read_only:
-                for tp in self.consumer.committed(unread, timeout=5):
-                    start[(tp.topic, tp.partition)] = tp.offset
-            for tp in parts:
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=5, cached=False)
-                key = (tp.topic, tp.partition)
-                self.end_at[key] = high
-                if max(start[key], low) >= high:
-                    self.at_eof.add(key)
-        except Exception as e:  # noqa: BLE001 - the end-of-partition event still ends the partition
-            log.debug("kafka: watermarks of %s not read (%s); waiting for the end-of-partition event", sorted(tps), e)
-            for key in tps:
-                self.end_at.setdefault(key, None)
+        return self.has_assignment and self.at_eof >= self.assigned
 
     def lag(self) -> int | None:
         from confluent_kafka import TopicPartition
