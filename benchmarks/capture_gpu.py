@@ -36,7 +36,7 @@ def run(method: str, n: int, shape: tuple[int, int], steps: int, ring_bytes: int
     b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
     ready: queue.SimpleQueue = queue.SimpleQueue()
     ring = SharedRing(ring_bytes) if method == "publisher" else None
-    cap = DeviceToHostCapture(ring, ready.put) if ring else None
+    cap = DeviceToHostCapture(ring, lambda landed: [ready.put(m) for m in landed]) if ring else None
     checks = []
     refs: dict[int, tuple] = {}
     host_ns = 0

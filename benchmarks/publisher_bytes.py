@@ -131,7 +131,7 @@ class SidecarFeeder:
         self.ring = SharedRing(config.max_inflight_bytes)
         self.sidecar = Sidecar(WorkerInit(config.to_dict(), MODEL, self.ring.fd, self.ring.size),
                                pass_fds=(self.ring.fd,))
-        self.capture = DeviceToHostCapture(self.ring, lambda item: self.sidecar.send(ItemsCaptured((item,))))
+        self.capture = DeviceToHostCapture(self.ring, lambda items: self.sidecar.send(ItemsCaptured(tuple(items))))
         self.proc = psutil.Process(self.sidecar.pid)
         self.sent = self.freed = 0
         self.object_bytes = len(kind.encode(kind.tensors[0], self.storage_dtype).data)

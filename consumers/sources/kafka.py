@@ -105,6 +105,7 @@ class KafkaSource(EventSource):
                     raise KafkaException(err)
                 log.warning("kafka: %s", err)
                 continue
+            self.at_eof.discard(tp)  # until an end-of-partition event or the watermark below says otherwise
             last[tp] = m.offset()
             ts_type, ts = m.timestamp()
             out.append(SourceRecord(
@@ -115,15 +116,14 @@ class KafkaSource(EventSource):
             # At the end once the record before the partition's high watermark is handed out, as the
             # broker reported it with the last fetch (cached: no request). The end-of-partition event
             # comes only after a further, empty fetch (up to fetch.wait.max.ms later): a second per
-            # --once run with large events. It still ends partitions that hand out nothing.
+            # --once run with large events. It still ends partitions that hand out nothing, and those
+            # whose watermark lies past their last record (transaction markers, compacted tails).
             try:
                 high = self.consumer.get_watermark_offsets(TopicPartition(*tp), cached=True)[1]
             except KafkaException:
-                high = -1
+                continue
             if 0 <= high <= offset + 1:
                 self.at_eof.add(tp)
-            else:
-                self.at_eof.discard(tp)
         return out
 
     def commit(self, records: list[SourceRecord]) -> None:

@@ -36,7 +36,8 @@ log = logging.getLogger("vllm_mm_events.capture")
 
 
 class DeviceToHostCapture:
-    """Copies a tensor into the ring; ``on_ready(message)`` fires once its bytes are in host memory.
+    """Copies a tensor into the ring; ``on_ready(messages)`` fires once their bytes are in host memory
+    (a list: copies noticed together are handed over together).
 
     On CUDA, completed copies are noticed by polling their events (``query()``, no wait) at
     each capture, so the step's thread tells the sidecar itself; a background thread only
@@ -59,12 +60,12 @@ class DeviceToHostCapture:
         host = self.ring.view(offset, t.dtype, t.shape)
         if t.device.type == "cpu":
             host.copy_(t)
-            self.on_ready(message)
+            self.on_ready([message])
         elif t.device.type == "cuda":
             self._capture_cuda(t, host, message)
         else:  # other accelerators: a plain copy. Correct, not tuned.
             host.copy_(t.to("cpu"))
-            self.on_ready(message)
+            self.on_ready([message])
 
     def _capture_cuda(self, t: torch.Tensor, host: torch.Tensor, message: Any) -> None:
         self.ring.pin()
@@ -86,8 +87,11 @@ class DeviceToHostCapture:
     def flush_ready(self) -> None:
         """Hand over every copy that has landed, in order. Never waits."""
         with self._lock:
+            landed = []
             while self._inflight and self._inflight[0][0].query():
-                self.on_ready(self._inflight.popleft()[1])
+                landed.append(self._inflight.popleft()[1])
+            if landed:
+                self.on_ready(landed)
 
     def wait_one(self) -> bool:
         """Block until the oldest copy lands (ring full under the block policy)."""

@@ -220,20 +220,21 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self.ring = SharedRing(self.config.max_inflight_bytes)
         self.sidecar = Sidecar(WorkerInit(self.config.to_dict(), self.model, self.ring.fd, self.ring.size),
                                pass_fds=(self.ring.fd,))
-        self.capture = DeviceToHostCapture(self.ring, self._item_ready)
+        self.capture = DeviceToHostCapture(self.ring, self._items_ready)
         # Whether the sidecar said something, asked at every item without blocking: one poll object
         # (Connection.poll builds and registers a selector per call).
         self._from_sidecar = select.poll()
         self._from_sidecar.register(self.sidecar.conn.fileno(), select.POLLIN)
         # Items whose copies landed inside a step wait here for the step's end (get_finished), then go
-        # in one message; one landing outside a step (a CUDA copy noticed by the sweeper) goes at once.
+        # in one message; copies landing outside a step (CUDA copies the sweeper notices, every few
+        # milliseconds, during the forward pass) go at once, together.
         self._ready: list[ItemCaptured] = []
         self._ready_lock = threading.Lock()
         self._in_step = False
 
-    def _item_ready(self, item: ItemCaptured) -> None:
+    def _items_ready(self, items: list[ItemCaptured]) -> None:
         with self._ready_lock:
-            self._ready.append(item)
+            self._ready.extend(items)
         if not self._in_step:
             self._send_ready()
 
@@ -294,17 +295,27 @@ class MMEmbeddingPublisher(ECConnectorBase):
         if nbytes > ring.size:
             log.error("mm-events: an item of %d bytes exceeds max_inflight_bytes (%d)", nbytes, ring.size)
             return None
+        told_all = False
         while self.sidecar.alive:
             try:
                 while self._from_sidecar.poll(0):
                     self._apply(conn.recv())
                 offset = ring.alloc(nbytes)
-                if offset is not None or self.config.backpressure == "drop":
+                if offset is not None:
                     return offset
-                # block: wait for a copy still in flight to land, else for the sidecar to free space
-                # (it can free only what it was told of)
+                if self.config.backpressure == "drop":
+                    if told_all:
+                        return None
+                    # The sidecar can free only what it was told of: tell it this step's items, take
+                    # what it freed meanwhile, try once more, then drop.
+                    self._send_ready()
+                    told_all = True
+                    continue
+                # block: wait for a copy still in flight to land, else for the sidecar to free space.
+                # Told after the wait: the sweeper may have moved the last copy to _ready meanwhile.
+                landed = self.capture.wait_one()
                 self._send_ready()
-                if not self.capture.wait_one():
+                if not landed:
                     self._apply(conn.recv())
             except (EOFError, OSError):
                 self.sidecar.alive = False
@@ -575,7 +586,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
         elif self._uploads_here:
             with _sigterm_deferred():
-                self.capture.flush_ready()
+                while self.capture.wait_one():  # copies still in flight land (CUDA); then all is told
+                    pass
                 self._send_ready()
                 report = self.sidecar.close(t)
             log.info("mm-events worker side stopped: saves=%d loads=%d %s, dropped=%d", self.saves,

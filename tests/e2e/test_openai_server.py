@@ -115,3 +115,44 @@ def test_client_embeddings_allowed_and_marked(allowing_server):
 
     (t,) = load_mm_embeddings(params, local_dirs=[allowing_server["work"] / "objects"])
     torch.testing.assert_close(t, embeds)  # what was stored is what the client sent, and says so
+
+
+@pytest.fixture
+def embedded_server(tmp_path, tiny_llava):
+    """The embedded defaults (local store, event log), a server of its own."""
+    extra = {"object_store": (tmp_path / "objects").as_uri(), "event_sink": (tmp_path / "events.avro").as_uri()}
+    server = OpenAIServer(tiny_llava, extra, tmp_path).wait_ready()
+    yield dict(server=server, work=tmp_path)
+    server.stop()
+
+
+def test_a_request_the_client_abandons_is_published_as_aborted(embedded_server):
+    """A client that closes its stream mid-generation: vLLM aborts the request. Its event goes out
+    with no other request running after it, says ``abort``, and names its stored object."""
+    import json
+    import time
+
+    import requests
+
+    from publisher.vllm.demo.tiny_llava import random_image
+
+    s, log = embedded_server["server"], embedded_server["work"] / "events.avro"
+    body = {"model": "tiny-llava", "messages": [{"role": "user", "content": [image_part(random_image(23)), TEXT]}],
+            "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}
+    with requests.post(f"{s.url}/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        assert r.status_code == 200, r.text
+        lines = r.iter_lines()
+        first = next(ln for ln in lines if ln.startswith(b"data: "))
+        request_id = json.loads(first[len(b"data: "):])["id"]
+    # the connection is closed: the server aborts the request
+    deadline, mine = time.monotonic() + 30, []
+    while time.monotonic() < deadline and not mine:
+        time.sleep(0.5)
+        try:
+            events = read_event_log(log) if log.exists() else []
+        except (EOFError, ValueError):  # a block the sidecar is still appending
+            continue
+        mine = [e for e in events if e["request_id"] == request_id]
+    assert len(mine) == 1, f"no event for the abandoned request {request_id} within 30 s"
+    assert mine[0]["finish_reason"] == "abort" and mine[0]["num_output_tokens"] < 200, mine[0]
+    assert len(mine[0]["embeddings"]) == 1 and not mine[0]["missing_embeddings"]

@@ -44,7 +44,7 @@ def test_ring_full_then_freed():
 def test_shared_ring_is_visible_through_its_fd():
     ring = SharedRing(1 << 20)
     seen = []
-    cap = DeviceToHostCapture(ring, seen.append)
+    cap = DeviceToHostCapture(ring, seen.extend)
     t = torch.randn(16, 128, dtype=torch.bfloat16)
     off = ring.allocator.alloc(t.numel() * t.element_size())
     cap.capture(t, off, ("item", off))

@@ -1,0 +1,82 @@
+"""How the connector hands finished requests and captured items to its sidecars: one message per
+engine step, and at once outside a step (an abort between steps; a CUDA copy landing during the
+forward pass). The hooks are called here in the order vLLM calls them; the engine end of it runs in
+every e2e test (each returned request has exactly its event)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from publisher.config import PublisherConfig
+from publisher.sidecar.events import FinishedRequest
+from publisher.sidecar.messages import ItemsCaptured, RequestsFinished
+from publisher.sidecar.ring import SharedRing
+from publisher.vllm.capture import DeviceToHostCapture
+from publisher.vllm.connector import MMEmbeddingPublisher
+
+
+def finished(i: int) -> FinishedRequest:
+    return FinishedRequest(f"req-{i}", f"req-{i}-00000000", "m", "stop", None, 3, 2, {}, (), None, None,
+                           1700000000.0 + i)
+
+
+def scheduler_half(sent: list, **config) -> MMEmbeddingPublisher:
+    """The scheduler half's hand-over state, without an engine (what _init_scheduler sets up)."""
+    c = object.__new__(MMEmbeddingPublisher)
+    c.config = PublisherConfig.load(config, environ={})
+    c.sidecar = SimpleNamespace(send=lambda m: sent.append(m) or True, alive=True)
+    c._finished, c._in_step, c._sent, c.dropped_events = [], False, 0, 0
+    c._refuse, c._verdicts, c._step_items, c._reuse = set(), {}, {}, None
+    return c
+
+
+def test_requests_finished_in_a_step_go_in_one_message_at_its_end():
+    sent: list = []
+    c = scheduler_half(sent)
+    c.build_connector_meta(None)  # schedule(): the step starts
+    c._hand_over(finished(1), {"h1": "k1"})
+    c._hand_over(finished(2), {})
+    assert sent == [] and c._sent == 0
+    assert c.take_unavailable_requests() == set()  # update_from_output ends
+    assert [type(m) for m in sent] == [RequestsFinished]
+    assert [(r.request_id, keys) for r, keys in sent[0].requests] == [("req-1", {"h1": "k1"}), ("req-2", {})]
+    assert c._sent == 2
+    c._hand_over(finished(3), {})  # between steps (an abort from the input queue): at once
+    assert [r.request_id for m in sent[1:] for r, _ in m.requests] == ["req-3"] and c._sent == 3
+    assert c.take_unavailable_requests() == set() and len(sent) == 2  # nothing left to send
+
+
+def test_the_drop_policy_counts_requests_waiting_for_the_steps_end():
+    sent: list = []
+    c = scheduler_half(sent, backpressure="drop", max_pending_events=2)
+    c._settled = bytearray(16)  # the sidecar's shared counters: nothing settled yet
+    c.build_connector_meta(None)
+    for i in range(3):
+        c._hand_over(finished(i), {})
+    c.take_unavailable_requests()
+    assert c._sent == 2 and c.dropped_events == 1
+    assert [r.request_id for m in sent if isinstance(m, RequestsFinished) for r, _ in m.requests] == ["req-0",
+                                                                                                      "req-1"]
+
+
+def test_items_captured_in_a_step_go_in_one_message_at_its_end():
+    sent: list = []
+    c = object.__new__(MMEmbeddingPublisher)
+    c._uploads_here, c._in_step, c._ready = True, False, []
+    import threading
+
+    c._ready_lock = threading.Lock()
+    c.sidecar = SimpleNamespace(send=lambda m: sent.append(m) or True)
+    ring = SharedRing(1 << 20)
+    cap = DeviceToHostCapture(ring, c._items_ready)
+    t = torch.randn(4, 8)
+    c.start_save_caches({})
+    for i in range(3):
+        cap.capture(t, ring.allocator.alloc(t.numel() * 4), f"item-{i}")
+    assert sent == []
+    assert c.get_finished(set()) == (None, None)
+    assert [type(m) for m in sent] == [ItemsCaptured] and sent[0].items == ("item-0", "item-1", "item-2")
+    cap.capture(t, ring.allocator.alloc(t.numel() * 4), "item-3")  # lands outside a step: at once
+    assert sent[1].items == ("item-3",)
