@@ -17,15 +17,17 @@ class LocalDirStore(ObjectStore):
     """A directory on a local or shared filesystem (the embedded default).
 
     Data appears through ``link()``, which is atomic and fails if the key exists:
-    put-if-absent without locks, across processes. Metadata rides on the file as an
-    extended attribute set before the link, so an object that exists always has it; where
-    the filesystem has no user xattrs, a ``<key>.meta.json`` sidecar written before the
-    link does the same job.
+    put-if-absent without locks, across processes. Objects are written to unnamed files
+    (O_TMPFILE) and linked into place, so a crash leaves no partial object and no temporary
+    file; where the filesystem cannot, to temporary names removed after the link. Metadata
+    rides on the file as an extended attribute set before the link, so an object that exists
+    always has it; where the filesystem has no user xattrs, a ``<key>.meta.json`` sidecar
+    written before the link does the same job.
     """
 
     XATTR = "user.vllm_mm_events"
 
-    def __init__(self, root: str | os.PathLike, fsync: bool = True, xattrs: bool = True):
+    def __init__(self, root: str | os.PathLike, fsync: bool = True, xattrs: bool = True, tmpfile: bool = True):
         self.root = os.path.abspath(root)
         self.fsync = fsync
         self.xattrs = xattrs and hasattr(os, "setxattr")
@@ -35,6 +37,9 @@ class LocalDirStore(ObjectStore):
         self._dirs: set[str] = set()
         self._seq = 0
         self._lock = threading.Lock()
+        # Unnamed files need O_TMPFILE and /proc to name them by (linkat without /proc needs a
+        # capability); without either, temporary names.
+        self._tmpfile = tmpfile and hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
 
     def _path(self, key: str) -> str:
         # Keys are ours (content-addressed), but never let one escape the root.
@@ -49,41 +54,70 @@ class LocalDirStore(ObjectStore):
         return self.put_many([(key, data, metadata)])[0]
 
     def put_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[bool]:
-        """Group commit: write every file (data + metadata, fsynced), then link them all, then
-        fsync each directory once. Each object is durable when this returns."""
-        staged: list[tuple[str, str]] = []
-        for key, data, metadata in items:
-            path = self._path(key)
-            parent = path.rsplit("/", 1)[0]
-            if parent not in self._dirs:
-                os.makedirs(parent, mode=0o750, exist_ok=True)
-                self._dirs.add(parent)
-            staged.append((path, self._stage(path, data, json.dumps(metadata).encode())))
-        if self.fsync:
-            self._sync([e[1] for e in staged if e is not None])
-        results, dirs = [], set()
-        for path, tmp in staged:
-            try:
-                os.link(tmp, path)
-                results.append(True)
-                dirs.add(path.rsplit("/", 1)[0])
-            except FileExistsError:
-                results.append(False)
-            finally:
-                os.unlink(tmp)
-        if self.fsync:
-            for d in dirs:
-                _fsync_dir(d)  # the links themselves must survive a crash
-        return results
+        """Group commit: write every file (data + metadata), make them all durable with one sync,
+        then link them all into place and fsync each directory once. Each object is durable when
+        this returns."""
+        staged: list[tuple[str, int, str | None]] = []  # (path, open fd, temp name or None)
+        dirs: dict[str, int] = {}  # parent -> an open fd of it (linked into, then fsynced)
+        try:
+            for key, data, metadata in items:
+                path = self._path(key)
+                parent = path.rsplit("/", 1)[0]
+                if parent not in self._dirs:
+                    os.makedirs(parent, mode=0o750, exist_ok=True)
+                    self._dirs.add(parent)
+                if parent not in dirs:
+                    dirs[parent] = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                fd, tmp = self._stage(path, dirs[parent], data, json.dumps(metadata).encode())
+                staged.append((path, fd, tmp))
+            if self.fsync:
+                self._sync([fd for _, fd, _ in staged])
+            results, linked = [], set()
+            for path, fd, tmp in staged:
+                parent, name = path.rsplit("/", 1)
+                try:
+                    if tmp is None:  # an O_TMPFILE: named through its /proc link (linkat follows it)
+                        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirs[parent])
+                    else:
+                        os.link(tmp, path)
+                    results.append(True)
+                    linked.add(parent)
+                except FileExistsError:
+                    results.append(False)
+            if self.fsync:
+                for parent in linked:
+                    os.fsync(dirs[parent])  # the links themselves must survive a crash
+            return results
+        finally:
+            for _, fd, tmp in staged:
+                os.close(fd)
+                if tmp is not None:
+                    os.unlink(tmp)
+            for fd in dirs.values():
+                os.close(fd)
 
-    def _stage(self, path: str, data: bytes, meta: bytes) -> str:
-        parent, name = path.rsplit("/", 1)
-        with self._lock:
-            self._seq += 1
-            tmp = f"{parent}/.{name}.{os.getpid()}.{self._seq}.tmp"
-        # Objects are the server's data, not the world's: group-readable (a consumer sharing the
-        # volume), never following a link planted where a temp file goes.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    def _stage(self, path: str, dir_fd: int, data: bytes, meta: bytes) -> tuple[int, str | None]:
+        """Write one object's bytes and metadata to an unnamed file in its directory (O_TMPFILE:
+        nothing to name, nothing to remove, nothing left behind by a crash), or, where the
+        filesystem or /proc cannot do that, to a temporary name. Returns the open fd and the
+        temporary name (None for an unnamed file)."""
+        fd, tmp = None, None
+        if self._tmpfile:
+            try:
+                # Objects are the server's data, not the world's: group-readable (a consumer sharing
+                # the volume).
+                fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o640, dir_fd=dir_fd)
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._tmpfile = False  # this filesystem has none: temporary names from now on
+        if fd is None:
+            parent, name = path.rsplit("/", 1)
+            with self._lock:
+                self._seq += 1
+                tmp = f"{parent}/.{name}.{os.getpid()}.{self._seq}.tmp"
+            # Never following a link planted where a temp file goes.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
         try:
             view = memoryview(data)
             while view:
@@ -99,29 +133,20 @@ class LocalDirStore(ObjectStore):
                 self._write_sidecar(path, meta)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            if tmp is not None:
+                os.unlink(tmp)
             raise
-        os.close(fd)
-        return tmp
+        return fd, tmp
 
-    def _sync(self, paths: list[str]) -> None:
+    def _sync(self, fds: list[int]) -> None:
         """Make staged files durable: one syncfs(2) for the batch where Linux has it
         (a fraction of per-file fsyncs at any batch size), else an fsync per file."""
-        if not paths:
+        if not fds:
             return
-        if _SYNCFS is not None:
-            fd = os.open(paths[0], os.O_RDONLY)
-            try:
-                if _SYNCFS(fd) == 0:
-                    return
-            finally:
-                os.close(fd)
-        for p in paths:
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if _SYNCFS is not None and _SYNCFS(fds[0]) == 0:
+            return
+        for fd in fds:
+            os.fsync(fd)
 
     def _write_sidecar(self, path: str, meta: bytes) -> None:
         side = path + ".meta.json"
@@ -180,10 +205,3 @@ def _load_syncfs():
 
 _SYNCFS = _load_syncfs()
 
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -3,17 +3,21 @@
 import hashlib
 import threading
 import uuid
+from pathlib import Path
 
 import pytest
 
 from publisher.stores import ObjectNotFound, open_store
 from publisher.stores.base import ObjectTooLarge
+from publisher.stores.local import LocalDirStore
 
 
-@pytest.fixture(params=["local", "s3"])
+@pytest.fixture(params=["local", "local-named-temp-files", "s3"])
 def store(request, tmp_path, monkeypatch):
     if request.param == "local":
         s, prefix = open_store((tmp_path / "objects").as_uri())
+    elif request.param == "local-named-temp-files":  # where the filesystem has no O_TMPFILE
+        s = LocalDirStore(tmp_path / "objects", tmpfile=False)
     else:
         minio = request.getfixturevalue("minio")
         for k, v in minio.env.items():
@@ -90,3 +94,19 @@ def test_get_refuses_an_object_over_the_cap_and_carries_on(store):
             store.get("big", max_bytes=len(big) - 1)
         assert store.get("small", max_bytes=len(small)) == small
     assert store.get("big", max_bytes=len(big)) == big
+
+
+def test_put_many_stores_each_once_across_directories(store, tmp_path):
+    """A batch (the uploader's group commit): objects in several directories, a key repeated in the
+    batch and one already stored; each new key is written once with its own bytes and metadata, and
+    (local) nothing but the objects is left in the directories: no temporary files."""
+    datas = {f"m{i % 3}/f32/{i}.safetensors": bytes([i]) * (500 + i) for i in range(9)}
+    store.put_if_absent("m0/f32/0.safetensors", datas["m0/f32/0.safetensors"], meta(datas["m0/f32/0.safetensors"]))
+    items = [(k, d, meta(d)) for k, d in datas.items()] + [("m1/f32/1.safetensors", b"other", meta(b"other"))]
+    assert store.put_many(items) == [False] + [True] * 8 + [False]
+    for k, d in datas.items():
+        assert store.get(k) == d and store.head(k).metadata == meta(d)
+    if isinstance(store, LocalDirStore):
+        left = sorted(str(p.relative_to(store.root)) for p in Path(store.root).rglob("*") if p.is_file())
+        assert left == sorted(datas)
+        assert {p.stat().st_mode & 0o777 for p in Path(store.root).rglob("*.safetensors")} == {0o640}
