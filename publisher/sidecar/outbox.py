@@ -11,8 +11,9 @@ replays what a dead one left in it:
   snapshot and object keys), appended and fsynced in groups (``sync``: one fsync for every
   request offered since the last one). A torn last record (crash mid-write) fails its length or
   CRC check and is dropped on replay: it was never synced, so no event was sent for it.
-- ``acks``: one event id per line, appended when the sink acknowledged; not fsynced (a lost ack
-  only means a repeat). A segment whose records are all acknowledged is deleted.
+- ``acks``: one event id per line, appended when the sink acknowledged and written out with the
+  next ``sync`` (one write per pump, not one per event); never fsynced (a lost ack only means a
+  repeat). A segment whose records are all acknowledged is deleted.
 """
 
 from __future__ import annotations
@@ -151,7 +152,9 @@ class Outbox:
         self._file = os.fdopen(fd, "ab")
 
     def sync(self) -> None:
-        """Make every appended record durable: one write-out and fsync for the group."""
+        """Make every appended record durable: one write-out and fsync for the group; write out the
+        acknowledgements since the last call."""
+        self._acks.flush()
         if self._dirty and self._file is not None:
             self._file.flush()
             if self.fsync:
@@ -170,7 +173,6 @@ class Outbox:
             if not live and seq != self._seq:
                 del self._segments[seq], self._sizes[seq]
                 (self.dir / f"{seq}.seg").unlink(missing_ok=True)
-        self._acks.flush()
         if not any(self._segments.values()) and self._acks.tell() > ACKS_COMPACT_BYTES:
             self._restart_files()  # everything is acknowledged: drop the history
 

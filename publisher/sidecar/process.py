@@ -320,6 +320,20 @@ def _fetcher_main(conn: Connection, init: FetcherInit, engine_pid: int) -> None:
         fetcher.close()  # the engine is gone: nobody will load what is fetched
 
 
+def _yield_to_the_engine(role: str) -> None:
+    """Run as a batch task (SCHED_BATCH): the same share of the CPU, but waking up never preempts
+    a running task. The engine wakes a sidecar once per step (its message); on a core the two
+    share, a normal task woken that way often takes the CPU from vLLM's scheduler loop or model
+    step at once, in the middle of the hook that sent the message. A batch task waits for the
+    engine's slice to end (milliseconds at most), which the sidecars' batching absorbs. Where the
+    sidecars have cores of their own (``sidecar_cpus``) nothing changes."""
+    try:
+        if os.sched_getscheduler(0) == os.SCHED_OTHER:
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as e:  # not Linux, or a policy this process may not leave
+        log.debug("mm-events %s sidecar: scheduling policy left as is (%s)", role, e)
+
+
 def _place_on_cpus(role: str, cpu_list: str | None) -> None:
     """Run on ``sidecar_cpus``, or else undo a CPU pinning inherited from the engine process.
 
@@ -369,6 +383,7 @@ def main(argv: list[str]) -> int:
     if os.fork() > 0:  # detach: the launcher exits, the sidecar is reparented away from vLLM
         os._exit(0)
     os.setsid()
+    _yield_to_the_engine(role)  # before any thread starts: they inherit it
     conn = Connection(fd)
     init = conn.recv()
     _place_on_cpus(role, init.config.get("sidecar_cpus"))

@@ -80,6 +80,9 @@ def test_engine_and_sidecars_killed_then_restarted_on_the_same_spool(tmp_path, t
         # (it starved there under load): both sidecars may run on every CPU this machine allows.
         assert {p.info["cmdline"][-2]: set(p.cpu_affinity()) for p in sidecars(tag)} == {
             "worker": os.sched_getaffinity(0), "scheduler": os.sched_getaffinity(0)}
+        # ... and as batch tasks, every thread of them (their wake-ups never preempt the engine's loops).
+        assert {(p.info["cmdline"][-2], os.sched_getscheduler(t.id)) for p in sidecars(tag) for t in p.threads()} == {
+            ("worker", os.SCHED_BATCH), ("scheduler", os.SCHED_BATCH)}
         kafka.pause()
         try:
             returned += [chat(first, seed) for seed in (321, 322, 323)]
