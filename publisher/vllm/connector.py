@@ -514,6 +514,12 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self._finished.append((snapshot, keys))
         if not self._in_step:
             self._send_finished()
+            # vLLM finishes the requests that failed in a step (a grammar that did not compile, an encoder
+            # output or KV blocks it could not obtain) after take_unavailable_requests, and sends their
+            # outputs in the same update: with durable_before_return, hold them here. (An abort needs no
+            # hold: its client is gone, or, for a stop string, its response already left.)
+            if self.config.durable_before_return and snapshot.finish_reason == "error":
+                self._wait_spooled()
 
     def _send_finished(self) -> None:
         if not self._finished:

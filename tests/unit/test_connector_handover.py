@@ -80,3 +80,31 @@ def test_items_captured_in_a_step_go_in_one_message_at_its_end():
     assert [type(m) for m in sent] == [ItemsCaptured] and sent[0].items == ("item-0", "item-1", "item-2")
     cap.capture(t, ring.allocator.alloc(t.numel() * 4), "item-3")  # lands outside a step: at once
     assert sent[1].items == ("item-3",)
+
+
+def test_durable_before_return_holds_a_request_failed_after_the_steps_end():
+    """vLLM finishes the requests that failed in a step after take_unavailable_requests, and sends their
+    outputs in the same update: with durable_before_return, the hand-over holds until the sidecar has
+    spooled them. An abort between steps is not held (its client is gone)."""
+    import struct
+    import threading
+    import time
+    from dataclasses import replace
+
+    sent: list = []
+    c = scheduler_half(sent, durable_before_return=True)
+    c._settled = bytearray(16)  # the sidecar's shared counters: settled, spooled
+
+    def spool_later():  # the sidecar fsyncs what it was sent, 0.3 s later
+        time.sleep(0.3)
+        struct.pack_into("<Q", c._settled, 8, c._sent)
+
+    c.build_connector_meta(None)
+    c.take_unavailable_requests()  # the step's end; then vLLM fails a request in the same update
+    threading.Thread(target=spool_later).start()
+    t0 = time.monotonic()
+    c._hand_over(replace(finished(1), finish_reason="error"), {})
+    assert time.monotonic() - t0 >= 0.3 and struct.unpack_from("<Q", c._settled, 8)[0] == c._sent == 1
+    t0 = time.monotonic()
+    c._hand_over(replace(finished(2), finish_reason="abort"), {})  # nobody waits for its response
+    assert time.monotonic() - t0 < 0.2 and c._sent == 2
