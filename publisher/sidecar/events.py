@@ -26,6 +26,17 @@ class MediaItem:
 
 
 @dataclass(frozen=True)
+class StopCheck:
+    """What vLLM's detokenizer had for an aborted request with stop strings (stop_strings.py)."""
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    stop: tuple[str, ...]
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+
+
+@dataclass(frozen=True)
 class FinishedRequest:
     """What the scheduler knew when the request finished: plain values only."""
     request_id: str
@@ -43,6 +54,10 @@ class FinishedRequest:
     traceparent: str | None = None
     tracestate: str | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    # An aborted request with stop strings: what vLLM's detokenizer worked on, so the scheduler
+    # sidecar can tell whether it ended on one (publisher.sidecar.stop_strings). Resolved (None)
+    # before the request is spooled or published.
+    stop_check: StopCheck | None = None
 
 
 @dataclass(frozen=True)

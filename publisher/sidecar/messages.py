@@ -29,6 +29,8 @@ class SchedulerInit:
     config: dict[str, Any]
     gauge_fd: int  # two shared 8-byte words: events settled, and finished requests durable in the spool
     producer: dict[str, str]  # the event's ``producer`` record
+    tokenizer: str | None = None  # the model's tokenizer (path or hub id): stop strings (stop_strings.py)
+    tokenizer_revision: str | None = None
 
 
 @dataclass(frozen=True)

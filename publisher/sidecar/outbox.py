@@ -45,7 +45,9 @@ _JSON = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps would build
 def _encode(req: FinishedRequest, keys: dict[str, str]) -> bytes:
     # Shallow, by hand: dataclasses.asdict deep-copies every value and was a fifth of the scheduler
     # sidecar's CPU per request; the fields are plain values, serialized at once.
-    return _JSON({"req": {**vars(req), "items": [vars(i) for i in req.items]}, "keys": keys}).encode()
+    r = {**vars(req), "items": [vars(i) for i in req.items]}
+    del r["stop_check"]  # resolved before spooling (always None here); left out so that an older reader reads it
+    return _JSON({"req": r, "keys": keys}).encode()
 
 
 def _decode(payload: bytes) -> tuple[FinishedRequest, dict[str, str]]:

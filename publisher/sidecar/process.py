@@ -202,6 +202,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     from publisher.event_sinks import open_event_sink
     from publisher.sidecar.dispatcher import EventDispatcher
     from publisher.sidecar.outbox import Outbox
+    from publisher.sidecar.stop_strings import StopStringResolver
     from publisher.stores import open_store
     from schemas.codec import AvroCodec
 
@@ -222,6 +223,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
                                  on_settled=lambda n: struct.pack_into("<Q", settled, 0, n), outbox=outbox,
                                  metrics=metrics, on_spooled=lambda n: struct.pack_into("<Q", settled, 8, n))
+    stop_strings = StopStringResolver(init.tokenizer, init.tokenizer_revision)
     for req, keys in outbox.take_replay() if outbox else ():
         dispatcher.offer(req, keys, spooled=True)  # what an earlier run left unacknowledged
     conn.send(Ready(os.getpid()))
@@ -251,6 +253,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                 msg = conn.recv()
                 if isinstance(msg, RequestsFinished):
                     for req, keys in msg.requests:  # past the cap: parked (at most one step's requests over)
+                        req = stop_strings.resolve(req)  # before it is spooled: what the client got
                         if full() or parked:
                             parked.append((req, keys))
                         else:

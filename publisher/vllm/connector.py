@@ -44,7 +44,7 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
 
 from publisher.config import PublisherConfig
 from publisher.logs import setup_logging
-from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, stringify_metadata
+from publisher.sidecar.events import FinishedRequest, MediaItem, StopCheck, producer_info, stringify_metadata
 from publisher.sidecar.messages import (
     EventsDropped,
     ItemCaptured,
@@ -85,6 +85,19 @@ def _tp_rank() -> int:
         return get_tensor_model_parallel_rank()
     except Exception:  # noqa: BLE001 - no TP group: a single worker
         return 0
+
+
+def _stop_check(request: "Request") -> StopCheck | None:
+    """For an aborted request with stop strings: what vLLM's API-side detokenizer worked on. vLLM finds
+    stop strings there, answers, then aborts the request in the engine; the scheduler sidecar replays
+    the detokenizer to tell that from a real abort (publisher.sidecar.stop_strings). Two tuple copies
+    of token ids, no decoding, on this loop."""
+    sp = request.sampling_params
+    stop = () if sp is None or not sp.stop else ((sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop))
+    if not stop or not request.num_output_tokens:
+        return None
+    return StopCheck(tuple(request.prompt_token_ids or ()), tuple(request.output_token_ids), stop, sp.min_tokens,
+                     sp.skip_special_tokens, sp.spaces_between_special_tokens)
 
 
 def served_model_name(vllm_config: "VllmConfig") -> str:
@@ -342,7 +355,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
         os.ftruncate(self._gauge_fd, 16)
         self._settled = mmap.mmap(self._gauge_fd, 16)
         self.sidecar = Sidecar(SchedulerInit(
-            c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype)),
+            c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype),
+            self._vllm_config.model_config.tokenizer, self._vllm_config.model_config.tokenizer_revision),
             pass_fds=(self._gauge_fd,))
         self._sent = 0  # requests handed to the sidecar
         # Requests finished inside a step wait here for the step's end (take_unavailable_requests), then
@@ -578,6 +592,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             finished_time=time.time(),
             traceparent=headers.get("traceparent"),
             tracestate=headers.get("tracestate"),
+            stop_check=_stop_check(request) if str(reason) == "abort" else None,
         )
 
     # ===================================================================================

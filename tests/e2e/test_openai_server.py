@@ -156,3 +156,36 @@ def test_a_request_the_client_abandons_is_published_as_aborted(embedded_server):
     assert len(mine) == 1, f"no event for the abandoned request {request_id} within 30 s"
     assert mine[0]["finish_reason"] == "abort" and mine[0]["num_output_tokens"] < 200, mine[0]
     assert len(mine[0]["embeddings"]) == 1 and not mine[0]["missing_embeddings"]
+
+
+def test_a_request_ended_by_a_stop_string_is_published_as_the_client_saw_it(embedded_server):
+    """vLLM's API process finds stop strings, answers, then aborts the request in the engine (which
+    may run on for a few tokens). The event says what the client got: ``stop``, the string, its token
+    count; a run of the same request without it says ``length``."""
+    import time
+
+    from publisher.vllm.demo.tiny_llava import random_image
+
+    s, log = embedded_server["server"], embedded_server["work"] / "events.avro"
+    content = [image_part(random_image(29)), TEXT]
+    sampling = dict(max_tokens=24, ignore_eos=True, temperature=1.0)  # seeded: the same tokens every time
+    for seed in range(20):  # the tiny model's text: a seed whose generation has words to stop on
+        free = s.chat(content, seed=seed, **sampling).json()
+        text = free["choices"][0]["message"]["content"]
+        if len(text.strip()) >= 8:
+            break
+    stop = text[len(text) // 2:len(text) // 2 + 3]  # a string the same generation reaches halfway
+    cut = s.chat(content, seed=seed, stop=[stop], **sampling).json()
+    assert cut["choices"][0]["finish_reason"] == "stop" and cut["choices"][0]["stop_reason"] == stop, cut
+    deadline, events = time.monotonic() + 30, {}
+    while time.monotonic() < deadline and not {free["id"], cut["id"]} <= events.keys():
+        time.sleep(0.5)
+        try:
+            events = {e["request_id"]: e for e in read_event_log(log)} if log.exists() else {}
+        except (EOFError, ValueError):  # a block the sidecar is still appending
+            continue
+    assert (events[free["id"]]["finish_reason"], events[free["id"]]["num_output_tokens"]) == ("length", 24)
+    e = events[cut["id"]]
+    assert (e["finish_reason"], e["stop_reason"], e["num_output_tokens"]) == (
+        "stop", stop, cut["usage"]["completion_tokens"]), (e, cut["usage"])
+    assert e["num_output_tokens"] < 24 and len(e["embeddings"]) == 1

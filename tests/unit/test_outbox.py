@@ -133,3 +133,15 @@ def test_a_spooled_request_reads_back_equal(tmp_path):
                           "lora-a", 1.5, 2.5, "00-abc-def-01")
     keys = {"h1": "k/h1.safetensors", "h2": "k/h2.safetensors"}
     assert _decode(_encode(req, keys)) == (req, keys)
+
+
+def test_a_record_has_only_the_fields_an_older_publisher_reads(tmp_path):
+    """A publisher downgraded onto this spool must be able to replay it: the stop-string check (resolved
+    before spooling) is never written, and a record round-trips without it."""
+    box = Outbox(tmp_path, STREAM, 1 << 30)
+    r = req("r0")
+    box.append(r, {"a": "k"})
+    box.close()
+    (seg,) = box.dir.glob("*.seg")
+    assert b"stop_check" not in seg.read_bytes()
+    assert [x for x, _ in Outbox(tmp_path, STREAM, 1 << 30).take_replay()] == [r]

@@ -1,0 +1,97 @@
+"""The scheduler sidecar tells a request that ended on a stop string from an abort by replaying what
+vLLM's API-side detokenizer does. Checked against vLLM's own detokenizer (FastIncrementalDetokenizer)
+on random generations, with the tiny LLaVA's word-level tokenizer and a byte-level BPE tokenizer
+trained here (multi-byte characters split across tokens, where incremental decoding is subtle)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+from tokenizers import Tokenizer
+
+from publisher.sidecar.events import FinishedRequest, StopCheck
+from publisher.sidecar.stop_strings import StopStringResolver, find_stop
+
+CORPUS = ["the cat sat on the mat, naïve café résumé", "un été à Paris 🐈 et 🐕 jouent", "日本語のテキスト 123 456",
+          "stop here. STOP there! end of text; ❤️ emoji ✅ done"] * 20
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tiny_llava, tmp_path_factory):
+    from tokenizers import ByteLevelBPETokenizer
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=400, min_frequency=1, special_tokens=["<s>", "</s>"])
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    bpe.save(str(path))
+    return {"tiny-llava": Tokenizer.from_file(str(tiny_llava / "tokenizer.json")),
+            "byte-level-bpe": Tokenizer.from_file(str(path))}
+
+
+def vllm_says(tokenizer: Tokenizer, prompt: list[int], output: list[int], stop: list[str], min_tokens: int,
+              skip_special_tokens: bool):
+    """What vLLM's API process decides: (tokens the client gets, the stop string), or None."""
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.engine.detokenizer import FastIncrementalDetokenizer
+
+    sp = SamplingParams(stop=stop, min_tokens=min_tokens, skip_special_tokens=skip_special_tokens, max_tokens=100)
+    d = FastIncrementalDetokenizer(SimpleNamespace(_tokenizer=tokenizer),
+                                   SimpleNamespace(sampling_params=sp, prompt_token_ids=prompt, request_id="r"))
+    for n, token in enumerate(output, start=1):
+        found = d.update([token], False)
+        if found is not None:
+            return n, found
+    return None
+
+
+@pytest.mark.parametrize("name", ["tiny-llava", "byte-level-bpe"])
+def test_the_same_verdict_as_vllms_detokenizer(tokenizers, name):
+    tok = tokenizers[name]
+    rng = random.Random(7)
+    vocab = tok.get_vocab_size()
+    found = 0
+    for _ in range(300):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
+        output = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        text = tok.decode(output)
+        stop = []
+        for _ in range(rng.randrange(1, 3)):  # stop strings from the text itself, and one that is not in it
+            if text and rng.random() < 0.8:
+                i = rng.randrange(len(text))
+                stop.append(text[i:i + rng.randrange(1, 5)])
+            else:
+                stop.append("\x07never")
+        min_tokens, skip = rng.choice([0, 0, 3]), rng.random() < 0.8
+        expected = vllm_says(tok, prompt, output, stop, min_tokens, skip)
+        got = find_stop(tok, StopCheck(tuple(prompt), tuple(output), tuple(stop), min_tokens, skip))
+        assert got == expected, (prompt, output, stop, min_tokens, skip)
+        found += expected is not None
+    assert found > 100  # most generations did end on one of their stop strings
+
+
+def aborted(output: tuple[int, ...], stop: tuple[str, ...]) -> FinishedRequest:
+    return FinishedRequest("r", "r-0", "m", "abort", None, 5, len(output) + 4, {}, (), None, None, 1.0,
+                           stop_check=StopCheck((1, 5), output, stop))
+
+
+def test_an_abort_that_ended_on_a_stop_string_is_published_as_the_client_saw_it(tiny_llava, tokenizers):
+    r = StopStringResolver(str(tiny_llava))
+    tok = tokenizers["tiny-llava"]
+    output = tuple(tok.token_to_id(w) for w in ["a", "red", "cat", "and", "a", "dog", "on", "the"])
+    got = r.resolve(aborted(output, ("cat and",)))
+    assert (got.finish_reason, got.stop_reason, got.num_output_tokens, got.stop_check) == ("stop", "cat and", 4, None)
+    real_abort = r.resolve(aborted(output, ("green",)))  # the client went away: no stop string in what it got
+    assert (real_abort.finish_reason, real_abort.stop_reason, real_abort.num_output_tokens) == ("abort", None, 12)
+    assert real_abort.stop_check is None
+    plain = replace(aborted(output, ("cat",)), stop_check=None)
+    assert r.resolve(plain) is plain
+
+
+def test_without_a_fast_tokenizer_the_event_keeps_the_engines_view(tmp_path, caplog, tokenizers):
+    r = StopStringResolver(str(tmp_path))  # a directory without tokenizer.json (a slow tokenizer)
+    got = r.resolve(aborted((5, 6, 7), ("a",)))
+    assert (got.finish_reason, got.num_output_tokens, got.stop_check) == ("abort", 7, None)
+    assert "no fast tokenizer" in caplog.text
