@@ -6,7 +6,7 @@ aborts the request in the engine, which may have generated a few more tokens mea
 connector only sees that abort, so for an aborted request with stop strings it sends what
 vLLM's detokenizer worked on (``StopCheck``), and this module replays it here, off vLLM's loops:
 the same incremental decoding (the ``tokenizers`` library's ``DecodeStream``, primed with the
-prompt as vLLM primes it: a prompt that ends inside a character changes the first output text)
+prompt's end, or all of it where that end does not decode cleanly)
 and the same stop-string rule (the earliest completed stop string, checked once past
 ``min_tokens``), one token at a time. The event then says what the client got.
 
@@ -23,6 +23,7 @@ import os
 from publisher.sidecar.events import FinishedRequest, StopCheck
 
 log = logging.getLogger("vllm_mm_events.stop_strings")
+PRIME_TOKENS = 32  # of the prompt's end that prime the decoder (a 2,000-token prompt costs 0.4 ms, 32 tokens 0.02)
 
 
 def find_stop(tokenizer, check: StopCheck) -> tuple[int, str] | None:
@@ -30,7 +31,13 @@ def find_stop(tokenizer, check: StopCheck) -> tuple[int, str] | None:
     when no stop string occurs: then the request was really aborted."""
     from tokenizers.decoders import DecodeStream
 
-    stream = DecodeStream(ids=list(check.prompt_token_ids), skip_special_tokens=check.skip_special_tokens)
+    # vLLM primes its stream with the whole prompt; the decoded output depends on the prompt's end only,
+    # unless that end does not decode cleanly (a character split across the cut): then the whole of it.
+    prime = list(check.prompt_token_ids[-PRIME_TOKENS:])
+    if len(check.prompt_token_ids) > PRIME_TOKENS and "\ufffd" in tokenizer.decode(
+            prime, skip_special_tokens=check.skip_special_tokens):
+        prime = list(check.prompt_token_ids)
+    stream = DecodeStream(ids=prime, skip_special_tokens=check.skip_special_tokens)
     plain_spaces = check.skip_special_tokens or check.spaces_between_special_tokens
     added = {} if plain_spaces else {i: t.content for i, t in tokenizer.get_added_tokens_decoder().items()}
     text, last_special = "", False

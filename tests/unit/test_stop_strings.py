@@ -53,9 +53,18 @@ def test_the_same_verdict_as_vllms_detokenizer(tokenizers, name):
     rng = random.Random(7)
     vocab = tok.get_vocab_size()
     found = 0
-    for _ in range(300):
-        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
-        output = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+    words = " ".join(CORPUS[:4]).split()
+    for i in range(300):
+        # Random ids (characters split anywhere, undecodable bytes) and text, prompts shorter and longer
+        # than the part that primes the decoder.
+        if i % 2:
+            prompt = tok.encode(" ".join(rng.choice(words) for _ in range(rng.randrange(1, 60)))).ids
+        else:
+            prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 80))]
+        if i % 3:
+            output = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+        else:
+            output = tok.encode(" ".join(rng.choice(words) for _ in range(15))).ids
         text = tok.decode(output)
         stop = []
         for _ in range(rng.randrange(1, 3)):  # stop strings from the text itself, and one that is not in it
