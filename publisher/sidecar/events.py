@@ -27,13 +27,15 @@ class MediaItem:
 
 @dataclass(frozen=True)
 class StopCheck:
-    """What vLLM's detokenizer had for an aborted request with stop strings (stop_strings.py)."""
+    """What vLLM's detokenizer had for a request with stop strings (stop_strings.py); the prompt's end."""
     prompt_token_ids: tuple[int, ...]
     output_token_ids: tuple[int, ...]
     stop: tuple[str, ...]
     min_tokens: int = 0
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stop_terminated: bool = False  # the engine stopped it (end of sequence, a stop token): not decoded
 
 
 @dataclass(frozen=True)
@@ -54,9 +56,9 @@ class FinishedRequest:
     traceparent: str | None = None
     tracestate: str | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    # An aborted request with stop strings: what vLLM's detokenizer worked on, so the scheduler
-    # sidecar can tell whether it ended on one (publisher.sidecar.stop_strings). Resolved (None)
-    # before the request is spooled or published.
+    # A request with stop strings: what vLLM's detokenizer worked on, so the scheduler sidecar can
+    # tell whether it ended on one (publisher.sidecar.stop_strings). Resolved (None) before the
+    # request is spooled or published.
     stop_check: StopCheck | None = None
 
 

@@ -29,8 +29,9 @@ class SchedulerInit:
     config: dict[str, Any]
     gauge_fd: int  # two shared 8-byte words: events settled, and finished requests durable in the spool
     producer: dict[str, str]  # the event's ``producer`` record
-    tokenizer: str | None = None  # the model's tokenizer (path or hub id): stop strings (stop_strings.py)
-    tokenizer_revision: str | None = None
+    # The tokenizer vLLM's API process detokenizes with (its ``tokenizers`` JSON), to replay stop
+    # strings (stop_strings.py); None where vLLM has no fast tokenizer or skips tokenizer init.
+    tokenizer_json: str | None = None
 
 
 @dataclass(frozen=True)

@@ -223,7 +223,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
                                  on_settled=lambda n: struct.pack_into("<Q", settled, 0, n), outbox=outbox,
                                  metrics=metrics, on_spooled=lambda n: struct.pack_into("<Q", settled, 8, n))
-    stop_strings = StopStringResolver(init.tokenizer, init.tokenizer_revision)
+    stop_strings = StopStringResolver(init.tokenizer_json)
     for req, keys in outbox.take_replay() if outbox else ():
         dispatcher.offer(req, keys, spooled=True)  # what an earlier run left unacknowledged
     conn.send(Ready(os.getpid()))

@@ -139,6 +139,8 @@ class ObjectUploader:
             self._collecting = False
             if self._jobs:
                 self._work.notify()  # the rest starts the next batch on another thread
+            elif self._stopping:
+                self._work.notify_all()  # closing: the others may exit now
             return batch
 
     def _run(self) -> None:

@@ -77,7 +77,7 @@ class LocalDirStore(ObjectStore):
                 parent, name = path.rsplit("/", 1)
                 try:
                     if tmp is None:  # an O_TMPFILE: named through its /proc link (linkat follows it)
-                        os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dirs[parent])
+                        self._link_unnamed(fd, name, dirs[parent])
                     else:
                         os.link(tmp, path)
                     results.append(True)
@@ -95,6 +95,16 @@ class LocalDirStore(ObjectStore):
                     os.unlink(tmp)
             for fd in dirs.values():
                 os.close(fd)
+
+    def _link_unnamed(self, fd: int, name: str, dir_fd: int) -> None:
+        try:
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
+        except FileExistsError:
+            raise
+        except OSError as e:  # a /proc that refuses (some sandboxes): the caller retries with temporary names
+            self._tmpfile = False
+            raise OSError(e.errno, f"cannot name an unnamed file through /proc ({e.strerror}); "
+                                   "temporary names from now on") from e
 
     def _stage(self, path: str, dir_fd: int, data: bytes, meta: bytes) -> tuple[int, str | None]:
         """Write one object's bytes and metadata to an unnamed file in its directory (O_TMPFILE:

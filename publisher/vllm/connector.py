@@ -87,17 +87,43 @@ def _tp_rank() -> int:
         return 0
 
 
-def _stop_check(request: "Request") -> StopCheck | None:
-    """For an aborted request with stop strings: what vLLM's API-side detokenizer worked on. vLLM finds
-    stop strings there, answers, then aborts the request in the engine; the scheduler sidecar replays
-    the detokenizer to tell that from a real abort (publisher.sidecar.stop_strings). Two tuple copies
-    of token ids, no decoding, on this loop."""
+PROMPT_TAIL = 1024  # prompt tokens sent with a StopCheck; the sidecar primes its decoder with their end
+
+
+def _stop_check(request: "Request", reason: str) -> StopCheck | None:
+    """For a request with stop strings: what vLLM's API-side detokenizer works on. vLLM finds stop
+    strings there, answers, then aborts the request in the engine, which may also have finished it
+    otherwise meanwhile (max_tokens, end of sequence); the scheduler sidecar replays the detokenizer
+    to find what the client got (publisher.sidecar.stop_strings). Two tuple copies of token ids, no
+    decoding, on this loop."""
+    if reason not in ("abort", "length", "stop") or isinstance(request.stop_reason, str):
+        return None
     sp = request.sampling_params
     stop = () if sp is None or not sp.stop else ((sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop))
     if not stop or not request.num_output_tokens:
         return None
-    return StopCheck(tuple(request.prompt_token_ids or ()), tuple(request.output_token_ids), stop, sp.min_tokens,
-                     sp.skip_special_tokens, sp.spaces_between_special_tokens)
+    prompt = request.prompt_token_ids or ()
+    return StopCheck(tuple(prompt[-PROMPT_TAIL:]), tuple(request.output_token_ids), stop, sp.min_tokens,
+                     sp.skip_special_tokens, sp.spaces_between_special_tokens, sp.include_stop_str_in_output,
+                     stop_terminated=reason == "stop")
+
+
+def _detokenizer_json(model_config) -> str | None:
+    """The tokenizer vLLM's API process detokenizes with, as ``tokenizers`` JSON (the scheduler sidecar
+    replays stop strings with it), or None: no fast tokenizer (slow or mistral modes), or
+    skip_tokenizer_init (vLLM then checks no stop strings)."""
+    try:
+        from vllm.tokenizers import cached_tokenizer_from_config
+        from vllm.v1.engine.detokenizer import uses_fast_detokenizer
+
+        tokenizer = cached_tokenizer_from_config(model_config)
+        if tokenizer is None or not uses_fast_detokenizer(tokenizer):
+            return None
+        return tokenizer._tokenizer.to_str()
+    except Exception as e:  # noqa: BLE001 - events then keep the engine's view of stop strings
+        log.warning("mm-events: cannot read vLLM's tokenizer (%s): requests that end on a stop string are "
+                    "published as vLLM's engine saw them", e)
+        return None
 
 
 def served_model_name(vllm_config: "VllmConfig") -> str:
@@ -349,6 +375,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
         from publisher.sidecar.process import Sidecar
 
         c = self.config
+        # Read once at start (the tokenizer vLLM's API process loads) and handed to the sidecar.
+        tokenizer_json = _detokenizer_json(self._vllm_config.model_config)
+        self._replays_stop_strings = tokenizer_json is not None
         # Two shared words the sidecar counts in: settled events (the drop policy reads it) and
         # finished requests durable in the spool (durable_before_return waits on it).
         self._gauge_fd = os.memfd_create("vllm-mm-events-settled", os.MFD_CLOEXEC)
@@ -356,7 +385,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self._settled = mmap.mmap(self._gauge_fd, 16)
         self.sidecar = Sidecar(SchedulerInit(
             c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype),
-            self._vllm_config.model_config.tokenizer, self._vllm_config.model_config.tokenizer_revision),
+            tokenizer_json),
             pass_fds=(self._gauge_fd,))
         self._sent = 0  # requests handed to the sidecar
         # Requests finished inside a step wait here for the step's end (take_unavailable_requests), then
@@ -592,7 +621,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             finished_time=time.time(),
             traceparent=headers.get("traceparent"),
             tracestate=headers.get("tracestate"),
-            stop_check=_stop_check(request) if str(reason) == "abort" else None,
+            stop_check=_stop_check(request, str(reason)) if self._replays_stop_strings else None,
         )
 
     # ===================================================================================

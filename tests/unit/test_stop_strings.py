@@ -75,32 +75,50 @@ def test_the_same_verdict_as_vllms_detokenizer(tokenizers, name):
                 stop.append("\x07never")
         min_tokens, skip = rng.choice([0, 0, 3]), rng.random() < 0.8
         expected = vllm_says(tok, prompt, output, stop, min_tokens, skip)
-        got = find_stop(tok, StopCheck(tuple(prompt), tuple(output), tuple(stop), min_tokens, skip))
+        got = find_stop(tok, StopCheck(tuple(prompt[-1024:]), tuple(output), tuple(stop), min_tokens, skip))
         assert got == expected, (prompt, output, stop, min_tokens, skip)
         found += expected is not None
     assert found > 100  # most generations did end on one of their stop strings
 
 
-def aborted(output: tuple[int, ...], stop: tuple[str, ...]) -> FinishedRequest:
-    return FinishedRequest("r", "r-0", "m", "abort", None, 5, len(output) + 4, {}, (), None, None, 1.0,
-                           stop_check=StopCheck((1, 5), output, stop))
+def finished(reason: str, output: tuple[int, ...], stop: tuple[str, ...], **check) -> FinishedRequest:
+    return FinishedRequest("r", "r-0", "m", reason, None, 5, len(output) + 4, {}, (), None, None, 1.0,
+                           stop_check=StopCheck((1, 5), output, stop, **check))
 
 
-def test_an_abort_that_ended_on_a_stop_string_is_published_as_the_client_saw_it(tiny_llava, tokenizers):
-    r = StopStringResolver(str(tiny_llava))
+def test_a_finish_that_was_a_stop_string_is_published_as_the_client_saw_it(tokenizers):
     tok = tokenizers["tiny-llava"]
+    r = StopStringResolver(tok.to_str())
     output = tuple(tok.token_to_id(w) for w in ["a", "red", "cat", "and", "a", "dog", "on", "the"])
-    got = r.resolve(aborted(output, ("cat and",)))
-    assert (got.finish_reason, got.stop_reason, got.num_output_tokens, got.stop_check) == ("stop", "cat and", 4, None)
-    real_abort = r.resolve(aborted(output, ("green",)))  # the client went away: no stop string in what it got
+    # vLLM's abort after the stop string; or the engine reached max_tokens first (length); or an
+    # end-of-sequence token after it (the engine's stop, without a string): the client got the stop string.
+    for reason, extra in (("abort", {}), ("length", {}), ("stop", {"stop_terminated": True})):
+        got = r.resolve(finished(reason, output, ("cat and",), **extra))
+        assert (got.finish_reason, got.stop_reason, got.num_output_tokens, got.stop_check) == (
+            "stop", "cat and", 4, None), reason
+    real_abort = r.resolve(finished("abort", output, ("green",)))  # the client went away: no stop string
     assert (real_abort.finish_reason, real_abort.stop_reason, real_abort.num_output_tokens) == ("abort", None, 12)
     assert real_abort.stop_check is None
-    plain = replace(aborted(output, ("cat",)), stop_check=None)
+    # An end-of-sequence token is not decoded: a stop string it alone would complete is not one.
+    eos_only = r.resolve(finished("stop", output, ("the",), stop_terminated=True))
+    assert (eos_only.finish_reason, eos_only.num_output_tokens) == ("stop", 12)
+    plain = replace(finished("abort", output, ("cat",)), stop_check=None)
     assert r.resolve(plain) is plain
 
 
-def test_without_a_fast_tokenizer_the_event_keeps_the_engines_view(tmp_path, caplog, tokenizers):
-    r = StopStringResolver(str(tmp_path))  # a directory without tokenizer.json (a slow tokenizer)
-    got = r.resolve(aborted((5, 6, 7), ("a",)))
+def test_the_decoder_is_primed_past_a_prompt_end_that_decodes_to_nothing(tokenizers):
+    """A prompt ending in many placeholders skipped in decoding (an image's): the window widens until it
+    holds text, as vLLM's whole-prompt priming does (the first output token's leading space)."""
+    tok = tokenizers["tiny-llava"]
+    prompt = tok.encode("what is in this picture").ids + [tok.token_to_id("<image>")] * 40
+    output = [tok.token_to_id(w) for w in ["a", "cat", "and", "a", "dog"]]
+    expected = vllm_says(tok, prompt, output, [" cat"], 0, True)
+    assert expected == (2, " cat")
+    assert find_stop(tok, StopCheck(tuple(prompt), tuple(output), (" cat",))) == expected
+
+
+def test_without_a_fast_tokenizer_the_event_keeps_the_engines_view(caplog):
+    r = StopStringResolver(None)  # vLLM's slow or mistral tokenizer modes
+    got = r.resolve(finished("abort", (5, 6, 7), ("a",)))
     assert (got.finish_reason, got.num_output_tokens, got.stop_check) == ("abort", 7, None)
     assert "no fast tokenizer" in caplog.text
