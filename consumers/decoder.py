@@ -17,9 +17,7 @@ class EventDecoder:
         self.codec = codec.AvroCodec()
         self.registry = None
         if registry_url:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-
-            self.registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_conf or {})})
+            self.registry = codec.registry_client(registry_url, registry_conf)
 
     def decode(self, value: bytes) -> dict[str, Any]:
         try:

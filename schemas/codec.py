@@ -114,6 +114,18 @@ def _released_writers() -> tuple[tuple[int, Any], ...]:
     return tuple((schema_fingerprint(p), p) for p in (fastavro.parse_schema(s) for _, s in released_schemas()))
 
 
+REGISTRY_TIMEOUT_S = 10
+
+
+def registry_client(url: str, settings: Mapping[str, Any] | None = None):
+    """The one way this project opens a Schema Registry client: Confluent's, with a timeout on every
+    HTTP request (``timeout``, seconds, 10 unless set). Its own default is none, and a registry that
+    accepts connections but never answers would hold the caller for good."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+
+    return SchemaRegistryClient.new_client({"timeout": REGISTRY_TIMEOUT_S, **(settings or {}), "url": url})
+
+
 class AvroCodec:
     """Encodes and decodes ``MMEmbeddingEvent`` values (see the module docstring for the framings).
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Mapping
 
 from publisher.event_sinks.base import EventSink
 from schemas.cloudevents import cloudevent_headers
-from schemas.codec import AvroCodec
+from schemas.codec import AvroCodec, registry_client
 
 log = logging.getLogger("vllm_mm_events.kafka")
 
@@ -35,13 +36,15 @@ class KafkaSink(EventSink):
     outage of any length (``resend_attempts`` None; a number bounds it, then it is reported
     failed). Memory stays bounded by the caller's cap on events in flight.
 
-    With a Schema Registry the schema is registered at start; a registry that does not answer
-    then (unreachable, 5xx) does not stop the engine: events wait here (and in the caller's
-    outbox) and registration is retried with backoff from ``poll``. A registry that refuses
-    (401/403, an incompatible schema) is a configuration error and fails the start.
+    With a Schema Registry the schema is registered at start, on a thread of its own
+    (``_Registration``): the caller's loop never waits on the registry. A registry that does not
+    answer within ``REGISTRY_START_WAIT_S`` (unreachable, 5xx, hung) does not stop the engine:
+    events wait here (and in the caller's outbox) while the thread retries with backoff. A
+    registry that refuses at start (401/403, an incompatible schema) is a configuration error and
+    fails the start; one that refuses later is logged as an error and retried, its events kept.
     """
 
-    REGISTRY_RETRY_MAX_S = 10.0
+    REGISTRY_START_WAIT_S = 15.0
 
     resend_attempts: int | None = None
 
@@ -59,42 +62,16 @@ class KafkaSink(EventSink):
         self._producer = Producer(conf)
         self.resends = 0
         self._closed = False
-        self._registry = None
+        self._registration: _Registration | None = None
         self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
-        self._register_at, self._register_backoff = 0.0, 0.5
         if registry_url:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
+            self._registration = _Registration(registry_client(registry_url, registry_settings), codec,
+                                               f"{topic}-value")
+            self._registration.wait_for_start(self.REGISTRY_START_WAIT_S)
 
-            self._registry = SchemaRegistryClient.new_client({"url": registry_url, **(registry_settings or {})})
-            self._registered(first=True)
-
-    def _registered(self, first: bool = False) -> bool:
-        """Whether the schema has its registry id; tries to register when due."""
-        if self._registry is None or self.codec.schema_id is not None:
-            return True
-        if time.monotonic() < self._register_at:
-            return False
-        from confluent_kafka.schema_registry.error import SchemaRegistryError
-
-        try:
-            self.codec.use_registry(self._registry, f"{self.topic}-value")
-        except SchemaRegistryError as e:
-            if e.http_status_code < 500:
-                raise  # refused (auth, an incompatible schema): an operator must act
-            self._registry_unavailable(e, first)
-            return False
-        except Exception as e:  # noqa: BLE001 - unreachable: retried, events wait meanwhile
-            self._registry_unavailable(e, first)
-            return False
-        log.info("schema registered as id %d under %s-value", self.codec.schema_id, self.topic)
-        return True
-
-    def _registry_unavailable(self, e: Exception, first: bool) -> None:
-        log.warning("schema registry unavailable (%s); %s, retrying in %.1f s", type(e).__name__,
-                    "starting anyway: events wait for it" if first else f"{len(self._unregistered)} event(s) wait",
-                    self._register_backoff)
-        self._register_at = time.monotonic() + self._register_backoff
-        self._register_backoff = min(self._register_backoff * 2, self.REGISTRY_RETRY_MAX_S)
+    def _registered(self) -> bool:
+        """Whether values can be framed: no registry, or the schema has its id."""
+        return self._registration is None or self._registration.done.is_set()
 
     @staticmethod
     def _ensure_topic(conf: Mapping[str, Any], topic: str, partitions: int) -> None:
@@ -155,6 +132,77 @@ class KafkaSink(EventSink):
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
         broker that is away; nothing is re-produced from here on."""
         self._closed = True
+        if self._registration is not None:
+            self._registration.stop()
         self._unregistered.clear()
         self._producer.purge()
         self._producer.flush(0)
+
+
+class _Registration:
+    """Registers ``codec``'s schema under ``subject`` on a daemon thread, retrying with backoff
+    (0.5 s doubling to ``RETRY_MAX_S``) until the registry gives the id; ``done`` is set once the
+    codec frames values with it. A 4xx answer is a refusal: before the start has stopped waiting
+    it is raised there (``wait_for_start``); later it is logged as an error and retried."""
+
+    RETRY_MAX_S = 10.0
+
+    def __init__(self, client, codec: AvroCodec, subject: str):
+        self.done = threading.Event()
+        self._client, self._codec, self._subject = client, codec, subject
+        self._lock = threading.Lock()
+        self._waiting_start = True  # the start waits for the first answer (under _lock)
+        self._first_answer = threading.Event()
+        self._first_error: Exception | None = None
+        self._stopped = threading.Event()
+        threading.Thread(target=self._run, name="mm-events-registry", daemon=True).start()
+
+    def wait_for_start(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for the first answer: raise a refusal, log an outage and go on."""
+        self._first_answer.wait(timeout)
+        with self._lock:
+            self._waiting_start = False
+            error = self._first_error
+        if self.done.is_set():
+            return
+        if self._is_refusal(error):
+            self.stop()
+            raise error
+        reason = type(error).__name__ if error is not None else f"no answer in {timeout:.0f} s"
+        log.warning("schema registry unavailable (%s); starting anyway: events wait for it", reason)
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    @staticmethod
+    def _is_refusal(e: Exception | None) -> bool:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        return isinstance(e, SchemaRegistryError) and e.http_status_code < 500  # auth, an incompatible schema
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stopped.is_set():
+            try:
+                self._codec.use_registry(self._client, self._subject)
+            except Exception as e:  # noqa: BLE001 - unreachable, hung, 5xx or refused: see below
+                with self._lock:
+                    at_start = self._waiting_start
+                    if at_start:
+                        self._first_error = e
+                self._first_answer.set()
+                if self._is_refusal(e):
+                    if at_start:
+                        return  # the start raises it
+                    log.error("schema registry refused the schema under %s: %s; events wait (spooled), "
+                              "retrying in %.0f s", self._subject, e, self.RETRY_MAX_S)
+                    backoff = self.RETRY_MAX_S
+                elif not at_start:
+                    log.warning("schema registry unavailable (%s); retrying in %.1f s", type(e).__name__, backoff)
+            else:
+                self.done.set()
+                self._first_answer.set()
+                log.info("schema registered as id %d under %s", self._codec.schema_id, self._subject)
+                return
+            self._stopped.wait(backoff)
+            backoff = min(backoff * 2, self.RETRY_MAX_S)

@@ -29,7 +29,7 @@ from consumers.events import read_events
 from consumers.sources import open_source
 from publisher.event_sinks import open_event_sink
 from schemas import compat, event_schema, released_schemas
-from schemas.codec import CONTENT_TYPE_CONFLUENT, AvroCodec, to_wire
+from schemas.codec import CONTENT_TYPE_CONFLUENT, AvroCodec, registry_client, to_wire
 
 from pipeline import read_topic
 
@@ -104,11 +104,10 @@ def test_publisher_registers_under_topic_value_and_the_consumer_resolves_by_id(k
     assert list(decoder.codec._writers) == [codec.schema_id]
 
     # Confluent's own deserializer reads the same bytes through the same registry.
-    from confluent_kafka.schema_registry import SchemaRegistryClient
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
-    deserialize = AvroDeserializer(SchemaRegistryClient({"url": registry.url}))
+    deserialize = AvroDeserializer(registry_client(registry.url))
     ctx = SerializationContext(topic, MessageField.VALUE)
     assert [deserialize(m.value(), ctx)["request_id"] for m in raw] == [e["request_id"] for e in events]
 
@@ -212,6 +211,49 @@ def test_a_registry_outage_while_running(kafka, registry, topic):
     assert warnings == [] and len(got) == 12
     assert [e["request_id"] for e in got] == [f"req-{i}" for i in range(4)] + [f"req-{10 + i}" for i in range(5)] + \
         [f"req-{20 + i}" for i in range(3)]
+
+
+
+def test_a_registry_that_accepts_and_never_answers(kafka, registry, topic, monkeypatch):
+    """A hung registry (SIGSTOP: the kernel still accepts connections, nobody answers). The publisher's
+    start waits a bounded time, then its loop never waits on the registry again: publish and poll return
+    at once while its events wait, and all go out once it answers. The consumer's lookup ends in a
+    Transient error after the client's default timeout instead of hanging its loop."""
+    from publisher.event_sinks.kafka import KafkaSink
+
+    uri = f"kafka://{kafka.bootstrap}/{topic}"
+    monkeypatch.setattr(KafkaSink, "REGISTRY_START_WAIT_S", 3.0)
+    sink = open_event_sink(uri, AvroCodec(), registry_url=registry.url, topic_partitions=1)
+    _publish(sink, [event(i) for i in range(2)])
+    value = read_topic(kafka.bootstrap, topic, 2)[0].value()
+
+    registry.pause()
+    t0 = time.monotonic()
+    late = open_event_sink(uri, AvroCodec(), registry_url=registry.url)
+    assert 3 <= time.monotonic() - t0 < 10 and late.codec.schema_id is None
+    done: list = []
+    slowest = 0.0
+    for i in range(3):
+        t = time.monotonic()
+        late.publish(event(20 + i), done.append)
+        late.poll(0)
+        slowest = max(slowest, time.monotonic() - t)
+    assert slowest < 1.0, f"the caller's loop waited {slowest:.1f} s on a hung registry"
+    assert late.flush(2) == 3 and done == []  # waiting for the registry, not failed
+
+    cold = EventDecoder(registry_url=registry.url, registry_conf={"max.retries": 0})
+    t0 = time.monotonic()
+    with pytest.raises(Transient, match="schema registry"):
+        cold.decode(value)
+    assert time.monotonic() - t0 < 30  # the default timeout (10 s), not forever
+
+    registry.resume()
+    assert late.flush(60) == 0 and done == [None] * 3
+    assert late.codec.schema_id == sink.codec.schema_id
+    late.close()
+    sink.close()
+    got, warnings = _read(uri, EventDecoder(registry_url=registry.url))
+    assert warnings == [] and [e["request_id"] for e in got] == ["req-0", "req-1", "req-20", "req-21", "req-22"]
 
 
 def test_registry_auth_settings_pass_through(kafka, schema_registry_with_auth):
