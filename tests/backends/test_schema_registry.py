@@ -24,7 +24,7 @@ from contract.test_event_sink import event
 from unit.test_schema_compat import _breaking, next_schema, with_next_fields
 
 from consumers.decoder import EventDecoder
-from consumers.errors import Transient
+from consumers.errors import Poison, Transient
 from consumers.events import read_events
 from consumers.sources import open_source
 from publisher.event_sinks import open_event_sink
@@ -102,6 +102,11 @@ def test_publisher_registers_under_topic_value_and_the_consumer_resolves_by_id(k
     got, warnings = _read(uri, decoder)
     assert warnings == [] and [to_wire(e) for e in got] == events
     assert list(decoder.codec._writers) == [codec.schema_id]
+    # An id the registry has never given is poison (dead-lettered), not an outage to retry.
+    unknown_id = codec.schema_id + 4242
+    with pytest.raises(Poison) as e:
+        decoder.decode(b"\x00" + struct.pack(">I", unknown_id) + raw[0].value()[5:])
+    assert e.value.kind == "unknown_schema" and str(unknown_id) in str(e.value)
 
     # Confluent's own deserializer reads the same bytes through the same registry.
     from confluent_kafka.schema_registry.avro import AvroDeserializer

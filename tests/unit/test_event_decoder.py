@@ -1,6 +1,6 @@
-"""The consumer's decoder: both framings the publisher writes, and poison for anything else."""
+"""The consumer's decoder without a registry: the single-object framing, and poison for anything else
+(tests/backends/test_schema_registry.py decodes the Confluent framing through a real registry)."""
 
-import struct
 
 import pytest
 
@@ -20,22 +20,6 @@ def event(tmp_path):
 def test_single_object_round_trip(event):
     got = EventDecoder().decode(AvroCodec().encode(event))
     assert to_wire(got) == event
-
-
-def test_confluent_framing_resolves_the_writer_schema_from_the_registry(event):
-    from confluent_kafka.schema_registry import SchemaRegistryClient
-
-    registry = SchemaRegistryClient.new_client({"url": "mock://decoder-test"})
-    codec = AvroCodec()
-    codec.use_registry(registry, "events-value")
-    value = codec.encode(event)
-    assert value[:1] == b"\x00" and struct.unpack(">I", value[1:5])[0] == codec.schema_id
-    decoder = EventDecoder()
-    decoder.registry = registry  # the same (mock) registry the producer used
-    assert to_wire(decoder.decode(value)) == event
-    with pytest.raises(Poison) as e:
-        decoder.decode(b"\x00" + struct.pack(">I", 4242) + value[5:])
-    assert e.value.kind == "unknown_schema" and "4242" in str(e.value)
 
 
 def test_confluent_framing_without_a_registry_is_unknown_schema(event):

@@ -106,24 +106,6 @@ def test_unknown_fingerprint_and_garbage_are_refused():
         codec.decode(b"{json}")
 
 
-def test_registry_wire_format_with_confluent_client():
-    from confluent_kafka.schema_registry import SchemaRegistryClient
-
-    client = SchemaRegistryClient.new_client({"url": "mock://unit"})
-    codec = AvroCodec()
-    codec.use_registry(client, "t-value")
-    e = build_event(snapshot(), {}, producer_info("v", "float32"))
-    data = codec.encode(e)
-    assert data[0] == 0 and struct.unpack(">I", data[1:5])[0] == codec.schema_id
-    assert codec.decode(data)["request_id"] == "req-1"
-    # Confluent's own deserializer reads it back through the registry.
-    from confluent_kafka.schema_registry.avro import AvroDeserializer
-    from confluent_kafka.serialization import MessageField, SerializationContext
-
-    rec = AvroDeserializer(client)(data, SerializationContext("t", MessageField.VALUE))
-    assert rec["event_id"] == e["event_id"]
-
-
 def test_cloudevents_headers():
     e = build_event(snapshot(), {}, producer_info("v", "float32"))
     h = dict(cloudevent_headers(e, "application/avro"))
