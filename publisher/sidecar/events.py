@@ -26,19 +26,6 @@ class MediaItem:
 
 
 @dataclass(frozen=True)
-class StopCheck:
-    """What vLLM's detokenizer had for a request with stop strings (stop_strings.py); the prompt's end."""
-    prompt_token_ids: tuple[int, ...]
-    output_token_ids: tuple[int, ...]
-    stop: tuple[str, ...]
-    min_tokens: int = 0
-    skip_special_tokens: bool = True
-    spaces_between_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
-    stop_terminated: bool = False  # the engine stopped it (end of sequence, a stop token): not decoded
-
-
-@dataclass(frozen=True)
 class FinishedRequest:
     """What the scheduler knew when the request finished: plain values only."""
     request_id: str
@@ -56,10 +43,6 @@ class FinishedRequest:
     traceparent: str | None = None
     tracestate: str | None = None
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    # A request with stop strings: what vLLM's detokenizer worked on, so the scheduler sidecar can
-    # tell whether it ended on one (publisher.sidecar.stop_strings). Resolved (None) before the
-    # request is spooled or published.
-    stop_check: StopCheck | None = None
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,24 @@ class ItemsCaptured:
 
 
 @dataclass(frozen=True)
+class StopCheck:
+    """What vLLM's detokenizer had for a request with stop strings (stop_strings.py); the prompt's end.
+    Sent beside the request (``RequestsFinished``), used before it is spooled, never stored."""
+    prompt_token_ids: tuple[int, ...]
+    output_token_ids: tuple[int, ...]
+    stop: tuple[str, ...]
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stop_terminated: bool = False  # the engine stopped it (end of sequence, a stop token): not decoded
+
+
+@dataclass(frozen=True)
 class RequestsFinished:
     """Requests that finished (in one engine step): publish each one's event once the objects under its
-    keys (mm_hash -> key) are durable."""
-    requests: tuple[tuple[FinishedRequest, dict[str, str]], ...]
+    keys (mm_hash -> key) are durable. A request with stop strings comes with its ``StopCheck``."""
+    requests: tuple[tuple[FinishedRequest, dict[str, str], StopCheck | None], ...]
 
 
 @dataclass(frozen=True)

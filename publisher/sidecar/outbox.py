@@ -46,7 +46,6 @@ def _encode(req: FinishedRequest, keys: dict[str, str]) -> bytes:
     # Shallow, by hand: dataclasses.asdict deep-copies every value and was a fifth of the scheduler
     # sidecar's CPU per request; the fields are plain values, serialized at once.
     r = {**vars(req), "items": [vars(i) for i in req.items]}
-    del r["stop_check"]  # resolved before spooling (always None here); left out so that an older reader reads it
     return _JSON({"req": r, "keys": keys}).encode()
 
 

@@ -252,8 +252,8 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
             while True:
                 msg = conn.recv()
                 if isinstance(msg, RequestsFinished):
-                    for req, keys in msg.requests:  # past the cap: parked (at most one step's requests over)
-                        req = stop_strings.resolve(req)  # before it is spooled: what the client got
+                    for req, keys, stop_check in msg.requests:  # past the cap: parked (one step's over at most)
+                        req = stop_strings.resolve(req, stop_check)  # before it is spooled: what the client got
                         if full() or parked:
                             parked.append((req, keys))
                         else:

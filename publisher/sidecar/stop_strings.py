@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from publisher.sidecar.events import FinishedRequest, StopCheck
+from publisher.sidecar.events import FinishedRequest
+from publisher.sidecar.messages import StopCheck
 
 log = logging.getLogger("vllm_mm_events.stop_strings")
 # The prompt's end primes the decoder, as vLLM primes it with the whole prompt: the decoded output
@@ -99,11 +100,10 @@ class StopStringResolver:
                 log.warning("mm-events: cannot load vLLM's tokenizer (%s)", e)
                 self._tokenizer = None
 
-    def resolve(self, req: FinishedRequest) -> FinishedRequest:
-        check = req.stop_check
+    def resolve(self, req: FinishedRequest, check: StopCheck | None) -> FinishedRequest:
+        """``req`` as its client saw it: ended by a stop string when ``check`` finds one."""
         if check is None:
             return req
-        req = dataclasses.replace(req, stop_check=None)  # what the event and the spool keep
         if self._tokenizer is None:
             if not self._warned:
                 self._warned = True

@@ -44,7 +44,7 @@ from vllm.distributed.ec_transfer.ec_connector.base import (
 
 from publisher.config import PublisherConfig
 from publisher.logs import setup_logging
-from publisher.sidecar.events import FinishedRequest, MediaItem, StopCheck, producer_info, stringify_metadata
+from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, stringify_metadata
 from publisher.sidecar.messages import (
     EventsDropped,
     ItemCaptured,
@@ -52,6 +52,7 @@ from publisher.sidecar.messages import (
     RegionsFreed,
     RequestsFinished,
     SchedulerInit,
+    StopCheck,
     WorkerInit,
 )
 from schemas.objects import MAX_EXTRAS, object_key
@@ -90,7 +91,7 @@ def _tp_rank() -> int:
 PROMPT_TAIL = 1024  # prompt tokens sent with a StopCheck; the sidecar primes its decoder with their end
 
 
-def _stop_check(request: "Request", reason: str) -> StopCheck | None:
+def _stop_check(request: "Request", reason: str | None) -> StopCheck | None:
     """For a request with stop strings: what vLLM's API-side detokenizer works on. vLLM finds stop
     strings there, answers, then aborts the request in the engine, which may also have finished it
     otherwise meanwhile (max_tokens, end of sequence); the scheduler sidecar replays the detokenizer
@@ -99,9 +100,9 @@ def _stop_check(request: "Request", reason: str) -> StopCheck | None:
     if reason not in ("abort", "length", "stop") or isinstance(request.stop_reason, str):
         return None
     sp = request.sampling_params
-    stop = () if sp is None or not sp.stop else ((sp.stop,) if isinstance(sp.stop, str) else tuple(sp.stop))
-    if not stop or not request.num_output_tokens:
+    if sp is None or not sp.stop or not request.num_output_tokens:  # vLLM makes a str stop a list
         return None
+    stop = tuple(sp.stop)
     prompt = request.prompt_token_ids or ()
     return StopCheck(tuple(prompt[-PROMPT_TAIL:]), tuple(request.output_token_ids), stop, sp.min_tokens,
                      sp.skip_special_tokens, sp.spaces_between_special_tokens, sp.include_stop_str_in_output,
@@ -536,7 +537,8 @@ class MMEmbeddingPublisher(ECConnectorBase):
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
                          "dtype": self.config.storage_dtype, "source": source})
         snapshot = self._snapshot(request, tuple(items), metadata)
-        self._hand_over(snapshot, keys)
+        self._hand_over(snapshot, keys,
+                        _stop_check(request, snapshot.finish_reason) if self._replays_stop_strings else None)
         if self.config.return_params == "ids":  # no store locations for API clients
             return False, {"event_id": snapshot.event_id, "mm_embeddings": [
                 {k: r[k] for k in ("mm_hash", "modality", "item_index", "source")} for r in refs]}
@@ -545,7 +547,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             params["s3_endpoint_url"] = self._endpoint
         return False, params
 
-    def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str]) -> None:
+    def _hand_over(self, snapshot: FinishedRequest, keys: dict[str, str], stop_check: StopCheck | None = None) -> None:
         if self.config.backpressure == "drop":
             in_flight = self._sent + len(self._finished) - struct.unpack_from("<Q", self._settled, 0)[0]
             if in_flight >= self.config.max_pending_events:
@@ -554,7 +556,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
                 log.warning("mm-events: dropped the event of %s: %d events in flight (%d dropped so far)",
                             snapshot.request_id, in_flight, self.dropped_events)
                 return
-        self._finished.append((snapshot, keys))
+        self._finished.append((snapshot, keys, stop_check))
         if not self._in_step:
             self._send_finished()
             # vLLM finishes the requests that failed in a step (a grammar that did not compile, an encoder
@@ -621,7 +623,6 @@ class MMEmbeddingPublisher(ECConnectorBase):
             finished_time=time.time(),
             traceparent=headers.get("traceparent"),
             tracestate=headers.get("tracestate"),
-            stop_check=_stop_check(request, str(reason)) if self._replays_stop_strings else None,
         )
 
     # ===================================================================================

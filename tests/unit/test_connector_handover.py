@@ -41,10 +41,11 @@ def test_requests_finished_in_a_step_go_in_one_message_at_its_end():
     assert sent == [] and c._sent == 0
     assert c.take_unavailable_requests() == set()  # update_from_output ends
     assert [type(m) for m in sent] == [RequestsFinished]
-    assert [(r.request_id, keys) for r, keys in sent[0].requests] == [("req-1", {"h1": "k1"}), ("req-2", {})]
+    assert [(r.request_id, keys, check) for r, keys, check in sent[0].requests] == [("req-1", {"h1": "k1"}, None),
+                                                                                   ("req-2", {}, None)]
     assert c._sent == 2
     c._hand_over(finished(3), {})  # between steps (an abort from the input queue): at once
-    assert [r.request_id for m in sent[1:] for r, _ in m.requests] == ["req-3"] and c._sent == 3
+    assert [r.request_id for m in sent[1:] for r, _, _ in m.requests] == ["req-3"] and c._sent == 3
     assert c.take_unavailable_requests() == set() and len(sent) == 2  # nothing left to send
 
 
@@ -57,7 +58,7 @@ def test_the_drop_policy_counts_requests_waiting_for_the_steps_end():
         c._hand_over(finished(i), {})
     c.take_unavailable_requests()
     assert c._sent == 2 and c.dropped_events == 1
-    assert [r.request_id for m in sent if isinstance(m, RequestsFinished) for r, _ in m.requests] == ["req-0",
+    assert [r.request_id for m in sent if isinstance(m, RequestsFinished) for r, _, _ in m.requests] == ["req-0",
                                                                                                       "req-1"]
 
 

@@ -6,13 +6,13 @@ trained here (multi-byte characters split across tokens, where incremental decod
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
 from tokenizers import Tokenizer
 
-from publisher.sidecar.events import FinishedRequest, StopCheck
+from publisher.sidecar.events import FinishedRequest
+from publisher.sidecar.messages import StopCheck
 from publisher.sidecar.stop_strings import StopStringResolver, find_stop
 
 CORPUS = ["the cat sat on the mat, naïve café résumé", "un été à Paris 🐈 et 🐕 jouent", "日本語のテキスト 123 456",
@@ -81,9 +81,10 @@ def test_the_same_verdict_as_vllms_detokenizer(tokenizers, name):
     assert found > 100  # most generations did end on one of their stop strings
 
 
-def finished(reason: str, output: tuple[int, ...], stop: tuple[str, ...], **check) -> FinishedRequest:
-    return FinishedRequest("r", "r-0", "m", reason, None, 5, len(output) + 4, {}, (), None, None, 1.0,
-                           stop_check=StopCheck((1, 5), output, stop, **check))
+def finished(reason: str, output: tuple[int, ...], stop: tuple[str, ...], **check) -> tuple[FinishedRequest, StopCheck]:
+    """A finished request and its check, as the engine sends them."""
+    return (FinishedRequest("r", "r-0", "m", reason, None, 5, len(output) + 4, {}, (), None, None, 1.0),
+            StopCheck((1, 5), output, stop, **check))
 
 
 def test_a_finish_that_was_a_stop_string_is_published_as_the_client_saw_it(tokenizers):
@@ -93,17 +94,15 @@ def test_a_finish_that_was_a_stop_string_is_published_as_the_client_saw_it(token
     # vLLM's abort after the stop string; or the engine reached max_tokens first (length); or an
     # end-of-sequence token after it (the engine's stop, without a string): the client got the stop string.
     for reason, extra in (("abort", {}), ("length", {}), ("stop", {"stop_terminated": True})):
-        got = r.resolve(finished(reason, output, ("cat and",), **extra))
-        assert (got.finish_reason, got.stop_reason, got.num_output_tokens, got.stop_check) == (
-            "stop", "cat and", 4, None), reason
-    real_abort = r.resolve(finished("abort", output, ("green",)))  # the client went away: no stop string
+        got = r.resolve(*finished(reason, output, ("cat and",), **extra))
+        assert (got.finish_reason, got.stop_reason, got.num_output_tokens) == ("stop", "cat and", 4), reason
+    real_abort = r.resolve(*finished("abort", output, ("green",)))  # the client went away: no stop string
     assert (real_abort.finish_reason, real_abort.stop_reason, real_abort.num_output_tokens) == ("abort", None, 12)
-    assert real_abort.stop_check is None
     # An end-of-sequence token is not decoded: a stop string it alone would complete is not one.
-    eos_only = r.resolve(finished("stop", output, ("the",), stop_terminated=True))
+    eos_only = r.resolve(*finished("stop", output, ("the",), stop_terminated=True))
     assert (eos_only.finish_reason, eos_only.num_output_tokens) == ("stop", 12)
-    plain = replace(finished("abort", output, ("cat",)), stop_check=None)
-    assert r.resolve(plain) is plain
+    plain, _ = finished("abort", output, ("cat",))
+    assert r.resolve(plain, None) is plain
 
 
 def test_the_decoder_is_primed_past_a_prompt_end_that_decodes_to_nothing(tokenizers):
@@ -119,6 +118,6 @@ def test_the_decoder_is_primed_past_a_prompt_end_that_decodes_to_nothing(tokeniz
 
 def test_without_a_fast_tokenizer_the_event_keeps_the_engines_view(caplog):
     r = StopStringResolver(None)  # vLLM's slow or mistral tokenizer modes
-    got = r.resolve(finished("abort", (5, 6, 7), ("a",)))
-    assert (got.finish_reason, got.num_output_tokens, got.stop_check) == ("abort", 7, None)
+    got = r.resolve(*finished("abort", (5, 6, 7), ("a",)))
+    assert (got.finish_reason, got.num_output_tokens) == ("abort", 7)
     assert "no fast tokenizer" in caplog.text
