@@ -44,7 +44,9 @@ class EventSource(ABC):
 
     @abstractmethod
     def commit(self, records: list[SourceRecord]) -> None:
-        """Mark ``records`` (and everything before them on their partition) as done, durably."""
+        """Mark ``records`` (and everything before them on their partition) as done, durably; a source
+        whose server may not answer (Kafka) never holds the caller for it: the commit lands later, and
+        records whose commit never lands are read again (upserts are idempotent)."""
 
     def pause(self) -> None:
         """Stop fetching (a slow sink) while still being polled, so group membership stays alive."""

@@ -32,6 +32,7 @@ class KafkaSource(EventSource):
             "client.id": f"vllm-mm-events-consumer-{os.getpid()}",
             "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka"),
             **settings,
+            "on_commit": self._committed,
         }
         self.read_only = read_only
         if read_only:  # after the user's settings: nothing they pass may make a reader commit
@@ -39,6 +40,9 @@ class KafkaSource(EventSource):
                          "enable.auto.offset.store": False,
                          "client.id": f"vllm-mm-events-reader-{os.getpid()}"})
         self.consumer = Consumer(conf)
+        self.commits_pending = 0  # asynchronous commits not yet answered (served by poll)
+        self._commit_failed = False
+        self._requested: dict[tuple[str, int], int] = {}  # the offsets last asked to commit, per partition
         self.assigned: set[tuple[str, int]] = set()
         self.at_eof: set[tuple[str, int]] = set()
         self.has_assignment = False
@@ -85,6 +89,7 @@ class KafkaSource(EventSource):
     def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+        self._recommit()
         # Drain what is buffered without waiting; if nothing is, wait for the first record only
         # (consume(n, timeout) would hold out for all n until the timeout).
         msgs = self.consumer.consume(num_messages=max_records, timeout=0)
@@ -136,8 +141,38 @@ class KafkaSource(EventSource):
             tp, off = r.position
             last[tp] = max(off, last.get(tp, -1))
         offsets = [TopicPartition(t, p, off + 1) for (t, p), off in last.items() if (t, p) in self.assigned]
-        if offsets:
-            self.consumer.commit(offsets=offsets, asynchronous=False)
+        if not offsets:
+            return
+        # Asynchronous: librdkafka's synchronous commit has no timeout, and a broker that accepts and
+        # never answers would hold this loop (heartbeats, SIGTERM) for good. The answer comes through
+        # poll (_committed); a failed commit is asked again from poll until one lands, and closing
+        # waits for the last (bounded by socket.timeout.ms). Records whose commit never lands (the
+        # process ends first) are read again: upserts make that safe.
+        self._commit(offsets)
+
+    def _commit(self, offsets: list) -> None:
+        for tp in offsets:
+            self._requested[(tp.topic, tp.partition)] = tp.offset
+        self.commits_pending += 1
+        self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def _committed(self, err, partitions) -> None:
+        """librdkafka's answer to a commit (served by poll, on this thread)."""
+        self.commits_pending -= 1
+        failed = [tp for tp in partitions or () if tp.error is not None]
+        if err is not None or failed:
+            self._commit_failed = True
+            log.warning("kafka: a commit failed (%s); asking again", err or failed[0].error)
+
+    def _recommit(self) -> None:
+        """After a failed commit, once no other is in flight: the last offsets asked for, partitions still ours."""
+        from confluent_kafka import TopicPartition
+
+        if self._commit_failed and not self.commits_pending:
+            self._commit_failed = False
+            offsets = [TopicPartition(t, p, off) for (t, p), off in self._requested.items() if (t, p) in self.assigned]
+            if offsets:
+                self._commit(offsets)
 
     def owns(self, record: SourceRecord) -> bool:
         return record.position[0] in self.assigned
@@ -178,4 +213,7 @@ class KafkaSource(EventSource):
         return total
 
     def close(self) -> None:
+        if self.commits_pending:
+            log.info("kafka: closing with %d commit(s) not yet answered; closing waits for them "
+                     "(socket.timeout.ms at most)", self.commits_pending)
         self.consumer.close()  # leaves the group now, so the partitions move without a session timeout
