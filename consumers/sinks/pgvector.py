@@ -10,6 +10,9 @@ searched exactly).
 from __future__ import annotations
 
 import json
+import os
+import socket
+import threading
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -27,6 +30,21 @@ _COLUMNS = ("id", "embedding", *PAYLOAD_FIELDS)
 def _pg_text(s: str) -> str:
     """PostgreSQL text and jsonb cannot hold NUL: it is stored as the six characters ``\\u0000``."""
     return s.replace("\0", "\\u0000") if "\0" in s else s
+
+
+def _shut_down(conn, timed_out: threading.Event) -> None:
+    """The watchdog: end the wait of a query on ``conn`` (shutdown wakes the waiting thread; unlike close,
+    it leaves the descriptor to its owner)."""
+    timed_out.set()
+    try:
+        sock = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except Exception:  # noqa: BLE001 - the connection was closed meanwhile
+        return
+    with sock:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 def _vector_literal(v: np.ndarray) -> str:
@@ -60,21 +78,37 @@ class PgvectorSink(VectorSink):
     # 22 data exception or 54 program limit (an index row too large), is about the data.
     TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
+    # libpq waits on a query's answer without a timeout, and a server that accepts and never answers
+    # (stopped, or a network path that drops packets) would hold the writer for good; statement_timeout
+    # needs a server that runs. A watchdog shuts the connection's socket down after OP_TIMEOUT_S: the
+    # wait ends, the operation fails as Transient, and the next one connects again.
+    OP_TIMEOUT_S = 120.0
+
     def _run(self, fn):
         """Run ``fn(conn)`` in one transaction; connection-level failures are Transient, errors about
         the data are raised as they are (the caller isolates the event that caused them)."""
         import psycopg
 
         conn = self._connect()
+        timed_out = threading.Event()
+        watchdog = threading.Timer(self.OP_TIMEOUT_S, _shut_down, (conn, timed_out))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             with conn.transaction():
                 return fn(conn)
-        except psycopg.OperationalError as e:
+        except psycopg.Error as e:
+            if timed_out.is_set():
+                conn.close()
+                raise Transient("sink", f"{self.name}: no answer in {self.OP_TIMEOUT_S:.0f} s") from None
             state = e.sqlstate or ""
-            if state and state[:2] not in self.TRANSIENT_SQLSTATE_CLASSES:
+            if not isinstance(e, psycopg.OperationalError) or (state and state[:2] not in
+                                                               self.TRANSIENT_SQLSTATE_CLASSES):
                 raise
             conn.close()
             raise Transient("sink", f"{self.name}: {str(e).strip().splitlines()[0]}") from None
+        finally:
+            watchdog.cancel()
 
     def _ident(self):
         from psycopg import sql
