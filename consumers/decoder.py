@@ -4,10 +4,13 @@ registry client resolving writer schemas by id and every failure typed as poison
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from consumers.errors import Poison, Transient, Undecodable, UnknownSchema
 from schemas import codec
+
+REGISTRY_DOWN_S = 5.0  # after a registry outage, lookups fail at once for this long (the writer retries)
 
 
 class EventDecoder:
@@ -16,8 +19,14 @@ class EventDecoder:
     def __init__(self, registry_url: str | None = None, registry_conf: dict | None = None):
         self.codec = codec.AvroCodec()
         self.registry = None
+        self._registry_down_until = 0.0  # after a lookup that failed for the registry's sake: fail fast
+        self._registry_down = ""
         if registry_url:
             self.registry = codec.registry_client(registry_url, registry_conf)
+
+    def _note_down(self, why: str) -> None:
+        self._registry_down = f"{why} (asked again after {REGISTRY_DOWN_S:.0f} s)"
+        self._registry_down_until = time.monotonic() + REGISTRY_DOWN_S
 
     def decode(self, value: bytes) -> dict[str, Any]:
         try:
@@ -34,14 +43,19 @@ class EventDecoder:
     def _writer_schema(self, schema_id: int) -> dict:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
+        if time.monotonic() < self._registry_down_until:  # each lookup could wait out the timeout again
+            raise Transient("source", f"schema registry: {self._registry_down}")
         try:
             schema = self.registry.get_schema(schema_id)
         except SchemaRegistryError as e:
             if e.http_status_code == 404:
                 raise UnknownSchema(f"schema id {schema_id} is not in the registry") from None
+            if e.http_status_code >= 500:
+                self._note_down(str(e))
             raise Transient("source", f"schema registry: {e}") from None
-        except Exception as e:  # noqa: BLE001 - network
-            raise Transient("source", f"schema registry: {e}") from None
+        except Exception as e:  # noqa: BLE001 - network, or no answer in time
+            self._note_down(f"{type(e).__name__}: {e}")
+            raise Transient("source", f"schema registry: {type(e).__name__}: {e}") from None
         try:
             return json.loads(schema.schema_str)
         except ValueError as e:
