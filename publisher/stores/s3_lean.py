@@ -41,7 +41,10 @@ class ObjectOverCap(Exception):
 class S3LeanClient:
     """SigV4-signed PUT (put-if-absent, checksummed), HEAD and GET over per-thread keep-alive connections."""
 
-    def __init__(self, endpoint_url: str | None, region: str | None, timeout: float = 30.0):
+    def __init__(self, endpoint_url: str | None, region: str | None, timeout: float = 30.0,
+                 head_timeout: float = 5.0):
+        """``timeout``: seconds per socket operation; ``head_timeout`` for HEADs, which carry no body (the
+        scheduler sidecar checks objects with them on its only thread)."""
         import botocore.session
 
         session = botocore.session.get_session()
@@ -52,7 +55,7 @@ class S3LeanClient:
         u = urlsplit(endpoint_url or f"https://s3.{self.region}.amazonaws.com")
         self.secure = u.scheme == "https"
         self.host = u.netloc
-        self.timeout = timeout
+        self.timeout, self.head_timeout = timeout, head_timeout
         self._local = threading.local()
         self._key_cache: tuple[str, str, bytes] | None = None  # (date, secret, signing key)
 
@@ -65,11 +68,16 @@ class S3LeanClient:
         return c
 
     def _request(self, method: str, bucket: str, key: str, headers: dict[str, str], body: bytes,
-                 payload_sha256: str, max_body: int | None = None) -> tuple[int, dict[str, str], bytes]:
+                 payload_sha256: str, max_body: int | None = None,
+                 timeout: float | None = None) -> tuple[int, dict[str, str], bytes]:
+        """One request; ``timeout`` (seconds per socket operation) instead of the client's own."""
         path = "/" + quote(bucket, safe="") + "/" + quote(key, safe="/~")
         headers = self._sign(method, path, headers, payload_sha256)
         for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
             conn = self._conn()
+            conn.timeout = timeout or self.timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(conn.timeout)
             try:
                 conn.request(method, path, body=body or None, headers=headers)
                 r = conn.getresponse()
@@ -77,6 +85,9 @@ class S3LeanClient:
                 return r.status, got, self._read_body(r, max_body if r.status == 200 else None)
             except ObjectOverCap:
                 self._drop(conn)  # the unread rest of the body would poison the keep-alive connection
+                raise
+            except TimeoutError:  # a server that does not answer: asking again would only double the wait
+                self._drop(conn)
                 raise
             except (http.client.HTTPException, ConnectionError, OSError):
                 self._drop(conn)
@@ -152,7 +163,7 @@ class S3LeanClient:
         raise S3Error(status, _xml_field(body, "Code"), _xml_field(body, "Message"))
 
     def head(self, bucket: str, key: str) -> tuple[int, dict[str, str]] | None:
-        status, headers, _ = self._request("HEAD", bucket, key, {}, b"", EMPTY_SHA256)
+        status, headers, _ = self._request("HEAD", bucket, key, {}, b"", EMPTY_SHA256, timeout=self.head_timeout)
         if status == 404:
             return None
         if status != 200:
