@@ -44,9 +44,14 @@ class MilvusSink(VectorSink):
         if self._call(self.client.has_collection, self.collection):
             self._call(self.client.load_collection, self.collection)
 
+    # pymilvus passes no deadline to its gRPC calls unless given one: a server that accepts and never
+    # answers held a call for 70 s (then "unavailable", through its retries). As the Qdrant client's.
+    OP_TIMEOUT_S = 30.0
+
     def _call(self, fn, *args, **kwargs):
         from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
+        kwargs.setdefault("timeout", self.OP_TIMEOUT_S)
         try:
             return fn(*args, **kwargs)
         except MilvusUnavailableException as e:

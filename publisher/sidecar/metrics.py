@@ -148,6 +148,8 @@ def serve(port: int, host: str = "0.0.0.0") -> ThreadingHTTPServer | None:
     multiprocess.MultiProcessCollector(registry)
 
     class Handler(BaseHTTPRequestHandler):
+        timeout = 10  # an idle or slow client cannot hold a thread
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's name
             if self.path.split("?")[0] != "/metrics":
                 self.send_error(404)

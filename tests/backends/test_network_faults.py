@@ -1,8 +1,10 @@
-"""The publisher's sidecar components through network faults: Toxiproxy between them and Kafka or MinIO
-(fixtures ``toxiproxy``, ``proxied_kafka``), with latency, connection resets, or the proxy down for longer
-than the clients' timeouts, then healed. Real components, not the engine (tests/e2e has the engine's
-fault tests): the scheduler sidecar's ``EventDispatcher`` + ``Outbox`` + the Kafka sink, the worker
-sidecar's ``ObjectUploader`` + the S3 store, and the dispatcher's ``head_many`` on S3.
+"""The publisher's sidecar components and the consumer's clients through network faults: Toxiproxy between
+them and Kafka, MinIO or PostgreSQL (fixtures ``toxiproxy``, ``proxied_kafka``), with latency, connection
+resets, the proxy down for longer than the clients' timeouts, or a silent server (connections held open,
+nothing passed: the ``*never_answers*`` tests), then healed. Real components, not the engine (tests/e2e
+has the engine's fault tests): the scheduler sidecar's ``EventDispatcher`` + ``Outbox`` + the Kafka sink,
+the worker sidecar's ``ObjectUploader`` + the S3 store, the dispatcher's ``head_many`` on S3, the
+consumer's Kafka commits and its pgvector sink.
 
 Every check reads back through the real server directly, not through the proxy.
 """
@@ -16,7 +18,7 @@ import pytest
 import torch
 from unit.test_dispatcher import put, req
 
-from backends.test_server_faults import read
+from backends.test_server_faults import committed, new_topic, produce, read
 from publisher.event_sinks import open_event_sink
 from publisher.event_sinks.avro_file import AvroFileSink
 from publisher.sidecar.dispatcher import EventDispatcher
@@ -138,6 +140,49 @@ def test_kafka_sink_delivers_every_event_once_through_a_network_fault(kafka_prox
     assert {e["request_id"]: e["event_id"] for e in events} == {r.request_id: r.event_id for r in reqs}
 
 
+
+def test_a_consumer_commit_to_a_broker_that_never_answers_does_not_hold_its_loop(kafka_proxy):
+    """The consumer's source commits through the proxy; the proxy then holds every connection open and
+    passes nothing (Toxiproxy's timeout toxic, both ways). librdkafka's synchronous commit has no timeout
+    of its own: the source commits asynchronously, its loop goes on, and the commit lands once the broker
+    answers."""
+    from consumers.sources.kafka import KafkaSource
+
+    broker, proxy = kafka_proxy
+    topic, group = new_topic(broker), f"g-{uuid.uuid4().hex[:8]}"  # one partition
+    assert produce(broker, topic, [b"%d" % i for i in range(6)]) == (0, [None] * 6)
+    source = KafkaSource(f"kafka://{proxy.listen}/{topic}", group, {"socket.timeout.ms": 5000})
+
+    def poll_while(condition, timeout: float) -> list:
+        got, deadline = [], time.monotonic() + timeout
+        while condition(got) and time.monotonic() < deadline:
+            got += source.poll(6, 0.2)
+        return got
+
+    try:
+        records = poll_while(lambda got: len(got) < 6, 60)
+        assert [r.value for r in records] == [b"%d" % i for i in range(6)]
+        source.commit(records[:3])
+        poll_while(lambda _: source.commits_pending, 30)
+        assert source.commits_pending == 0 and committed(broker, topic, group) == 3
+
+        proxy.timeout(0, stream="upstream")  # connections held open; nothing passes either way
+        proxy.timeout(0)
+        started = time.monotonic()
+        source.commit(records)
+        assert source.poll(6, 0.5) == []  # the loop goes on
+        assert time.monotonic() - started < 2 and source.commits_pending == 1
+        time.sleep(6)  # past socket.timeout.ms: the request timed out (librdkafka asks again)
+        assert committed(broker, topic, group) == 3  # not landed (the broker's own listener says so)
+
+        proxy.heal()
+        poll_while(lambda _: source.commits_pending or committed(broker, topic, group) != 6, 60)
+        assert source.commits_pending == 0 and committed(broker, topic, group) == 6
+    finally:
+        proxy.heal()
+        source.close()
+
+
 # ---- MinIO: the worker sidecar's uploader, and the scheduler's head_many -----------------------------
 
 @pytest.fixture
@@ -205,6 +250,31 @@ def test_uploader_stores_every_object_once_through_a_network_fault(minio, s3_pro
     store.close()
 
 
+def test_s3_heads_from_a_server_that_never_answers_end_after_their_timeout(minio, s3_proxy):
+    """The scheduler sidecar checks objects with HEADs on its only thread: through a proxy that holds the
+    connection open and passes nothing, head_many gives up after the HEAD timeout (5 s), once, not after
+    the client's 30 s socket timeout twice; once healed, the same store answers."""
+    proxy, bucket = s3_proxy
+    direct, _ = open_store(f"s3://{bucket}/silent", endpoint_url=minio.endpoint)
+    via_proxy, _ = open_store(f"s3://{bucket}/silent", endpoint_url=f"http://{proxy.listen}")
+    put(direct, "ab")
+    key = "k/ab"
+    assert via_proxy.head_many([key])[0] is not None  # a keep-alive connection, before the fault
+
+    proxy.timeout(0, stream="upstream")
+    proxy.timeout(0)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        via_proxy.head_many([key])
+    took = time.monotonic() - started
+    assert 4 <= took < 10, took
+
+    proxy.heal()
+    assert via_proxy.head_many([key])[0].size == direct.head_many([key])[0].size
+    via_proxy.close()
+    direct.close()
+
+
 @pytest.mark.parametrize("fault", ["reset_requests", "down"])
 def test_dispatcher_waits_out_an_s3_outage_then_publishes_complete_events(minio, s3_proxy, tmp_path, fault):
     """head_many through the proxy: while MinIO is out of reach no event goes out (none would name its
@@ -243,3 +313,42 @@ def test_dispatcher_waits_out_an_s3_outage_then_publishes_complete_events(minio,
         assert all(x["uri"].startswith(f"s3://{bucket}/net/") for x in e["embeddings"])
     direct.close()
     via_proxy.close()
+
+
+# ---- PostgreSQL: the pgvector sink ----------------------------------------------------------------
+
+def test_pgvector_through_a_server_that_never_answers_fails_transient_then_writes(postgres, toxiproxy, monkeypatch):
+    """libpq waits on a query without a timeout: through a proxy that holds the connection open and passes
+    nothing, the sink's watchdog ends the upsert as Transient after OP_TIMEOUT_S (the writer retries it);
+    once the path heals the next upsert reconnects and writes, and the table holds each point once."""
+    from contract.test_vector_sink import make_points
+
+    from consumers.errors import Transient
+    from consumers.sinks.pgvector import PgvectorSink
+
+    monkeypatch.setenv("PGPASSWORD", postgres.env["PGPASSWORD"])
+    monkeypatch.setattr(PgvectorSink, "OP_TIMEOUT_S", 2.0)
+    proxy = toxiproxy.proxy(f"pg-{uuid.uuid4().hex[:8]}", f"{postgres.host}:{postgres.port}")
+    table = "t_" + uuid.uuid4().hex[:10]
+    direct = PgvectorSink(postgres.uri(table))
+    sink = PgvectorSink(postgres.uri(table).replace(f":{postgres.port}/", f":{proxy.port}/"))
+    try:
+        points = make_points(6, dim=8)
+        sink.create(8, False)
+        sink.upsert(points[:3])
+
+        proxy.timeout(0, stream="upstream")
+        proxy.timeout(0)
+        started = time.monotonic()
+        with pytest.raises(Transient, match="no answer in 2 s"):
+            sink.upsert(points)
+        assert time.monotonic() - started < 10
+        assert direct.count() == 3  # nothing of the failed transaction
+
+        proxy.heal()
+        sink.upsert(points)  # the writer's retry: a new connection
+        assert direct.count() == 6 and sink.count() == 6
+    finally:
+        proxy.delete()
+        sink.close()
+        direct.close()
