@@ -50,7 +50,7 @@ class EventDecoder:
         except SchemaRegistryError as e:
             if e.http_status_code == 404:
                 raise UnknownSchema(f"schema id {schema_id} is not in the registry") from None
-            if e.http_status_code >= 500:
+            if e.http_status_code >= 500 or e.http_status_code in (408, 429):
                 self._note_down(str(e))
             raise Transient("source", f"schema registry: {e}") from None
         except Exception as e:  # noqa: BLE001 - network, or no answer in time

@@ -42,13 +42,15 @@ class MilvusSink(VectorSink):
         # A collection made by another process (or before a restart) is "released": load it
         # so search, get and count work.
         if self._call(self.client.has_collection, self.collection):
-            self._call(self.client.load_collection, self.collection)
+            # No deadline: pymilvus also waits for the loading with it, and a large collection takes long.
+            self._call(self.client.load_collection, self.collection, timeout=None)
 
     # pymilvus passes no deadline to its gRPC calls unless given one: a server that accepts and never
     # answers held a call for 70 s (then "unavailable", through its retries). As the Qdrant client's.
     OP_TIMEOUT_S = 30.0
 
     def _call(self, fn, *args, **kwargs):
+        import grpc
         from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
         kwargs.setdefault("timeout", self.OP_TIMEOUT_S)
@@ -56,8 +58,12 @@ class MilvusSink(VectorSink):
             return fn(*args, **kwargs)
         except MilvusUnavailableException as e:
             raise Transient("sink", f"{self.name}: {e}") from None
+        except grpc.RpcError as e:  # a deadline exceeded comes through pymilvus as gRPC raised it
+            if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                raise Transient("sink", f"{self.name}: {e.code().name}: no answer in time") from None
+            raise
         except MilvusException as e:
-            if "unavailable" in str(e).lower() or "deadline" in str(e).lower():
+            if any(w in str(e).lower() for w in ("unavailable", "deadline", "timeout")):
                 raise Transient("sink", f"{self.name}: {e}") from None
             raise
 

@@ -67,8 +67,10 @@ class PgvectorSink(VectorSink):
         import psycopg
 
         if self._conn is None or self._conn.closed:
+            settings = {k: v for k, v in self._conninfo.items() if v is not None}
+            statement_timeout_ms = int(max(1.0, self.OP_TIMEOUT_S - 10) * 1000)
             try:
-                self._conn = psycopg.connect(**{k: v for k, v in self._conninfo.items() if v is not None})
+                self._conn = psycopg.connect(**settings, options=f"-c statement_timeout={statement_timeout_ms}")
             except psycopg.OperationalError as e:
                 raise Transient("sink", f"{self.name}: cannot connect: {str(e).strip().splitlines()[0]}") from None
         return self._conn
@@ -79,8 +81,9 @@ class PgvectorSink(VectorSink):
     TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
 
     # libpq waits on a query's answer without a timeout, and a server that accepts and never answers
-    # (stopped, or a network path that drops packets) would hold the writer for good; statement_timeout
-    # needs a server that runs. A watchdog shuts the connection's socket down after OP_TIMEOUT_S: the
+    # (stopped, or a network path that drops packets) would hold the writer for good. A running server
+    # cancels a statement itself after statement_timeout (so an abandoned one does not keep its locks);
+    # for one that does not run, a watchdog shuts the connection's socket down a little later: the
     # wait ends, the operation fails as Transient, and the next one connects again.
     OP_TIMEOUT_S = 120.0
 
@@ -96,8 +99,9 @@ class PgvectorSink(VectorSink):
         watchdog.start()
         try:
             with conn.transaction():
-                return fn(conn)
+                result = fn(conn)
         except psycopg.Error as e:
+            watchdog.cancel()  # before the close: the watchdog must not shut down a descriptor reused meanwhile
             if timed_out.is_set():
                 conn.close()
                 raise Transient("sink", f"{self.name}: no answer in {self.OP_TIMEOUT_S:.0f} s") from None
@@ -109,6 +113,9 @@ class PgvectorSink(VectorSink):
             raise Transient("sink", f"{self.name}: {str(e).strip().splitlines()[0]}") from None
         finally:
             watchdog.cancel()
+        if timed_out.is_set():  # it fired as the operation ended: the socket is shut, connect again next time
+            conn.close()
+        return result
 
     def _ident(self):
         from psycopg import sql

@@ -34,6 +34,9 @@ class KafkaSource(EventSource):
             **settings,
             "on_commit": self._committed,
         }
+        if not read_only and str(conf["enable.auto.commit"]).lower() not in ("false", "0"):
+            raise ValueError("kafka.enable.auto.commit: the consumer commits after its sinks have written; "
+                             "a timer's commits would skip events that were never indexed")
         self.read_only = read_only
         if read_only:  # after the user's settings: nothing they pass may make a reader commit
             conf.update({"group.id": f"vllm-mm-events-reader-{uuid.uuid4().hex[:12]}", "enable.auto.commit": False,
@@ -84,6 +87,8 @@ class KafkaSource(EventSource):
             self.before_revoke(gone)  # finish + commit the batch in flight while we still own them
         self.assigned -= gone
         self.at_eof -= gone
+        for tp in gone:  # never asked again: their next owner commits further
+            self._requested.pop(tp, None)
         log.info("revoked partitions %s", sorted(p for _, p in gone))
 
     def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
@@ -153,8 +158,8 @@ class KafkaSource(EventSource):
     def _commit(self, offsets: list) -> None:
         for tp in offsets:
             self._requested[(tp.topic, tp.partition)] = tp.offset
-        self.commits_pending += 1
         self.consumer.commit(offsets=offsets, asynchronous=True)
+        self.commits_pending += 1  # once asked: a commit that raised gets no answer
 
     def _committed(self, err, partitions) -> None:
         """librdkafka's answer to a commit (served by poll, on this thread)."""

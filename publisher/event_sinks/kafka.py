@@ -178,7 +178,8 @@ class _Registration:
     def _is_refusal(e: Exception | None) -> bool:
         from confluent_kafka.schema_registry.error import SchemaRegistryError
 
-        return isinstance(e, SchemaRegistryError) and e.http_status_code < 500  # auth, an incompatible schema
+        # auth, an incompatible schema; not a timeout or a rate limit (408, 429), which pass
+        return isinstance(e, SchemaRegistryError) and e.http_status_code < 500 and e.http_status_code not in (408, 429)
 
     def _run(self) -> None:
         backoff = 0.5

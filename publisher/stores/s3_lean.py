@@ -76,7 +76,8 @@ class S3LeanClient:
         for attempt in (0, 1):  # a keep-alive connection the server closed: reconnect once
             conn = self._conn()
             conn.timeout = timeout or self.timeout
-            if conn.sock is not None:
+            reused = conn.sock is not None
+            if reused:
                 conn.sock.settimeout(conn.timeout)
             try:
                 conn.request(method, path, body=body or None, headers=headers)
@@ -86,9 +87,10 @@ class S3LeanClient:
             except ObjectOverCap:
                 self._drop(conn)  # the unread rest of the body would poison the keep-alive connection
                 raise
-            except TimeoutError:  # a server that does not answer: asking again would only double the wait
+            except TimeoutError:
                 self._drop(conn)
-                raise
+                if attempt or not reused:  # a server that does not answer: asking again would double the wait
+                    raise  # (a kept-alive connection a middlebox dropped silently gets one fresh try)
             except (http.client.HTTPException, ConnectionError, OSError):
                 self._drop(conn)
                 if attempt:

@@ -391,7 +391,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         self._sent = 0  # requests handed to the sidecar
         # Requests finished inside a step wait here for the step's end (take_unavailable_requests), then
         # go in one message; one finished outside a step (an abort) goes at once.
-        self._finished: list[tuple[FinishedRequest, dict[str, str]]] = []
+        self._finished: list[tuple[FinishedRequest, dict[str, str], StopCheck | None]] = []
         self._in_step = False
         self.dropped_events = 0
         self._step_items: dict[str, tuple[str, str, dict, str | None]] = {}

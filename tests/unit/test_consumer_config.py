@@ -119,3 +119,12 @@ def test_cli_exits_2_with_the_message(capsys):
 
     assert main(["consume", "--source", "kafka://k:9092/t", "--sink", "faiss:///x/y"]) == 2
     assert "unknown sink 'faiss://'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", [True, "true", 1])
+def test_kafka_auto_commit_is_refused_naming_the_setting(value):
+    """The source commits after the sinks have written: librdkafka's timer would commit events never indexed."""
+    from consumers.sources.kafka import KafkaSource
+
+    with pytest.raises(ValueError, match="kafka.enable.auto.commit: the consumer commits after its sinks"):
+        KafkaSource("kafka://127.0.0.1:9/t", "g", {"enable.auto.commit": value})
