@@ -331,8 +331,8 @@ def run_consumer(kind: str, bootstrap: str, topic: str, uri: str, n: int, endpoi
     written_at = []  # when the last batch was in the store (the commit follows once the main thread sees it)
     write = idx._write
 
-    def timed_write(entries):
-        write(entries)
+    def timed_write(entries, abandon):
+        write(entries, abandon)
         written_at.append(time.perf_counter())
     idx._write = timed_write
     profs = None

@@ -42,13 +42,18 @@ from consumers.vectors import Point, point_id, point_payload, pool
 log = logging.getLogger("vllm_mm_events.consumer")
 
 INFLIGHT_POLL_S = 0.02  # the poll's slice while a batch is being written
+# How long a rebalance waits for the batch being written (whose writer, told to give up, ends the call
+# under way): longer than any sink's own limit on one call (pgvector's is 120 s), shorter than
+# max.poll.interval.ms (300 s by default), past which the group would drop this consumer.
+REVOKE_WAIT_S = 150.0
 # Fault injection for the crash/replay test: exit hard after the Nth batch is written to the
 # sinks and before its positions are committed.
 CRASH_AFTER_WRITE_ENV = "VLLM_MM_EVENTS_CONSUMER_CRASH_AFTER_WRITE"
 
 
 class Abandoned(Exception):
-    """Shutdown ran out of time while a batch was still retrying: it is not committed."""
+    """A batch given up while it was retrying: shutdown ran out of time, or its partitions were being
+    revoked. It is not committed."""
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Inflight:
     future: Future
     entries: list[Entry]
     started: float
+    abandon: threading.Event  # set: the writer gives the batch up at its next retry (Abandoned)
 
 
 @dataclass
@@ -173,20 +179,24 @@ class Indexer:
         for r in records:
             if not self._batch:
                 self._batch_started = time.monotonic()
-            e = Entry(r)
-            try:
-                if r.error:
-                    raise Undecodable(r.error)
-                e.event = r.event if r.event is not None else self.decoder.decode(r.value)
-                e.nbytes = sum(int(i["size_bytes"]) for i in e.event["embeddings"])
-            except Poison as p:
-                e.poison = p
-            except Transient as t:  # the registry is away: keep the record, decode it in the writer
-                self.metrics.errors.labels(t.kind).inc()
+            e = self._entry(r)
             self._batch.append(e)
             self._batch_bytes += e.nbytes
             self.totals.consumed += 1
             self.metrics.consumed.inc()
+
+    def _entry(self, r: SourceRecord) -> Entry:
+        e = Entry(r)
+        try:
+            if r.error:
+                raise Undecodable(r.error)
+            e.event = r.event if r.event is not None else self.decoder.decode(r.value)
+            e.nbytes = sum(int(i["size_bytes"]) for i in e.event["embeddings"])
+        except Poison as p:
+            e.poison = p
+        except Transient as t:  # the registry is away: keep the record, decode it in the writer
+            self.metrics.errors.labels(t.kind).inc()
+        return e
 
     def _batch_closed(self) -> bool:
         cfg = self.cfg
@@ -197,12 +207,13 @@ class Indexer:
         if self._stop.is_set() or not self._batch:
             return
         self._closed, started = self._split_at_byte_cap()
+        abandon = threading.Event()
         # Its objects are fetched while the writer finishes the batch before it: with batches cut at
         # batch_max_bytes (a dozen 4.7 MB objects), fetching only once the writer is free left the fetch
         # threads idle through every upsert and commit.
-        self._prefetch(self._closed)
+        self._prefetch(self._closed, abandon)
         if self._inflight is not None:
-            self._wait_paused()  # a rebalance meanwhile may drop entries of self._closed
+            self._wait_paused()  # a rebalance meanwhile may drop entries of self._closed, or put some back
         entries, self._closed = self._closed, []
         if self._stop.is_set():
             self._batch = entries + self._batch  # not written, not committed: read again after a restart
@@ -210,7 +221,7 @@ class Indexer:
             return
         if not entries:
             return
-        self._inflight = Inflight(self._writer.submit(self._write, entries), entries, started)
+        self._inflight = Inflight(self._writer.submit(self._write, entries, abandon), entries, started, abandon)
         if self.metrics.work_since is None:
             self.metrics.work_since = time.monotonic()
 
@@ -230,10 +241,10 @@ class Indexer:
         self._batch_bytes = sum(e.nbytes for e in self._batch)
         return entries, started
 
-    def _prefetch(self, entries: list[Entry]) -> None:
+    def _prefetch(self, entries: list[Entry], abandon: threading.Event) -> None:
         for e in entries:
             if e.event is not None and e.poison is None:
-                e.fetches = [self._fetch_pool.submit(self._vector, item) for item in e.event["embeddings"]]
+                e.fetches = [self._fetch_pool.submit(self._vector, item, abandon) for item in e.event["embeddings"]]
 
     def _wait_paused(self) -> None:
         """A slow sink: pause the partitions and keep polling (heartbeats, rebalances) until the writer is free."""
@@ -254,25 +265,28 @@ class Indexer:
         if self._inflight is not None and self._inflight.future.done():
             self._finish_inflight(wait=False)
 
-    def _finish_inflight(self, wait: bool) -> None:
+    def _finish_inflight(self, wait: bool, timeout: float | None = None, why: str = "shutdown") -> bool:
+        """Commit the batch in flight once written (``wait``: for up to ``timeout``, or the shutdown's time
+        left). False when it was given up or did not finish: then nothing of it is committed."""
         inflight = self._inflight
         if inflight is None:
-            return
+            return True
         try:
             if wait:
-                timeout = None if self._abandon_at is None else max(1.0, self._abandon_at - time.monotonic() + 5)
+                if self._abandon_at is not None:
+                    timeout = max(1.0, self._abandon_at - time.monotonic() + 5)
                 inflight.future.result(timeout=timeout)
             else:
                 inflight.future.result()
-        except Abandoned:
-            log.warning("shutdown: abandoned a batch of %d events still retrying; not committed",
-                        len(inflight.entries))
+        except Abandoned as a:
+            log.warning("%s: gave up a batch of %d events still retrying (%s); not committed",
+                        why, len(inflight.entries), a)
             self._inflight = None
-            return
+            return False
         except TimeoutError:
-            log.warning("shutdown: a batch of %d events did not finish in time; not committed", len(inflight.entries))
+            log.warning("%s: a batch of %d events did not finish in time; not committed", why, len(inflight.entries))
             self._inflight = None
-            return
+            return False
         self._inflight = None
         records = [e.record for e in inflight.entries]
         self.source.commit(records)
@@ -281,26 +295,45 @@ class Indexer:
         self.metrics.batch_seconds.observe(time.monotonic() - inflight.started)
         self.metrics.batch_records.observe(len(records))
         self.metrics.last_commit.set_to_current_time()
+        return True
 
     def _before_revoke(self, gone: set) -> None:
-        """Partitions are moving to another consumer: finish and commit what we wrote of them first."""
-        if self._inflight is not None:
-            self._finish_inflight(wait=True)
+        """Partitions are moving to another consumer. The batch being written is finished and committed
+        first, but one whose writer is retrying (a sink or the object store down) is given up at once: the
+        whole group's rebalance waits for this callback, and would wait as long as the outage lasts. Its
+        events of the partitions we keep go back to the head of the queue, to be written again in order;
+        those of the revoked ones, like everything polled of them and not written, are their new owner's."""
+        inflight, redo = self._inflight, []
+        if inflight is not None:
+            inflight.abandon.set()  # the call under way ends (each client has its limit); no retry starts
+            if not self._finish_inflight(wait=True, timeout=REVOKE_WAIT_S, why="rebalance"):
+                redo = inflight.entries
+
         def ours(e: Entry) -> bool:
             return self.source.owns(e.record) and e.record.position[0] not in gone
+        redo_kept = [e for e in redo if ours(e)]
         kept, closed = [e for e in self._batch if ours(e)], [e for e in self._closed if ours(e)]
-        dropped = len(self._batch) + len(self._closed) - len(kept) - len(closed)
+        dropped = len(redo) + len(self._batch) + len(self._closed) - len(redo_kept) - len(kept) - len(closed)
         if dropped:
-            log.info("rebalance: dropping %d polled, unwritten events of revoked partitions (their new owner "
-                     "reads them)", dropped)
-            self._batch, self._closed = kept, closed
-            self._batch_bytes = sum(e.nbytes for e in kept)
+            log.info("rebalance: dropping %d unwritten events of revoked partitions (their new owner reads them)",
+                     dropped)
+        fresh = [self._entry(e.record) for e in redo_kept]  # nothing of the given-up attempt carries over
+        if fresh:
+            log.info("rebalance: %d events of partitions still ours go out again first", len(fresh))
+        if closed:  # called from _dispatch, whose closed batch goes out next: these go before it
+            self._closed, self._batch = fresh + closed, kept
+        else:
+            self._closed, self._batch = [], fresh + kept
+            if fresh:
+                self._batch_started = inflight.started
+        self._batch_bytes = sum(e.nbytes for e in self._batch)
 
     # ---- writer thread ---------------------------------------------------------------------
 
-    def _retry(self, kind: str, fn: Callable[[], Any]) -> Any:
+    def _retry(self, kind: str, fn: Callable[[], Any], abandon: threading.Event) -> Any:
         """Run ``fn`` until it passes, backing off on ``Transient``; one that says ``permanent_after``
-        becomes ``PermanentErrorPoison`` after that many retries."""
+        becomes ``PermanentErrorPoison`` after that many retries. ``Abandoned`` instead of a retry once
+        the batch's ``abandon`` is set, or when shutdown's time would run out."""
         delay, attempt = 0.2, 0
         while True:
             try:
@@ -309,19 +342,20 @@ class Indexer:
                 self.metrics.errors.labels(t.kind or kind).inc()
                 if t.permanent_after is not None and attempt >= t.permanent_after:
                     raise PermanentErrorPoison(f"{t} (still failing after {attempt} retries)") from None
-                if self._abandon_at is not None and time.monotonic() + delay > self._abandon_at:
+                if abandon.is_set() or (self._abandon_at is not None and time.monotonic() + delay > self._abandon_at):
                     raise Abandoned(str(t)) from None
                 log.warning("%s (retrying in %.1fs)", t, delay)
-                time.sleep(delay * (0.5 + random.random()))
+                if abandon.wait(delay * (0.5 + random.random())):
+                    raise Abandoned(str(t)) from None
                 delay = min(delay * 2, 30.0)
                 attempt += 1
 
-    def _write(self, entries: list[Entry]) -> None:
+    def _write(self, entries: list[Entry], abandon: threading.Event) -> None:
         cfg = self.cfg
         for e in entries:  # values left undecoded while the registry was away
             if e.event is None and e.poison is None:
                 try:
-                    e.event = self._retry("source", lambda e=e: self.decoder.decode(e.record.value))
+                    e.event = self._retry("source", lambda e=e: self.decoder.decode(e.record.value), abandon)
                 except Poison as p:
                     e.poison = p
         fetches = {}
@@ -330,7 +364,7 @@ class Indexer:
                 self.metrics.missing.inc(len(e.event.get("missing_embeddings") or ()))
                 for j, item in enumerate(e.event["embeddings"]):
                     fetches[(ei, j)] = (e.fetches[j] if e.fetches is not None
-                                        else self._fetch_pool.submit(self._vector, item))
+                                        else self._fetch_pool.submit(self._vector, item, abandon))
         points: dict[int, list[Point]] = {}  # entry index -> its points
         for ei, e in enumerate(entries):
             if e.event is None:
@@ -342,7 +376,7 @@ class Indexer:
                 mine = []
                 for j, item in enumerate(e.event["embeddings"]):
                     vec = fetches[(ei, j)].result()  # raises the item's Poison
-                    self._ensure_sinks(vec)
+                    self._ensure_sinks(vec, abandon)
                     for s in self.sinks:
                         s.check_dimension(vec)
                     mine.append(Point(point_id(e.event["event_id"], item["item_index"]), vec,
@@ -353,7 +387,7 @@ class Indexer:
             except DimensionMismatch as d:
                 e.poison = DimensionMismatchPoison(str(d))
         for s in self.sinks:  # a store refusing an event's data dead-letters that event, not the batch
-            for ei, message in self._upsert_isolating(s, points).items():
+            for ei, message in self._upsert_isolating(s, points, abandon).items():
                 entries[ei].poison = SinkRejected(f"{s.name}: {message}")
                 del points[ei]
         written = sum(len(p) for p in points.values())
@@ -364,7 +398,7 @@ class Indexer:
             self.dead_letters.send(value, r.key, r.headers, e.poison.kind, str(e.poison), r.coords)
             log.warning("dead-lettered %s: %s (%s)", e.poison.kind, e.poison, r.coords)
         if poison:
-            self._retry("dlq", self.dead_letters.flush)
+            self._retry("dlq", self.dead_letters.flush, abandon)
             for e in poison:
                 self.totals.dead_lettered[e.poison.kind] = self.totals.dead_lettered.get(e.poison.kind, 0) + 1
                 self.metrics.dead_lettered.labels(e.poison.kind).inc()
@@ -377,7 +411,8 @@ class Indexer:
             logging.shutdown()
             os._exit(86)
 
-    def _upsert_isolating(self, sink: VectorSink, points: dict[int, list[Point]]) -> dict[int, str]:
+    def _upsert_isolating(self, sink: VectorSink, points: dict[int, list[Point]],
+                          abandon: threading.Event) -> dict[int, str]:
         """Upsert every entry's points; connection trouble is retried (``Transient``). An error about
         the data splits the batch until the entries the store refuses are found: returns
         {entry index: the store's message} for those, having written every other entry."""
@@ -388,7 +423,7 @@ class Indexer:
             if not chunk:
                 return
             try:
-                self._retry("sink", lambda: sink.upsert(chunk))
+                self._retry("sink", lambda: sink.upsert(chunk), abandon)
             except (Abandoned, Poison):
                 raise
             except Exception as e:  # noqa: BLE001 - the store refused the data: isolate it
@@ -404,18 +439,18 @@ class Indexer:
             write(order[i:i + 256])
         return rejected
 
-    def _vector(self, item: dict):
+    def _vector(self, item: dict, abandon: threading.Event):
         """Fetch, verify and pool one item: on the fetch pool, so hashing and numpy run in parallel."""
         self.fetcher.check(item)  # a forbidden or oversized object is refused before any I/O
-        data = self._retry("object_store", lambda: self.fetcher.get(item["uri"]))
+        data = self._retry("object_store", lambda: self.fetcher.get(item["uri"]), abandon)
         return pool(verify_and_decode(item, data), self.cfg.pooling, self.cfg.normalize)
 
-    def _ensure_sinks(self, vec) -> None:
+    def _ensure_sinks(self, vec, abandon: threading.Event) -> None:
         if self._sinks_ready:
             return
         for s in self.sinks:
             try:
-                dim = self._retry("sink", lambda s=s: s.ensure(int(vec.shape[-1]), vec.ndim == 2))
+                dim = self._retry("sink", lambda s=s: s.ensure(int(vec.shape[-1]), vec.ndim == 2), abandon)
             except (Abandoned, Poison, SinkConfigError):
                 raise
             except Exception as e:  # noqa: BLE001 - the store refused a collection of this shape

@@ -89,9 +89,9 @@ def test_batches_stay_within_batch_max_bytes(kafka, tmp_path):
                       ObjectFetcher([store.uri("")]), ConsumerMetrics(), EventDecoder())
     written, real_write = [], indexer._write
 
-    def write(entries):
+    def write(entries, abandon):
         written.append([e.event["request_id"] for e in entries])
-        return real_write(entries)
+        return real_write(entries, abandon)
     indexer._write = write
     try:
         totals = indexer.run(once=True)

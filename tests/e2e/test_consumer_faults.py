@@ -19,6 +19,7 @@ and Milvus Lite (embedded, in files), and Qdrant local mode. The whole process g
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,6 +30,7 @@ import pytest
 
 from consumers.sinks import open_vector_sink
 from consumers.vectors import point_id
+from schemas.codec import AvroCodec, to_wire
 
 import consumer_run as cr
 from pipeline import N_EVENTS, N_POINTS, PARTITIONS, all_ids, source
@@ -211,3 +213,74 @@ def test_sigkill_mid_stream_three_times_then_restart_leaves_one_point_per_item(p
     print(f"kills={len(kills)} committed-at-kill={[d for d, _ in kills]} "
           f"written-uncommitted-at-kill={[u for _, u in kills]} final-run={summary} reread={reread} "
           f"wall={time.monotonic() - t0:.1f}s")
+
+
+def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_nothing(
+        published, kafka, postgres, toxiproxy, consumer_env, tmp_path):
+    """One consumer's path to its sink is down, and its writer retries a batch holding every partition's events;
+    a second consumer joins the group. The first gives the batch up at the rebalance, rather than holding the
+    whole group's rebalance (and its own loop) for as long as the outage lasts: the newcomer gets its partitions
+    and indexes them while the outage goes on. Once the path heals, the first writes the events of the
+    partitions it kept, which went back to the head of its queue. The table ends with one row per point, and
+    the group's offsets at the topic's end."""
+    codec = AvroCodec()
+    tag = uuid.uuid4().hex[:6]
+    topic, table = f"revoke.{tag}", f"revoke_{tag}"
+    cr.create_topic(kafka.bootstrap, topic, PARTITIONS)
+    copies = []  # 4 copies of every engine event, each a distinct event (its own points), over the partitions
+    for c in range(4):
+        for i, v in enumerate(published["values"]):
+            e = to_wire(codec.decode(v))
+            e["event_id"] = str(uuid.uuid4())
+            copies.append((e, (c * N_EVENTS + i) % PARTITIONS))
+    expected = len(all_ids([e for e, _ in copies]))
+    proxy = toxiproxy.proxy(f"pg-{tag}", f"{postgres.host}:{postgres.port}")
+    # One batch takes every event (the linger outlasts the produce), so the batch given up holds events of
+    # the partitions that move and of those that stay.
+    common = ["--source", source(kafka, topic), "--group", f"revoke-{tag}", "--batch-max-records", "100",
+              "--batch-linger-ms", "2000", "--log-format", "json", "--metrics-port", "0"]
+    logs = [tmp_path / "first.log", tmp_path / "second.log"]
+    procs = [cr.start([*common, "--sink", postgres.uri(table).replace(f":{postgres.port}/", f":{proxy.port}/")],
+                      consumer_env, logs[0])]
+    pg = PgPoints(postgres.uri(table))
+    try:
+        cr.wait_for(lambda: cr.last_assignment(logs[0].read_text()) == {0, 1, 2}, 60,
+                    "the first consumer to own every partition", logs=logs)
+        proxy.set_enabled(False)  # connections refused: the writer retries, backing off
+        cr.produce(kafka.bootstrap, topic, [(e["request_id"].encode(), codec.encode(e), p) for e, p in copies])
+        cr.wait_for(lambda: "retrying in" in logs[0].read_text(), 60, "the first consumer's writer to retry",
+                    logs=logs)
+
+        procs.append(cr.start([*common, "--sink", postgres.uri(table)], consumer_env, logs[1]))
+        joined = time.monotonic()
+
+        def split():
+            owned = [cr.last_assignment(p.read_text()) for p in logs]
+            ok = owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == {0, 1, 2}
+            return ok and owned
+        # Before: the first consumer's revoke waited on its writer, so nothing moved until the outage ended.
+        owned = cr.wait_for(split, 60, "the partitions to be split while the sink is down", logs=logs)
+        print(f"partitions split {time.monotonic() - joined:.1f} s after the second consumer started: {owned}")
+        theirs = len(all_ids([e for e, p in copies if p in owned[1]]))
+        cr.wait_for(lambda: pg.count() == theirs, 60, f"the second consumer's {theirs} points", logs=logs)
+        time.sleep(2)
+        assert pg.count() == theirs  # nothing of the first's partitions while its sink is down
+        first = logs[0].read_text()
+        assert "rebalance: gave up a batch" in first and "go out again first" in first, first[-4000:]
+
+        proxy.set_enabled(True)
+        cr.wait_for(lambda: pg.count() == expected, 90, f"all {expected} points", logs=logs)
+        cr.wait_for(lambda: cr.committed(kafka.bootstrap, f"revoke-{tag}", topic, PARTITIONS)
+                    == {p: sum(1 for _, q in copies if q == p) for p in range(PARTITIONS)}, 30,
+                    "the group's offsets to reach the topic's end", logs=logs)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        proxy.delete()
+    assert [p.returncode for p in procs] == [0, 0], [p.read_text()[-3000:] for p in logs]
+    summaries = [json.loads(o.strip().splitlines()[-1]) for o in outs]
+    assert all(s["dead_lettered"] == {} for s in summaries), summaries
+    # Exactly one row per point: the batch given up and written again rewrote the same ids.
+    assert pg.count() == expected
+    pg.close()

@@ -5,7 +5,6 @@ replay, poison records, two consumers in one group, SIGTERM, metrics."""
 from __future__ import annotations
 
 import json
-import re
 import signal
 import uuid
 
@@ -193,7 +192,7 @@ def test_two_consumers_split_partitions_and_stop_cleanly_on_sigterm(published, k
                       consumer_env, tmp_path / f"c{i}.log") for i, port in enumerate(ports)]
     try:
         def split():  # both joined the group and hold disjoint, non-empty shares of the 3 partitions
-            owned = [_last_assignment((tmp_path / f"c{i}.log").read_text()) for i in range(2)]
+            owned = [cr.last_assignment((tmp_path / f"c{i}.log").read_text()) for i in range(2)]
             return owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == {0, 1, 2}
         logs = [tmp_path / f"c{i}.log" for i in range(2)]
         cr.wait_for(split, 90, "the two consumers to share the partitions", logs=logs)
@@ -228,23 +227,8 @@ def test_two_consumers_split_partitions_and_stop_cleanly_on_sigterm(published, k
     assert [p.returncode for p in procs] == [0, 0]
     summaries = [json.loads(o.strip().splitlines()[-1]) for o in outs]
     assert all(s["consumed"] > 0 and s["committed"] > 0 for s in summaries)
-    owned = [_last_assignment((tmp_path / f"c{i}.log").read_text()) for i in range(2)]
+    owned = [cr.last_assignment((tmp_path / f"c{i}.log").read_text()) for i in range(2)]
     assert owned[0] and owned[1] and not owned[0] & owned[1] and owned[0] | owned[1] == {0, 1, 2}, owned
     assert sum(cr.committed(kafka.bootstrap, group, topic, 3).values()) == len(copies)
     assert counts  # both processes reported consumption through /metrics
 
-
-def _last_assignment(log: str) -> set[int]:
-    """The partitions a consumer held when it was told to stop, from its JSON log lines."""
-    owned: set[int] = set()
-    for line in log.splitlines():
-        msg = json.loads(line)["msg"]
-        if msg.startswith("stop requested"):
-            break
-        m = re.match(r"assigned partitions \[[\d, ]*\] \(now \[([\d, ]*)\]\)", msg)
-        if m:
-            owned = {int(x) for x in m.group(1).split(",") if x.strip()}
-        m = re.match(r"revoked partitions \[([\d, ]*)\]", msg)
-        if m:
-            owned -= {int(x) for x in m.group(1).split(",") if x.strip()}
-    return owned

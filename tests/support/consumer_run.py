@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,3 +95,23 @@ def create_topic(bootstrap: str, topic: str, partitions: int) -> None:
 
     admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive the future
     admin.create_topics([NewTopic(topic, partitions, 1)])[topic].result(30)
+
+
+def last_assignment(log: str) -> set[int]:
+    """The partitions a consumer holds, from its JSON log lines (``--log-format json``), up to its stop request.
+    A line still being written is skipped."""
+    owned: set[int] = set()
+    for line in log.splitlines():
+        try:
+            msg = json.loads(line)["msg"]
+        except ValueError:
+            continue
+        if msg.startswith("stop requested"):
+            break
+        m = re.match(r"assigned partitions \[[\d, ]*\] \(now \[([\d, ]*)\]\)", msg)
+        if m:
+            owned = {int(x) for x in m.group(1).split(",") if x.strip()}
+        m = re.match(r"revoked partitions \[([\d, ]*)\]", msg)
+        if m:
+            owned -= {int(x) for x in m.group(1).split(",") if x.strip()}
+    return owned
