@@ -178,7 +178,8 @@ class ConsumerConfig(Settings):
         "Retries of a read the store refuses for good (access denied, no bucket, not a file) before dead-lettering.")
     stall_timeout_s: float = setting(
         lambda: 300.0, number(float, 1.0),
-        "/healthz turns 503 when a batch has been in work this long without being committed.")
+        "/healthz turns 503 when a batch has been in work this long without a call being started for it "
+        "(a wedged writer; one retrying through an outage keeps trying).")
     metrics_port: int = setting(lambda: 9400, as_port, "Prometheus /metrics and /healthz (0: off).")
     metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the metrics server binds.")
     progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1), "How often a progress line is logged.")

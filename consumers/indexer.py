@@ -336,6 +336,7 @@ class Indexer:
         the batch's ``abandon`` is set, or when shutdown's time would run out."""
         delay, attempt = 0.2, 0
         while True:
+            self.metrics.trying()  # a writer that keeps trying is alive (/healthz), however long the outage
             try:
                 return fn()
             except Transient as t:

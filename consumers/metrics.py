@@ -1,7 +1,8 @@
 """Prometheus metrics and a liveness endpoint, on one small HTTP server.
 
 ``/metrics``: the counters below. ``/healthz``: 200 while the consume loop has turned
-within ``stale_after_s`` (a wedged consumer gets restarted by Kubernetes), else 503.
+within ``stale_after_s`` and the work in hand is being tried (a wedged consumer gets restarted
+by Kubernetes), else 503.
 """
 
 from __future__ import annotations
@@ -38,18 +39,27 @@ class ConsumerMetrics:
                                  registry=r)
         self.heartbeat = time.monotonic()
         self.work_since: float | None = None  # when the oldest uncommitted batch began (None: idle)
+        self.tried_at = 0.0  # when a writer or fetch thread last started a call to a store, sink or registry
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
 
+    def trying(self) -> None:
+        self.tried_at = time.monotonic()
+
     def health(self, stale_after_s: float, stall_after_s: float) -> tuple[bool, dict]:
-        """Healthy while the loop turns and work in hand gets committed: a consumer retrying one batch
-        for ever (a store that never answers) is as stuck as a wedged loop."""
+        """Healthy while the loop turns and the work in hand is being tried: a call started within
+        ``stall_after_s`` (every client has a limit well below it). A consumer retrying through a sink
+        or store outage is healthy: restarting it would not bring the store back, and would make it
+        wait out the restart back-off once the store returns. The outage shows in ``errors`` and the
+        age of the work in hand (``uncommitted_work_age_s``, ``last_commit_timestamp_seconds``)."""
         now = time.monotonic()
         age = now - self.heartbeat
         stalled = 0.0 if self.work_since is None else now - self.work_since
-        ok = age < stale_after_s and stalled < stall_after_s
-        return ok, {"loop_age_s": round(age, 1), "uncommitted_work_age_s": round(stalled, 1)}
+        untried = 0.0 if self.work_since is None else now - max(self.work_since, self.tried_at)
+        ok = age < stale_after_s and untried < stall_after_s
+        return ok, {"loop_age_s": round(age, 1), "uncommitted_work_age_s": round(stalled, 1),
+                    "since_last_try_s": round(untried, 1)}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -222,7 +222,10 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
     whole group's rebalance (and its own loop) for as long as the outage lasts: the newcomer gets its partitions
     and indexes them while the outage goes on. Once the path heals, the first writes the events of the
     partitions it kept, which went back to the head of its queue. The table ends with one row per point, and
-    the group's offsets at the topic's end."""
+    the group's offsets at the topic's end. Through the outage the first stays healthy (``/healthz``): it
+    keeps trying, and a restart would not bring the sink back."""
+    from services import free_port
+
     codec = AvroCodec()
     tag = uuid.uuid4().hex[:6]
     topic, table = f"revoke.{tag}", f"revoke_{tag}"
@@ -238,10 +241,12 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
     # One batch takes every event (the linger outlasts the produce), so the batch given up holds events of
     # the partitions that move and of those that stay.
     common = ["--source", source(kafka, topic), "--group", f"revoke-{tag}", "--batch-max-records", "100",
-              "--batch-linger-ms", "2000", "--log-format", "json", "--metrics-port", "0"]
+              "--batch-linger-ms", "2000", "--log-format", "json"]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
-    procs = [cr.start([*common, "--sink", postgres.uri(table).replace(f":{postgres.port}/", f":{proxy.port}/")],
-                      consumer_env, logs[0])]
+    port, stall_s = free_port(), 5
+    procs = [cr.start([*common, "--sink", postgres.uri(table).replace(f":{postgres.port}/", f":{proxy.port}/"),
+                       "--metrics-port", str(port)],
+                      {**consumer_env, "VLLM_MM_EVENTS_STALL_TIMEOUT_S": str(stall_s)}, logs[0])]
     pg = PgPoints(postgres.uri(table))
     try:
         cr.wait_for(lambda: cr.last_assignment(logs[0].read_text()) == {0, 1, 2}, 60,
@@ -251,7 +256,7 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
         cr.wait_for(lambda: "retrying in" in logs[0].read_text(), 60, "the first consumer's writer to retry",
                     logs=logs)
 
-        procs.append(cr.start([*common, "--sink", postgres.uri(table)], consumer_env, logs[1]))
+        procs.append(cr.start([*common, "--sink", postgres.uri(table), "--metrics-port", "0"], consumer_env, logs[1]))
         joined = time.monotonic()
 
         def split():
@@ -267,6 +272,12 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
         assert pg.count() == theirs  # nothing of the first's partitions while its sink is down
         first = logs[0].read_text()
         assert "rebalance: gave up a batch" in first and "go out again first" in first, first[-4000:]
+
+        def healthy_through_the_outage():  # uncommitted longer than stall_timeout_s, and still 200
+            status, body = cr.scrape(port, "/healthz")
+            return status == 200 and json.loads(body)["uncommitted_work_age_s"] > stall_s
+        cr.wait_for(healthy_through_the_outage, 30, f"/healthz 200 with work uncommitted past {stall_s} s",
+                    interval=0.2, logs=logs)
 
         proxy.set_enabled(True)
         cr.wait_for(lambda: pg.count() == expected, 90, f"all {expected} points", logs=logs)

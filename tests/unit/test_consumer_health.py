@@ -1,4 +1,4 @@
-"""/healthz: 200 while the loop turns and work in hand gets committed; 503 when either stops."""
+"""/healthz: 200 while the loop turns and the work in hand is being tried; 503 when either stops."""
 
 import json
 import time
@@ -16,18 +16,33 @@ def healthz(port):
         return e.code, json.loads(e.read())
 
 
-def test_a_batch_that_is_never_committed_turns_health_503():
+def test_a_batch_nobody_tries_any_more_turns_health_503():
     m = ConsumerMetrics()
     with MetricsServer(m, 0, "127.0.0.1", stale_after_s=60, stall_after_s=0.5) as server:
         assert healthz(server.port)[0] == 200  # idle is healthy
         m.work_since = time.monotonic()  # a batch in work...
+        m.trying()
         assert healthz(server.port)[0] == 200
         time.sleep(0.7)
-        m.beat()  # ...the loop still turns, but nothing gets committed
+        m.beat()  # ...the loop still turns, but no call has been started for it since (a wedged writer)
         status, detail = healthz(server.port)
-        assert status == 503 and detail["uncommitted_work_age_s"] >= 0.5
+        assert status == 503 and detail["since_last_try_s"] >= 0.5 and detail["uncommitted_work_age_s"] >= 0.5
         m.work_since = None  # committed
         assert healthz(server.port)[0] == 200
+
+
+def test_a_batch_retried_through_an_outage_stays_healthy():
+    """A restart would not bring the store back: the outage shows in the work's age, not as a failed probe."""
+    m = ConsumerMetrics()
+    with MetricsServer(m, 0, "127.0.0.1", stale_after_s=60, stall_after_s=0.5) as server:
+        m.work_since = time.monotonic()
+        for _ in range(5):  # the writer's retries, closer together than stall_after_s
+            time.sleep(0.25)
+            m.beat()
+            m.trying()
+            status, detail = healthz(server.port)
+            assert status == 200, detail
+        assert detail["uncommitted_work_age_s"] >= 1.0 and detail["since_last_try_s"] < 0.5
 
 
 def test_a_wedged_loop_turns_health_503():
