@@ -252,11 +252,11 @@ class Indexer:
         try:
             while self._inflight is not None and not self._inflight.future.done():
                 self.metrics.beat()
-                self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0))
+                self._add(self.source.poll(max(1, self.cfg.batch_max_records), 0))  # may revoke: _before_revoke
                 self.progress.tick(self.totals, self._lag)
-                wait([self._inflight.future], timeout=0.1)  # back as soon as the writer is done
-                if self._stop.is_set():
+                if self._stop.is_set() or self._inflight is None:  # a rebalance gave the batch up
                     break
+                wait([self._inflight.future], timeout=0.1)  # back as soon as the writer is done
         finally:
             self.source.resume()
         self._reap()
@@ -273,7 +273,7 @@ class Indexer:
             return True
         try:
             if wait:
-                if self._abandon_at is not None:
+                if timeout is None and self._abandon_at is not None:
                     timeout = max(1.0, self._abandon_at - time.monotonic() + 5)
                 inflight.future.result(timeout=timeout)
             else:
@@ -306,7 +306,11 @@ class Indexer:
         inflight, redo = self._inflight, []
         if inflight is not None:
             inflight.abandon.set()  # the call under way ends (each client has its limit); no retry starts
-            if not self._finish_inflight(wait=True, timeout=REVOKE_WAIT_S, why="rebalance"):
+            deadline = time.monotonic() + REVOKE_WAIT_S
+            while not inflight.future.done() and time.monotonic() < deadline:
+                self.metrics.beat()  # the loop is here, waiting a bounded time: alive (/healthz)
+                wait([inflight.future], timeout=1.0)
+            if not self._finish_inflight(wait=True, timeout=0, why="rebalance"):
                 redo = inflight.entries
 
         def ours(e: Entry) -> bool:
@@ -317,6 +321,9 @@ class Indexer:
         if dropped:
             log.info("rebalance: dropping %d unwritten events of revoked partitions (their new owner reads them)",
                      dropped)
+        for e in redo + [e for e in self._closed if not ours(e)]:
+            for f in e.fetches or ():
+                f.cancel()  # not started yet: no GET for an event given up or gone
         fresh = [self._entry(e.record) for e in redo_kept]  # nothing of the given-up attempt carries over
         if fresh:
             log.info("rebalance: %d events of partitions still ours go out again first", len(fresh))
@@ -327,6 +334,8 @@ class Indexer:
             if fresh:
                 self._batch_started = inflight.started
         self._batch_bytes = sum(e.nbytes for e in self._batch)
+        if self._inflight is None and not self._batch and not self._closed:
+            self.metrics.work_since = None  # nothing left in hand: idle, not stalled
 
     # ---- writer thread ---------------------------------------------------------------------
 
@@ -346,7 +355,9 @@ class Indexer:
                 if abandon.is_set() or (self._abandon_at is not None and time.monotonic() + delay > self._abandon_at):
                     raise Abandoned(str(t)) from None
                 log.warning("%s (retrying in %.1fs)", t, delay)
-                if abandon.wait(delay * (0.5 + random.random())):
+                pause = delay * (0.5 + random.random())
+                self.metrics.trying(pause)  # a try is due: alive through a backoff of any length
+                if abandon.wait(pause):
                     raise Abandoned(str(t)) from None
                 delay = min(delay * 2, 30.0)
                 attempt += 1

@@ -44,8 +44,9 @@ class ConsumerMetrics:
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
 
-    def trying(self) -> None:
-        self.tried_at = time.monotonic()
+    def trying(self, due_in: float = 0.0) -> None:
+        """A call is being started, or (``due_in`` > 0) one is due after that backoff."""
+        self.tried_at = time.monotonic() + due_in
 
     def health(self, stale_after_s: float, stall_after_s: float) -> tuple[bool, dict]:
         """Healthy while the loop turns and the work in hand is being tried: a call started within
@@ -56,7 +57,7 @@ class ConsumerMetrics:
         now = time.monotonic()
         age = now - self.heartbeat
         stalled = 0.0 if self.work_since is None else now - self.work_since
-        untried = 0.0 if self.work_since is None else now - max(self.work_since, self.tried_at)
+        untried = 0.0 if self.work_since is None else max(0.0, now - max(self.work_since, self.tried_at))
         ok = age < stale_after_s and untried < stall_after_s
         return ok, {"loop_age_s": round(age, 1), "uncommitted_work_age_s": round(stalled, 1),
                     "since_last_try_s": round(untried, 1)}

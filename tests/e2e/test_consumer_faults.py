@@ -217,13 +217,13 @@ def test_sigkill_mid_stream_three_times_then_restart_leaves_one_point_per_item(p
 
 def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_nothing(
         published, kafka, postgres, toxiproxy, consumer_env, tmp_path):
-    """One consumer's path to its sink is down, and its writer retries a batch holding every partition's events;
-    a second consumer joins the group. The first gives the batch up at the rebalance, rather than holding the
-    whole group's rebalance (and its own loop) for as long as the outage lasts: the newcomer gets its partitions
-    and indexes them while the outage goes on. Once the path heals, the first writes the events of the
-    partitions it kept, which went back to the head of its queue. The table ends with one row per point, and
-    the group's offsets at the topic's end. Through the outage the first stays healthy (``/healthz``): it
-    keeps trying, and a restart would not bring the sink back."""
+    """One consumer's path to its sink is down: its writer retries a batch, and the next batch waits for the
+    writer (the partitions paused, still polled); a second consumer joins the group. The first gives the batch
+    up at the rebalance, rather than holding the whole group's rebalance (and its own loop) for as long as the
+    outage lasts: the newcomer gets its partitions and indexes them while the outage goes on. Once the path
+    heals, the first writes the events of the partitions it kept, which went back to the head of its queue.
+    The table ends with one row per point, and the group's offsets at the topic's end. Through the outage the
+    first stays healthy (``/healthz``): it keeps trying, and a restart would not bring the sink back."""
     from services import free_port
 
     codec = AvroCodec()
@@ -238,9 +238,9 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
             copies.append((e, (c * N_EVENTS + i) % PARTITIONS))
     expected = len(all_ids([e for e, _ in copies]))
     proxy = toxiproxy.proxy(f"pg-{tag}", f"{postgres.host}:{postgres.port}")
-    # One batch takes every event (the linger outlasts the produce), so the batch given up holds events of
-    # the partitions that move and of those that stay.
-    common = ["--source", source(kafka, topic), "--group", f"revoke-{tag}", "--batch-max-records", "100",
+    # Two batches of 16 (closed by count: the linger outlasts the produce). The first, given up, holds
+    # events of at least two partitions, so of one that stays: only one of the three moves.
+    common = ["--source", source(kafka, topic), "--group", f"revoke-{tag}", "--batch-max-records", "16",
               "--batch-linger-ms", "2000", "--log-format", "json"]
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     port, stall_s = free_port(), 5
@@ -278,6 +278,10 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
             return status == 200 and json.loads(body)["uncommitted_work_age_s"] > stall_s
         cr.wait_for(healthy_through_the_outage, 30, f"/healthz 200 with work uncommitted past {stall_s} s",
                     interval=0.2, logs=logs)
+        for _ in range(30):  # and it stays so, between tries as they back off
+            status, body = cr.scrape(port, "/healthz")
+            assert status == 200, body
+            time.sleep(0.25)
 
         proxy.set_enabled(True)
         cr.wait_for(lambda: pg.count() == expected, 90, f"all {expected} points", logs=logs)

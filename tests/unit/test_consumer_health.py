@@ -43,6 +43,13 @@ def test_a_batch_retried_through_an_outage_stays_healthy():
             status, detail = healthz(server.port)
             assert status == 200, detail
         assert detail["uncommitted_work_age_s"] >= 1.0 and detail["since_last_try_s"] < 0.5
+        m.trying(due_in=1.0)  # a backoff longer than stall_after_s: the next try is due, not missed
+        time.sleep(0.7)
+        m.beat()
+        assert healthz(server.port)[0] == 200
+        time.sleep(0.9)  # ...and once it is overdue by stall_after_s, no try came: 503
+        m.beat()
+        assert healthz(server.port)[0] == 503
 
 
 def test_a_wedged_loop_turns_health_503():
