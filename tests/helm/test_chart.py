@@ -1620,6 +1620,32 @@ def test_promql_check_is_real():
     assert ok == {"error": "", "metrics": ["x_bucket"]}
 
 
+def readme_alerts() -> list[tuple[str, str]]:
+    """(alert, expression) of every row of the README's alert tables (header ``| alert | expression |``)."""
+    rows, in_table = [], False
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("| alert | expression |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and not line.startswith("|---"):
+            alert, expr, _means = (c.strip() for c in line.strip().strip("|").split("|", 2))
+            assert expr.count("`") == 2 and expr.startswith("`") and expr.endswith("`"), line
+            rows.append((alert, expr.strip("`")))
+    return rows
+
+
+def test_readme_alerts_are_valid_promql_over_exported_metrics(exported_metrics):
+    """What the README tells operators to alert on parses with Prometheus's parser and names only series the
+    code exports (and ``up``): a renamed metric would leave an alert that never fires."""
+    alerts = readme_alerts()
+    assert {a for a, _ in alerts} >= {"stuck", "not committing", "retrying"}, alerts  # both tables are read
+    series = {**series_of(exported_metrics["publisher"]), **series_of(exported_metrics["consumer"]), "up": "up"}
+    for (alert, expr), result in zip(alerts, parse_promql([e for _, e in alerts]), strict=True):
+        assert result["error"] == "", f"{alert}: {expr}\n{result['error']}"
+        assert result["metrics"] and set(result["metrics"]) <= set(series), f"{alert}: {expr}: {result['metrics']}"
+
+
 # ---- rejected values --------------------------------------------------------------------------
 
 QDRANT = {"name": "q", "sink": {"type": "qdrant", "uri": "qdrant://qdrant:6333/c"}}
