@@ -80,8 +80,11 @@ POISON_KINDS = tuple(c.kind for c in (Undecodable, UnknownSchema, MissingObject,
                                       PermanentErrorPoison, SinkRejected))
 
 
+TRANSIENT_KINDS = ("object_store", "sink", "dlq", "source")  # source: the schema registry
+
+
 class Transient(Exception):
-    """A failure worth retrying; ``kind`` labels the error counter (object_store, sink, dlq, source).
+    """A failure worth retrying; ``kind`` (one of ``TRANSIENT_KINDS``) labels the error counter.
 
     ``permanent_after``: retry at most this many times, then the record is poison
     (``PermanentErrorPoison``); None retries until it passes."""

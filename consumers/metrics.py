@@ -16,6 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from consumers.errors import POISON_KINDS, TRANSIENT_KINDS
+
 NS = "vllm_mm_events_consumer"
 
 
@@ -37,12 +39,25 @@ class ConsumerMetrics:
         self.lag = Gauge(f"{NS}_lag_events", "Events not yet consumed on the assigned partitions.", registry=r)
         self.last_commit = Gauge(f"{NS}_last_commit_timestamp_seconds", "When offsets were last committed.",
                                  registry=r)
+        self.work_age = Gauge(f"{NS}_uncommitted_work_age_seconds",
+                              "How long the oldest uncommitted batch has been in work (0: idle); it grows through "
+                              "a sink, store or registry outage.", registry=r)
+        self.work_age.set_function(self._work_age)
+        # Every label value exists from the start at 0, so that increase() sees the first occurrence.
+        for reason in POISON_KINDS:
+            self.dead_lettered.labels(reason)
+        for kind in TRANSIENT_KINDS:
+            self.errors.labels(kind)
         self.heartbeat = time.monotonic()
         self.work_since: float | None = None  # when the oldest uncommitted batch began (None: idle)
         self.tried_at = 0.0  # when a writer or fetch thread last started a call to a store, sink or registry
 
     def beat(self) -> None:
         self.heartbeat = time.monotonic()
+
+    def _work_age(self) -> float:
+        since = self.work_since
+        return 0.0 if since is None else time.monotonic() - since
 
     def trying(self, due_in: float = 0.0) -> None:
         """A call is being started, or (``due_in`` > 0) one is due after that backoff."""
@@ -52,12 +67,12 @@ class ConsumerMetrics:
         """Healthy while the loop turns and the work in hand is being tried: a call started within
         ``stall_after_s`` (every client has a limit well below it). A consumer retrying through a sink
         or store outage is healthy: restarting it would not bring the store back, and would make it
-        wait out the restart back-off once the store returns. The outage shows in ``errors`` and the
-        age of the work in hand (``uncommitted_work_age_s``, ``last_commit_timestamp_seconds``)."""
-        now = time.monotonic()
+        wait out the restart back-off once the store returns. The outage shows in ``errors`` and in
+        ``uncommitted_work_age_seconds``, what to alert on."""
+        now, since = time.monotonic(), self.work_since  # read once: the consume loop sets it meanwhile
         age = now - self.heartbeat
-        stalled = 0.0 if self.work_since is None else now - self.work_since
-        untried = 0.0 if self.work_since is None else max(0.0, now - max(self.work_since, self.tried_at))
+        stalled = 0.0 if since is None else now - since
+        untried = 0.0 if since is None else max(0.0, now - max(since, self.tried_at))
         ok = age < stale_after_s and untried < stall_after_s
         return ok, {"loop_age_s": round(age, 1), "uncommitted_work_age_s": round(stalled, 1),
                     "since_last_try_s": round(untried, 1)}

@@ -59,3 +59,26 @@ def test_a_wedged_loop_turns_health_503():
         assert healthz(server.port)[0] == 503
         m.beat()
         assert healthz(server.port)[0] == 200
+
+
+def test_the_outage_shows_in_the_metrics_alerts_read():
+    """What the README's consumer alerts select: the age of the work in hand, and every dead-letter reason
+    and error kind from the start (a labelled series that first appears at 1 is missed by increase())."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from consumers.errors import POISON_KINDS, TRANSIENT_KINDS
+
+    m = ConsumerMetrics()
+
+    def samples():
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for f in text_string_to_metric_families(m.render().decode()) for s in f.samples}
+    age = ("vllm_mm_events_consumer_uncommitted_work_age_seconds", ())
+    assert samples()[age] == 0.0  # idle
+    m.work_since = time.monotonic() - 42
+    assert 42 <= samples()[age] < 60
+    got = samples()
+    for reason in POISON_KINDS:
+        assert got[("vllm_mm_events_consumer_dead_lettered_total", (("reason", reason),))] == 0.0
+    for kind in TRANSIENT_KINDS:
+        assert got[("vllm_mm_events_consumer_errors_total", (("kind", kind),))] == 0.0
