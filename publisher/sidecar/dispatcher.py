@@ -80,6 +80,8 @@ class EventDispatcher:
         self._spool_settled = 0  # engine requests synced into the spool (or that failed to be)
         self._spool_pending = 0
         self._gauges: tuple[int, int] | None = None  # what the metrics gauges were last set to
+        if metrics is not None and outbox is not None:  # what spool_bytes is compared with, in one scrape
+            metrics.spool_max_bytes.set(outbox.max_bytes)
 
     @property
     def in_flight(self) -> int:

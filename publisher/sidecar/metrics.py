@@ -7,6 +7,13 @@ the first sidecar to bind the port serves ``/metrics`` with all of them summed (
 others only write). Counters of a sidecar that exited are dropped when a scheduler
 sidecar starts, so a restart shows as a counter reset, which Prometheus handles.
 
+A sidecar's files are named by its pid *and* its start time: the directory outlives the
+processes (in the chart it is on the pod's ``/tmp`` emptyDir, kept across container restarts),
+and a restarted container numbers its processes from 1 again. Named by pid alone, a file of a
+killed sidecar whose pid a new process now holds was kept, and read back: its gauges (events
+in flight, spool bytes) stayed in the sum for good, and a new sidecar at that pid counted on
+from the dead one's values.
+
 ``COUNTERS`` maps the sidecars' report counters (``DispatcherStats``, ``UploaderStats``)
 to metric names: a report and a scrape always count the same things.
 """
@@ -66,15 +73,45 @@ def enable_multiprocess(port: int) -> Path:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(d)
     from prometheus_client import values
 
-    values.ValueClass = values.get_value_class()  # in case prometheus_client was imported already
+    # Set here, in case prometheus_client was imported already (it reads the variable at import).
+    values.ValueClass = values.MultiProcessValue(process_identifier=this_process)
     return d
 
 
+_this_process: dict[int, str] = {}  # pid -> its identity; a forked child computes its own
+
+
+def this_process() -> str:
+    """This process's identity in file names, ``<pid>-<start time>``: prometheus_client asks at every update."""
+    pid = os.getpid()
+    ident = _this_process.get(pid)
+    if ident is None:
+        ident = _this_process[pid] = process_identity(pid) or str(pid)
+    return ident
+
+
+def process_identity(pid: int) -> str | None:
+    """``<pid>-<start time in clock ticks since boot>`` of a running process; None if there is none
+    (or no ``/proc`` to tell: then files are named by pid alone, as prometheus_client does)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) may hold spaces and parentheses: count the fields after its last ")".
+    return f"{pid}-{int(stat[stat.rindex(b')') + 2:].split()[19])}"
+
+
 def forget_dead_processes(d: Path) -> None:
-    """Remove the files of sidecars that are no longer running."""
+    """Remove the files of sidecars that are no longer running: their pid is free, or held by a
+    process started at another time."""
     for path in glob.glob(str(d / "*.db")):
-        m = re.search(r"_(\d+)\.db$", path)
-        if m and not pid_alive(int(m.group(1))):
+        m = re.search(r"_((\d+)(-\d+)?)\.db$", path)
+        if not m:
+            continue
+        pid = int(m.group(2))
+        gone = process_identity(pid) != m.group(1) if m.group(3) else not pid_alive(pid)
+        if gone:
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -126,6 +163,9 @@ class PublisherMetrics:
                                multiprocess_mode="livesum", registry=r)
         self.spool_bytes = Gauge(f"{NS}_spool_bytes", "Bytes held by the durable outbox.",
                                  multiprocess_mode="livesum", registry=r)
+        self.spool_max_bytes = Gauge(f"{NS}_spool_max_bytes", "The durable outbox's cap (max_spool_bytes): "
+                                     "reaching it applies the backpressure policy.",
+                                     multiprocess_mode="livesum", registry=r)
         self.durability_wait = Histogram(
             f"{NS}_durability_wait_seconds", "From a request's finish to its objects being durable (or the timeout).",
             buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)

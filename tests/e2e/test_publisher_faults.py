@@ -133,6 +133,7 @@ def test_object_store_killed_and_restarted_20s_later(tmp_path, tiny_llava, kafka
         assert m[ns + "durability_wait_seconds_count"] == len(returned), m
         assert m[ns + "durability_wait_seconds_bucket{le=5.0}"] < len(returned), m  # some waited out the outage
         assert m[ns + "events_in_flight"] == 0 and m[ns + "spool_bytes"] >= 0, m
+        assert m[ns + "spool_max_bytes"] == 1 << 30, m  # the default max_spool_bytes, for the "spool filling" alert
     finally:
         log = s.stop()
     retried = re.search(r"'retries': (\d+)", log)
