@@ -54,6 +54,13 @@ class DeadLetters(ABC):
 
 
 class KafkaDeadLetters(DeadLetters):
+    """A dead letter refused (its delivery failed, the broker away past ``message.timeout.ms``, the
+    local queue full, or a value over the producer's size limit) is kept and produced again by the
+    next ``flush``, which raises ``Transient`` until every one is acknowledged: the caller commits
+    the source position only after that. Nothing here raises from ``send``."""
+
+    KEPT_VALUE_BYTES = 64 << 10  # of a value too large to dead-letter whole; the source keeps all of it
+
     def __init__(self, uri: str, group: str, settings: dict):
         from confluent_kafka import Producer
 
@@ -61,23 +68,51 @@ class KafkaDeadLetters(DeadLetters):
         self.topic = u.path.lstrip("/")
         self.group = group
         self.producer = Producer(producer_config(u.netloc, f"vllm-mm-events-dlq-{os.getpid()}", settings))
-        self._errors: list[str] = []
-
-    def _done(self, err, _msg) -> None:
-        if err is not None:
-            self._errors.append(str(err))
+        self._refused: list[tuple[tuple, str]] = []  # (record, why): produced again at the next flush
 
     def send(self, value, key, headers, kind, message, coords) -> None:
-        self.producer.produce(self.topic, value=value, key=key,
-                              headers=list(headers) + dlq_headers(kind, message, coords, self.group),
-                              on_delivery=self._done)
+        self._produce((value, key, list(headers) + dlq_headers(kind, message, coords, self.group)))
+
+    def _produce(self, record: tuple) -> None:
+        from confluent_kafka import KafkaError, KafkaException
+
+        def refused(err) -> None:
+            too_large = err.code() == KafkaError.MSG_SIZE_TOO_LARGE  # librdkafka's own limit reports it too
+            self._refused.append((self._shrunk(record) if too_large else record, err.str()))
+
+        def delivered(err, _msg) -> None:
+            if err is not None:
+                refused(err)
+
+        value, key, headers = record
+        try:
+            self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=delivered)
+        except BufferError:  # the local queue is full: the broker has been away a while
+            self._refused.append((record, "local queue full"))
+        except KafkaException as e:
+            refused(e.args[0])
         self.producer.poll(0)
 
+    def _shrunk(self, record: tuple) -> tuple:
+        """A record the broker cannot take whole: the first KEPT_VALUE_BYTES of its value, its key, the
+        ``dlq.*`` headers, and ``dlq.truncated`` saying what was left out (the source still has it)."""
+        value, key, headers = record
+        if any(k == "dlq.truncated" for k, _ in headers):  # shrunk already, and still refused
+            return b"", (key or b"")[:1024], [(k, v) for k, v in headers if k != "dlq.error"]
+        dropped = [k for k, _ in headers if not k.startswith("dlq.")]
+        note = f"value {len(value or b'')} bytes (kept {self.KEPT_VALUE_BYTES}), {len(dropped)} original header(s)"
+        return ((value or b"")[:self.KEPT_VALUE_BYTES], (key or b"")[:1024],
+                [(k, v) for k, v in headers if k.startswith("dlq.")] + [("dlq.truncated", note.encode())])
+
     def flush(self) -> None:
+        again, self._refused = self._refused, []
+        for record, _ in again:
+            self._produce(record)
         left = self.producer.flush(30)
-        if left or self._errors:
-            errors, self._errors = self._errors, []
-            raise Transient("dlq", f"dead-letter topic {self.topic}: {left} undelivered; {'; '.join(errors[:3])}")
+        if left or self._refused:
+            why = "; ".join(sorted({w for _, w in self._refused})[:3])
+            raise Transient("dlq", f"dead-letter topic {self.topic}: {left} undelivered, "
+                                   f"{len(self._refused)} refused (to be sent again){': ' + why if why else ''}")
 
     def close(self) -> None:
         self.producer.flush(10)
@@ -94,16 +129,31 @@ class FileDeadLetters(DeadLetters):
         self._lines.append(json.dumps({
             "reason": kind, "error": message, "source": coords, "consumer_group": self.group,
             "time_ms": int(time.time() * 1000), "value_b64": base64.b64encode(value).decode(),
-            "headers": {k: v.decode(errors="replace") for k, v in headers}}) + "\n")
+            "headers": {k: v.decode(errors="replace") if v is not None else None for k, v in headers}}) + "\n")
 
     def flush(self) -> None:
+        """Append the lines whole or not at all: a failed write (disk full) is cut off again, the lines
+        are kept for the next flush, and ``Transient`` says so."""
         if not self._lines:
             return
-        lines, self._lines = self._lines, []
-        with open(self.path, "a") as f:
-            f.write("".join(lines))
-            f.flush()
-            os.fsync(f.fileno())
+        data = "".join(self._lines).encode()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise Transient("dlq", f"dead-letter file {self.path}: {e.strerror or e}") from None
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            except OSError as e:
+                os.ftruncate(fd, start)  # no half line for a reader to trip on
+                raise Transient("dlq", f"dead-letter file {self.path}: {e.strerror or e}") from None
+        finally:
+            os.close(fd)
+        self._lines.clear()
 
 
 class LoggedDeadLetters(DeadLetters):

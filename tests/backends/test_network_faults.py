@@ -183,6 +183,39 @@ def test_a_consumer_commit_to_a_broker_that_never_answers_does_not_hold_its_loop
         source.close()
 
 
+def test_dead_letters_refused_while_kafka_is_down_are_sent_again_before_the_commit(kafka_proxy):
+    """The consumer commits a batch only once its dead letters' ``flush`` returns. Dead letters whose
+    delivery failed (the broker away past message.timeout.ms) are produced again by the next flush, and
+    every flush raises ``Transient`` until they are all acknowledged; none is dropped along the way."""
+    from consumers.dead_letters import open_dead_letters
+    from consumers.errors import Transient
+
+    broker, proxy = kafka_proxy
+    topic = new_topic(broker)
+    dead_letters = open_dead_letters(f"kafka://{proxy.listen}/{topic}", f"kafka://{proxy.listen}/events", "grp",
+                                     KAFKA_SETTINGS)
+    try:
+        proxy.set_enabled(False)
+        for i in range(3):
+            dead_letters.send(b"poison-%d" % i, None, [], "undecodable", f"not Avro {i}", {"offset": str(i)})
+        for _ in range(2):  # a retry while the broker is still away: refused again, not forgotten
+            with pytest.raises(Transient):
+                dead_letters.flush()
+        assert read(broker, topic, timeout=5) == []
+        proxy.heal()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                dead_letters.flush()
+                break
+            except Transient:
+                assert time.monotonic() < deadline, "the dead letters were not delivered after the heal"
+        assert sorted(read(broker, topic)) == [b"poison-0", b"poison-1", b"poison-2"]  # each once
+    finally:
+        proxy.heal()
+        dead_letters.close()
+
+
 # ---- MinIO: the worker sidecar's uploader, and the scheduler's head_many -----------------------------
 
 @pytest.fixture
