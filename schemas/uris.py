@@ -45,21 +45,33 @@ def object_uri(scheme: str, root: str, key: str) -> str:
     raise ValueError(f"object store scheme: expected one of {', '.join(STORE_SCHEMES)}, got {scheme!r}")
 
 
+# No store holds a longer name: S3 keys are at most 1024 bytes; a file path, 4096 (PATH_MAX), each
+# part 255 (NAME_MAX). A longer one fails at the store every time, and would otherwise be retried
+# as if the store were away (ENAMETOOLONG, or an S3 400), holding its partition for good.
+MAX_S3_KEY_BYTES = 1024
+MAX_PATH_BYTES = 4096
+MAX_NAME_BYTES = 255
+
+
 def split_object_uri(uri: str) -> tuple[str, str, str]:
     """An object's URI -> (scheme, root, key): (``s3``, bucket, key) or (``file``, directory, file name).
 
     Strict, as URIs come from outside: no query, fragment or NUL; an s3 key has no ``.``/``..``
-    segments. ``ValueError`` (naming ``uri``) for anything else."""
+    segments; no name longer than a store can hold. ``ValueError`` (naming ``uri``) for anything else."""
     u = urlsplit(uri)
     if not u.query and not u.fragment and "\0" not in uri:
         if u.scheme == "s3" and u.netloc and u.path.strip("/"):
             key = u.path.lstrip("/")
             if any(part in (".", "..") for part in key.split("/")):
                 raise ValueError(f"uri: a key with '.' or '..' segments is not an object's: {uri[:200]!r}")
+            if len(key.encode()) > MAX_S3_KEY_BYTES:
+                raise ValueError(f"uri: a key over {MAX_S3_KEY_BYTES} bytes is not an object's: {uri[:200]!r}")
             return "s3", u.netloc, key
         if u.scheme == "file" and u.netloc in ("", "localhost") and u.path.startswith("/"):
             path = unquote(u.path)
             parent, _, name = path.rpartition("/")
+            if len(path.encode()) > MAX_PATH_BYTES or any(len(p.encode()) > MAX_NAME_BYTES for p in path.split("/")):
+                raise ValueError(f"uri: a path longer than a file system holds is not an object's: {uri[:200]!r}")
             if name and "\0" not in path:
                 return "file", parent or "/", name
     raise ValueError(f"uri: expected s3://bucket/key or file:///path, got {uri[:200]!r}")

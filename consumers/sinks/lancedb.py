@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from consumers.errors import Transient
 from consumers.sinks.base import Hit, VectorSink, split_collection
 from consumers.vectors import Point
 
@@ -86,7 +87,10 @@ class LanceDBSink(VectorSink):
             rows[f] = [p.payload[f] for p in points]
         schema = t.schema
         data = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in schema}, schema=schema)
-        t.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        try:
+            t.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
+        except OSError as e:  # Lance's I/O errors (a full or read-only disk): the store's state, not the data
+            raise Transient("sink", f"{self.name}: {e}") from None
         self._upserts += 1
         if self._upserts % OPTIMIZE_EVERY == 0:
             t.optimize()

@@ -61,9 +61,12 @@ class MilvusSink(VectorSink):
         except grpc.RpcError as e:  # a deadline exceeded comes through pymilvus as gRPC raised it
             if e.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                 raise Transient("sink", f"{self.name}: {e.code().name}: no answer in time") from None
+            if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise Transient("sink", f"{self.name}: {e.code().name}") from None  # the client refused, not the data
             raise
         except MilvusException as e:
-            if any(w in str(e).lower() for w in ("unavailable", "deadline", "timeout")):
+            if any(w in str(e).lower() for w in ("unavailable", "deadline", "timeout", "permission", "privilege",
+                                                 "unauthenticated")):
                 raise Transient("sink", f"{self.name}: {e}") from None
             raise
 

@@ -79,6 +79,11 @@ class PgvectorSink(VectorSink):
     # system (58), rollback (40: serialization, deadlock), object in use (55). Everything else, e.g.
     # 22 data exception or 54 program limit (an index row too large), is about the data.
     TRANSIENT_SQLSTATE_CLASSES = ("08", "40", "53", "55", "57", "58")
+    # The server refusing this client, not the data: authorization (28), a privilege not granted (42501,
+    # e.g. CREATE on the schema: PostgreSQL 15+ no longer grants it to everyone), the table, schema or
+    # database gone (42P01, 3F000, 3D000), a read-only standby after a failover (25006). Every event of a
+    # batch would be refused alike: retried until the operator fixes it (and counted), never dead-lettered.
+    REFUSAL_SQLSTATES = ("28", "42501", "42P01", "3F000", "3D000", "25006")
 
     # libpq waits on a query's answer without a timeout, and a server that accepts and never answers
     # (stopped, or a network path that drops packets) would hold the writer for good. A running server
@@ -106,8 +111,9 @@ class PgvectorSink(VectorSink):
                 conn.close()
                 raise Transient("sink", f"{self.name}: no answer in {self.OP_TIMEOUT_S:.0f} s") from None
             state = e.sqlstate or ""
-            if not isinstance(e, psycopg.OperationalError) or (state and state[:2] not in
-                                                               self.TRANSIENT_SQLSTATE_CLASSES):
+            refusal = state.startswith(self.REFUSAL_SQLSTATES)
+            if not refusal and (not isinstance(e, psycopg.OperationalError) or (
+                    state and state[:2] not in self.TRANSIENT_SQLSTATE_CLASSES)):
                 raise
             conn.close()
             raise Transient("sink", f"{self.name}: {str(e).strip().splitlines()[0]}") from None

@@ -46,7 +46,9 @@ class QdrantSink(VectorSink):
         except ResponseHandlingException as e:  # connection refused, timeouts
             raise Transient("sink", f"{self.name}: {e}") from None
         except UnexpectedResponse as e:
-            if e.status_code in (429, 500, 502, 503, 504):
+            # 401/403: the API key is wrong or lacks the right; 404: the collection is gone. The store
+            # refuses this client, not the data: retried (counted), never dead-lettered.
+            if e.status_code in (401, 403, 404, 429, 500, 502, 503, 504):
                 raise Transient("sink", f"{self.name}: HTTP {e.status_code}") from None
             raise
 

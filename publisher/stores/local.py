@@ -188,7 +188,7 @@ class LocalDirStore(ObjectStore):
         except FileNotFoundError:
             raise ObjectNotFound(self.uri(key)) from None
         except OSError as e:
-            if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR):
+            if e.errno in (errno.ELOOP, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.ENAMETOOLONG):
                 raise PermanentStoreError(f"{self.uri(key)}: {e.strerror}") from None
             raise
         st = os.fstat(fd)

@@ -299,3 +299,53 @@ def test_a_rebalance_while_the_sink_is_down_moves_partitions_at_once_and_loses_n
     # Exactly one row per point: the batch given up and written again rewrote the same ids.
     assert pg.count() == expected
     pg.close()
+
+
+def test_a_sink_refusing_the_consumer_itself_is_retried_until_granted_never_dead_lettered(
+        published, kafka, postgres, consumer_env, tmp_path):
+    """The consumer's PostgreSQL role may not create its table (PostgreSQL 15+ grants CREATE on ``public``
+    to no one by default): the server refuses the client, not the data, and would refuse every event alike.
+    Nothing is dead-lettered or committed while the refusal lasts (the writer retries, counted by kind);
+    once the grant is made, every point is written and the group's offsets reach the topic's end."""
+    import psycopg
+
+    from services import PG_USER, free_port
+
+    tag = uuid.uuid4().hex[:6]
+    role, table, group, dlq = f"limited_{tag}", f"refused_{tag}", f"refused-{tag}", f"refused-{tag}.dlq"
+    with psycopg.connect(postgres.dsn, autocommit=True) as admin:
+        admin.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD 'limited-secret'")
+        assert admin.execute("SELECT has_schema_privilege(%s, 'public', 'CREATE')", (role,)).fetchone() == (False,)
+        port = free_port()
+        log = tmp_path / "consumer.log"
+        proc = cr.start(["--source", source(kafka, published["topic"]), "--group", group,
+                         "--dlq", f"kafka://{kafka.bootstrap}/{dlq}", "--metrics-port", str(port),
+                         "--sink", postgres.uri(table).replace(f"//{PG_USER}@", f"//{role}@")],
+                        {**consumer_env, "PGPASSWORD": "limited-secret"}, log)
+        pg = PgPoints(postgres.uri(table))
+        offsets = GroupOffsets(kafka.bootstrap, group, published["topic"])
+        try:
+            # Before: the refusal was taken for the data's, each event dead-lettered alone, the batch committed.
+            cr.wait_for(lambda: "retrying in" in log.read_text() or "dead-lettered" in log.read_text(), 90,
+                        "the first write to be refused", logs=[log])
+            time.sleep(3)
+            assert dlq_records(kafka.bootstrap, dlq) == 0 and offsets.done() == 0, log.read_text()[-3000:]
+            assert "permission denied" in log.read_text()
+            assert cr.metric(cr.scrape(port)[1], 'vllm_mm_events_consumer_errors_total{kind="sink"}') > 0
+
+            admin.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+            cr.wait_for(lambda: pg.count() == N_POINTS, 90, f"all {N_POINTS} points", logs=[log])
+            cr.wait_for(lambda: offsets.done() == offsets.total, 30, "the group's offsets to reach the end",
+                        logs=[log])
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=60)[0]
+            offsets.close()
+            pg.sink.close()
+            admin.execute(f"DROP TABLE IF EXISTS {table}")
+            admin.execute(f"DROP OWNED BY {role}")
+            admin.execute(f"DROP ROLE {role}")
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["dead_lettered"] == {}
+    assert dlq_records(kafka.bootstrap, dlq) == 0

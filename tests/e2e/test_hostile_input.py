@@ -73,6 +73,8 @@ class Scene:
             ("forbidden_object", {**canary, "uri": f"{store_uri}/p/link.safetensors"}),
             ("forbidden_object", {"uri": "s3://another-bucket/k.safetensors"}),
             ("forbidden_object", {"uri": "file:///dev/zero", "size_bytes": 1000}),
+            # no file system holds the name (ENAMETOOLONG): not a store that is away, retried for good
+            ("forbidden_object", {"uri": f"{store_uri}/p/{'x' * 300}.safetensors"}),
             ("object_too_large", {"size_bytes": 10 ** 12}),
             ("object_too_large", {"uri": big.as_uri(), "size_bytes": 1000}),
             ("permanent_error", {"uri": f"{store_uri}/p/a-directory"}),

@@ -106,6 +106,7 @@ def test_one_uri_form_for_every_writer_and_reader(tmp_path):
     assert StoreLocation.parse("s3://bucket/pre/fix").uri("pre/fix/k") == "s3://bucket/pre/fix/k"
     assert split_object_uri("s3://bucket/pre/fix/k") == ("s3", "bucket", "pre/fix/k")
     for bad in ("http://x/y", "s3://bucket", "file://host/x", "file:///dir/", "s3://b/k?versionId=1", "s3://b/k#f",
-                "s3://b/a/../k", "s3://b/./k", "file:///dir/x%00y", "s3://b/k\x00"):
+                "s3://b/a/../k", "s3://b/./k", "file:///dir/x%00y", "s3://b/k\x00",
+                "s3://b/" + "k" * 1025, "file:///dir/" + "x" * 256, "file://" + "/d" * 2049):
         with pytest.raises(ValueError, match="uri"):
             split_object_uri(bad)
