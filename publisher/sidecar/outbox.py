@@ -13,7 +13,12 @@ replays what a dead one left in it:
   CRC check and is dropped on replay: it was never synced, so no event was sent for it.
 - ``acks``: one event id per line, appended when the sink acknowledged and written out with the
   next ``sync`` (one write per pump, not one per event); never fsynced (a lost ack only means a
-  repeat). A segment whose records are all acknowledged is deleted.
+  repeat). A segment whose records are all acknowledged is deleted, and its ids' lines are dead
+  weight: once the file passes ``ACKS_COMPACT_BYTES`` and most lines are dead, it is rewritten with
+  the live ones (those of segments still on disk) and renamed into place. Under a steady load some
+  event is always in flight, so "wait until everything is acknowledged" would never come: the file
+  grew ~37 bytes per event for good, outside ``max_spool_bytes`` (gigabytes a day at a few hundred
+  requests per second, then an evicted pod), and all of it was read into memory at the next start.
 """
 
 from __future__ import annotations
@@ -61,6 +66,9 @@ class Outbox:
         self.fsync = fsync
         self.dir = self._take_slot(Path(spool_dir) / hashlib.sha256(stream.encode()).hexdigest()[:16])
         self._acks = open(self.dir / "acks", "a")
+        self._ack_lines = self._ack_bytes = 0  # in the acks file
+        self._acked: dict[int, list[str]] = {}  # seq -> its acknowledged event ids (the acks file's live lines)
+        self._acked_live = 0  # how many: sum(map(len, self._acked.values()))
         self._segments: dict[int, set[str]] = {}  # seq -> event ids not yet acknowledged
         self._sizes: dict[int, int] = {}
         self._where: dict[str, int] = {}  # event id -> its segment
@@ -90,7 +98,7 @@ class Outbox:
     def _load(self) -> None:
         acked = set((self.dir / "acks").read_text().split()) if (self.dir / "acks").exists() else set()
         for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
-            seq, data, pos, live = int(path.stem), path.read_bytes(), 0, set()
+            seq, data, pos, live, done = int(path.stem), path.read_bytes(), 0, set(), []
             while pos + _HEADER.size <= len(data):
                 n, crc = _HEADER.unpack_from(data, pos)
                 payload = data[pos + _HEADER.size:pos + _HEADER.size + n]
@@ -107,12 +115,16 @@ class Outbox:
                     live.add(req.event_id)
                     self._where[req.event_id] = seq
                     self._replay.append((req, keys))
+                else:
+                    done.append(req.event_id)
             if live:
-                self._segments[seq], self._sizes[seq] = live, len(data)
+                self._segments[seq], self._sizes[seq], self._acked[seq] = live, len(data), done
+                self._acked_live += len(done)
             else:
                 path.unlink()
-        if not self._segments:  # nothing left to acknowledge: start the ack list afresh
-            self._acks.truncate(0)
+        self._ack_lines, self._ack_bytes = len(acked), self._acks.tell()
+        if self._ack_lines > 2 * self._acked_live:  # the acks of segments deleted above, or by an earlier run
+            self._compact_acks()
         if self._replay:
             log.info("mm-events outbox: replaying %d unacknowledged event(s) from %s", len(self._replay), self.dir)
 
@@ -146,6 +158,8 @@ class Outbox:
         if self._file is not None:
             self.sync()
             self._file.close()
+            if not self._segments.get(self._seq):  # all acknowledged while it was the one written
+                self._drop_segment(self._seq)
             self._seq += 1
         fd = os.open(self.dir / f"{self._seq}.seg", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o640)
@@ -155,6 +169,8 @@ class Outbox:
         """Make every appended record durable: one write-out and fsync for the group; write out the
         acknowledgements since the last call."""
         self._acks.flush()
+        if self._ack_bytes > ACKS_COMPACT_BYTES and self._ack_lines > 2 * self._acked_live:
+            self._compact_acks()
         if self._dirty and self._file is not None:
             self._file.flush()
             if self.fsync:
@@ -167,26 +183,37 @@ class Outbox:
         if seq is None:
             return
         self._acks.write(event_id + "\n")
+        self._ack_lines += 1
+        self._ack_bytes += len(event_id) + 1
+        self._acked.setdefault(seq, []).append(event_id)
+        self._acked_live += 1
         live = self._segments.get(seq)
         if live is not None:
             live.discard(event_id)
             if not live and seq != self._seq:
-                del self._segments[seq], self._sizes[seq]
-                (self.dir / f"{seq}.seg").unlink(missing_ok=True)
-        if not any(self._segments.values()) and self._acks.tell() > ACKS_COMPACT_BYTES:
-            self._restart_files()  # everything is acknowledged: drop the history
+                self._drop_segment(seq)
 
-    def _restart_files(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        for seq in list(self._segments):
-            (self.dir / f"{seq}.seg").unlink(missing_ok=True)
-        self._segments.clear()
-        self._sizes.clear()
-        self._seq += 1
-        self._acks.truncate(0)
-        self._acks.seek(0)
+    def _drop_segment(self, seq: int) -> None:
+        """Every record of segment ``seq`` is acknowledged: delete it (its ack lines become dead)."""
+        self._acked_live -= len(self._acked.pop(seq, ()))
+        self._segments.pop(seq, None)
+        self._sizes.pop(seq, None)
+        (self.dir / f"{seq}.seg").unlink(missing_ok=True)
+
+    def _compact_acks(self) -> None:
+        """Rewrite the acks file with its live lines only (called once most of it is dead: the file
+        stays within twice the acknowledged records of the segments on disk, or ``ACKS_COMPACT_BYTES``)."""
+        text = "".join(i + "\n" for ids in self._acked.values() for i in ids)
+        tmp = self.dir / "acks.new"
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            if self.fsync:  # before the rename: a crash must leave the old file or this one, whole
+                os.fsync(f.fileno())
+        self._acks.close()
+        os.replace(tmp, self.dir / "acks")
+        self._acks = open(self.dir / "acks", "a")
+        self._ack_lines, self._ack_bytes = self._acked_live, len(text)
 
     def close(self) -> None:
         self.sync()

@@ -151,3 +151,37 @@ def test_a_record_has_only_the_fields_an_older_publisher_reads(tmp_path):
     box.append(r, {"a": "k"})
     box.close()
     assert [x for x, _ in Outbox(tmp_path, STREAM, 1 << 30).take_replay()] == [r]
+
+
+def test_the_acks_file_stays_bounded_while_some_event_is_always_in_flight(tmp_path, monkeypatch):
+    """A steady load: each request is acknowledged after the next one is spooled, so the outbox is never
+    empty. Acknowledged segments go, and the acks file is compacted to their live lines; before, it only
+    shrank once everything was acknowledged, which never came, and grew by every event for good."""
+    monkeypatch.setattr("publisher.sidecar.outbox.SEGMENT_BYTES", 64 << 10)
+    monkeypatch.setattr("publisher.sidecar.outbox.ACKS_COMPACT_BYTES", 64 << 10)
+    box = Outbox(tmp_path, STREAM, 1 << 30, fsync=False)
+    previous, largest = None, 0
+    for i in range(20_000):  # ~740 KB of ack lines in all
+        r = req(f"r{i}")
+        box.append(r, {"a": "k"})
+        if previous is not None:
+            box.ack(previous.event_id)
+        box.sync()
+        largest = max(largest, (box.dir / "acks").stat().st_size)
+        previous = r
+    assert largest <= 2 * (64 << 10) + 64 * 37, largest  # the threshold, plus one segment's live lines
+    assert len(list(box.dir.glob("*.seg"))) <= 2 and box.bytes <= 2 * (64 << 10)
+    box.close()  # then a restart: exactly the one in flight comes back
+    again = Outbox(tmp_path, STREAM, 1 << 30)
+    assert [r.request_id for r, _ in again.take_replay()] == ["r19999"]
+
+
+def test_a_segment_acknowledged_while_it_was_written_goes_at_rotation(tmp_path, monkeypatch):
+    monkeypatch.setattr("publisher.sidecar.outbox.SEGMENT_BYTES", 600)
+    box = Outbox(tmp_path, STREAM, 1 << 30, fsync=False)
+    for i in range(40):  # one request at a time, acknowledged before the next: nothing in flight between
+        r = req(f"r{i}")
+        box.append(r, {"a": "k"})
+        box.sync()
+        box.ack(r.event_id)
+    assert len(list(box.dir.glob("*.seg"))) == 1 and box.bytes < 600 + 600
