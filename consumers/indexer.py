@@ -17,6 +17,7 @@ import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import TimeoutError as FutureTimeout  # not the built-in one before Python 3.11
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -283,7 +284,7 @@ class Indexer:
                         why, len(inflight.entries), a)
             self._inflight = None
             return False
-        except TimeoutError:
+        except (TimeoutError, FutureTimeout):
             log.warning("%s: a batch of %d events did not finish in time; not committed", why, len(inflight.entries))
             self._inflight = None
             return False
