@@ -130,8 +130,11 @@ class Failed:
 
 @dataclass(frozen=True)
 class RegionsFreed:
-    """The uploads of the items at ``offsets`` ended (one batch): the worker may reuse their ring regions."""
+    """The uploads of the items at ``offsets`` ended (one batch): the worker may reuse their ring regions.
+    ``not_stored``: the keys of those given up (the store away past the deadline, or refusing): the
+    worker stores them again at their next encoder run, instead of taking them for stored."""
     offsets: tuple[int, ...]
+    not_stored: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

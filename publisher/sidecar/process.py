@@ -139,6 +139,7 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
     ring = attach_ring(init.ring_fd, init.ring_size)
     send_lock = threading.Lock()
     freed: list[int] = []  # ring offsets released by the uploader, told to the engine once per batch
+    given_up: list[str] = []  # keys never stored, told with them
 
     def freer(offset: int):
         def free() -> None:
@@ -146,18 +147,24 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
                 freed.append(offset)
         return free
 
+    def not_stored(key: str) -> None:
+        with send_lock:
+            given_up.append(key)
+
     def tell_freed() -> None:
         with send_lock:
-            offsets = tuple(freed)
+            offsets, keys = tuple(freed), tuple(given_up)
             freed.clear()
+            given_up.clear()
             try:
-                if offsets:
-                    conn.send(RegionsFreed(offsets))
+                if offsets or keys:
+                    conn.send(RegionsFreed(offsets, keys))
             except OSError:
                 pass  # the engine is gone; nothing to free for
 
     uploader = ObjectUploader(store, init.model, c.storage_dtype, threads=c.upload_threads,
-                              retry_for_s=c.durability_timeout_s, metrics=_metrics(c), after_release=tell_freed)
+                              retry_for_s=c.durability_timeout_s, metrics=_metrics(c), after_release=tell_freed,
+                              not_stored=not_stored)
     conn.send(Ready(os.getpid()))
 
     timeout = c.shutdown_timeout_s

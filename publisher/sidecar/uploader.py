@@ -63,7 +63,7 @@ class ObjectUploader:
 
     def __init__(self, store: ObjectStore, model: str, storage_dtype: str, threads: int = 2,
                  retry_for_s: float = 60.0, metrics: PublisherMetrics | None = None,
-                 after_release: Callable[[], None] | None = None):
+                 after_release: Callable[[], None] | None = None, not_stored: Callable[[str], None] | None = None):
         # Every thread takes a batch of what is queued. A group-committing store's threads linger
         # for company (one sync for many objects), and two of them overlap one batch's sync with
         # the next one's hashing and writes; other stores do not linger (an S3 PUT is a round trip,
@@ -76,6 +76,7 @@ class ObjectUploader:
         # Called once a batch's jobs are all released: the sidecar tells the engine about a whole
         # batch's ring regions in one message.
         self.after_release = after_release
+        self.not_stored = not_stored  # told each key given up, before its batch's after_release
         self.stats = UploaderStats(metrics)
         # Jobs wait in one deque under one lock. A thread that finds work collects a batch: it waits
         # out the linger (or until the batch is full) with one timed wait, while the engine's items
@@ -168,6 +169,8 @@ class ObjectUploader:
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
                 self._count("upload_failed")
                 log.exception("mm-events: could not serialize item %s", job.mm_hash)
+                if self.not_stored is not None:
+                    self.not_stored(job.key)
         if not encoded:
             return
         try:
@@ -235,6 +238,8 @@ class ObjectUploader:
         self._count("upload_failed")
         log.error("mm-events: giving up on %s after %d attempt(s); events naming it will list it missing", key,
                   attempts)
+        if self.not_stored is not None:
+            self.not_stored(key)
 
     def drain(self, timeout: float) -> int:
         """Wait until queued uploads finish; returns how many are still pending."""

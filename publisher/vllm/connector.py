@@ -248,7 +248,9 @@ class MMEmbeddingPublisher(ECConnectorBase):
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", torch.cuda.current_device())
             self._device = device
-        self._known: OrderedDict[str, None] = OrderedDict()  # keys already handed over (bounded)
+        # Keys handed over (bounded): an item the encoder runs again is not stored twice. A key the
+        # sidecar gave up on leaves it (RegionsFreed.not_stored).
+        self._known: OrderedDict[str, None] = OrderedDict()
         # With tensor parallelism every rank sees the same encoder output; rank 0 stores it.
         self._uploads_here = _tp_rank() == 0
         if not self._uploads_here:
@@ -313,7 +315,13 @@ class MMEmbeddingPublisher(ECConnectorBase):
             return
         key = self.key_for(mm_hash)
         if key in self._known:
-            return
+            try:
+                if self.sidecar.alive:
+                    self._take_sidecar_messages()  # one may say this key was given up
+            except (EOFError, OSError):
+                self._sidecar_gone()
+            if key in self._known:
+                return
         t = encoder_cache[mm_hash]
         offset = self._alloc(t.numel() * t.element_size())
         if offset is None:
@@ -338,8 +346,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         told_all = False
         while self.sidecar.alive:
             try:
-                while self._from_sidecar.poll(0):
-                    self._apply(conn.recv())
+                self._take_sidecar_messages()
                 offset = ring.alloc(nbytes)
                 if offset is not None:
                     return offset
@@ -358,14 +365,24 @@ class MMEmbeddingPublisher(ECConnectorBase):
                 if not landed:
                     self._apply(conn.recv())
             except (EOFError, OSError):
-                self.sidecar.alive = False
-                log.error("mm-events: the worker sidecar is gone; items are no longer stored")
+                self._sidecar_gone()
         return None
+
+    def _sidecar_gone(self) -> None:
+        self.sidecar.alive = False
+        log.error("mm-events: the worker sidecar is gone; items are no longer stored")
+
+    def _take_sidecar_messages(self) -> None:
+        """Apply what the sidecar has said (without blocking)."""
+        while self._from_sidecar.poll(0):
+            self._apply(self.sidecar.conn.recv())
 
     def _apply(self, msg: object) -> None:
         if isinstance(msg, RegionsFreed):
             for offset in msg.offsets:
                 self.ring.allocator.free(offset)
+            for key in msg.not_stored:  # given up: the item's next encoder run stores it (the store may be back)
+                self._known.pop(key, None)
 
     # ===================================================================================
     # Scheduler half

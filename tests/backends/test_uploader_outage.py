@@ -119,3 +119,52 @@ def test_close_during_an_outage_returns_within_its_budget(store, minio):
         minio.restart()
     print(up.stats.as_dict(), f"close {took:.1f}s left={left}")
     assert took < 3 and up.stats.upload_failed == N and len(released) == N
+
+
+def test_an_item_given_up_in_an_outage_is_stored_at_its_next_encoder_run(store, minio, monkeypatch):
+    """The connector's worker half and its real worker sidecar: an item captured while MinIO is down longer
+    than ``durability_timeout_s`` is given up. Once the store is back, the next encoder run of the same item
+    stores it. Before, the worker took the key for stored at capture and skipped every later run: a popular
+    image stayed unstored (every event listing it missing) for the engine's lifetime."""
+    import torch
+
+    from publisher.config import PublisherConfig
+    from publisher.vllm.connector import MMEmbeddingPublisher
+    from schemas.uris import StoreLocation
+
+    native_only(minio)
+    s, bucket = store
+    monkeypatch.setenv("AWS_ENDPOINT_URL", minio.endpoint)
+    worker = object.__new__(MMEmbeddingPublisher)  # the worker half as vLLM builds it, minus vLLM's config
+    worker.config = PublisherConfig.load({"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
+                                          "durability_timeout_s": 1, "max_inflight_bytes": 1 << 20},
+                                         environ={}).resolved(torch.float32)
+    worker.model, worker._keys, worker._connector_metadata = "m", {}, None
+    worker.location = StoreLocation.parse(worker.config.object_store)
+    worker._init_worker()
+    mm_hash = "ab" * 32
+    cache = {mm_hash: torch.randn(16, 32)}
+    key = worker.key_for(mm_hash)
+
+    def run_encoder() -> None:  # one step in which the encoder ran for the item
+        worker.start_save_caches(cache)
+        worker.save_caches(cache, mm_hash)
+        worker.get_finished(set())
+
+    try:
+        minio.kill()
+        try:
+            run_encoder()
+            time.sleep(3)  # past durability_timeout_s (1 s) and a retry round: given up
+        finally:
+            minio.restart()
+        assert s.head(key) is None
+        run_encoder()  # the same image again, its encoder run again, the store back
+        deadline = time.monotonic() + 30
+        while s.head(key) is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert s.head(key) is not None, "the item was not stored at its next encoder run"
+        assert worker.saves == 2
+    finally:
+        report = worker.sidecar.close(10)
+    assert report["upload_failed"] == 1 and report["uploaded"] == 1, report
