@@ -30,6 +30,9 @@ _HEADER_SCHEMA = fastavro.parse_schema({
 # The largest block read (the publisher writes one block per flush, of up to max_pending_events
 # events); a block over it is dead-lettered, not waited for.
 MAX_BLOCK_BYTES = 64 << 20
+# Records one block may hold: a block is decoded whole, and 64 MiB of minimal records (~20 bytes each)
+# would be millions of dicts, gigabytes. A writer's blocks hold a few to a few thousand events.
+MAX_BLOCK_RECORDS = 100_000
 
 
 def _read_long(buf: bytes, pos: int) -> tuple[int, int] | None:
@@ -160,17 +163,20 @@ class AvroLogSource(EventSource):
                     break  # ``end`` lies past this window: read on from there next time
                 if block_end > size and data.find(self.sync, body_at) < 0:
                     break  # still being written
-            if count < 1 or blen < 1 or count > blen or blen > MAX_BLOCK_BYTES:
+            if count < 1 or blen < 1 or count > blen or blen > MAX_BLOCK_BYTES or count > MAX_BLOCK_RECORDS:
                 # A header no writer produces: it can never complete, so waiting for it would stall
-                # the reader for good. Dead-letter up to the next sync marker.
+                # the reader for good; or one too many records to decode at once. Dead-letter up to
+                # the next sync marker.
                 nxt = data.find(self.sync, body_at)
                 if nxt < 0:
                     if len(data) <= MAX_BLOCK_BYTES:
                         break  # no marker yet: the next block's end brings one
                     nxt = len(data) - 16  # a whole window without any marker: skip it
                 end = nxt + 16
-                records = [self._error_record(data[pos:min(end, pos + 4096)], block_at, self.offset + end,
-                                              f"corrupt block header (count {count}, length {blen})")]
+                why = (f"block of {count} records, over the {MAX_BLOCK_RECORDS}-record cap"
+                       if 1 <= count <= blen <= MAX_BLOCK_BYTES
+                       else f"corrupt block header (count {count}, length {blen})")
+                records = [self._error_record(data[pos:min(end, pos + 4096)], block_at, self.offset + end, why)]
             else:
                 end = body_at + blen + 16
                 if end > len(data):

@@ -67,3 +67,14 @@ def test_a_block_over_the_cap_is_dead_lettered_not_waited_for(log, monkeypatch):
     monkeypatch.setattr(event_log, "MAX_BLOCK_BYTES", 200)  # every real block is bigger than this
     records = read_all(path)
     assert len(records) == 1 and "over the 200-byte cap" in records[0].error
+
+
+def test_a_block_of_more_records_than_the_cap_is_dead_lettered_not_decoded(log, monkeypatch):
+    """A block is decoded whole: one of millions of minimal records (64 MiB of them) would take gigabytes."""
+    path, append = log
+    append(range(8))  # one block of 8
+    append([8])
+    monkeypatch.setattr(event_log, "MAX_BLOCK_RECORDS", 5)
+    records = read_all(path)
+    assert [r.error for r in records][0] == "block of 8 records, over the 5-record cap"
+    assert [r.event["request_id"] for r in records[1:]] == ["req-8"]
