@@ -314,15 +314,18 @@ def as_object_store(v: Any, key: str) -> str:
     """``s3://bucket/prefix`` or ``file:///absolute/dir``."""
     v = as_str(v, key)
     u = split_url(v, key)
+    if "@" in u.netloc:  # the bucket would be "KEY:SECRET@bucket", and every event's URI would carry it
+        raise ConfigError(f"{key}: no credentials in the URI ({redact_url(v)!r}); S3 credentials come from the "
+                          "standard AWS chain (environment, profile, IRSA)")
     if u.scheme == "s3":
         if not u.netloc:
             raise ConfigError(f"{key}: expected s3://bucket/prefix, the bucket is missing in {v!r}")
         return v
     if u.scheme == "file":
         if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
-            raise ConfigError(f"{key}: expected file:///absolute/dir, got {v!r}")
+            raise ConfigError(f"{key}: expected file:///absolute/dir, got {redact_url(v)!r}")
         return v
-    raise ConfigError(f"{key}: expected s3://bucket/prefix or file:///dir, got {v!r}")
+    raise ConfigError(f"{key}: expected s3://bucket/prefix or file:///dir, got {redact_url(v)!r}")
 
 
 def as_event_uri(v: Any, key: str) -> str:
@@ -335,13 +338,16 @@ def as_event_uri(v: Any, key: str) -> str:
             raise ConfigError(f"{key}: expected kafka://host:port[,host:port]/topic, got {redact_url(v)!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
             raise ConfigError(f"{key}: Kafka topic {topic!r} may only hold letters, digits, '.', '_' and '-'")
+        if "@" in u.netloc:
+            raise ConfigError(f"{key}: no credentials in the URI ({redact_url(v)!r}); SASL settings go in "
+                              "kafka (sasl.username, sasl.password)")
         for hostport in u.netloc.split(","):
             if not re.fullmatch(r"[^:@/\s]+:\d{1,5}", hostport):
                 raise ConfigError(f"{key}: expected host:port in the broker list, got {hostport!r}")
         return v
     if u.scheme == "file":
         if u.netloc not in ("", "localhost") or not u.path.startswith("/") or u.path.endswith("/"):
-            raise ConfigError(f"{key}: expected file:///path/events.avro, got {v!r}")
+            raise ConfigError(f"{key}: expected file:///path/events.avro, got {redact_url(v)!r}")
         return v
     raise ConfigError(f"{key}: expected kafka://host:port/topic or file:///path/events.avro, got {redact_url(v)!r}")
 

@@ -80,6 +80,18 @@ def test_secrets_never_in_redacted_form_or_repr():
     assert "svc" in text  # non-secret settings stay visible
 
 
+@pytest.mark.parametrize("key,uri", [
+    ("object_store", "s3://AKIAEXAMPLE:topsecret@bucket/prefix"),  # accepted before: the secret in every event
+    ("object_store", "file://user:topsecret@host/dir"),
+    ("event_sink", "kafka://user:topsecret@broker:9092/events"),
+    ("event_sink", "file://user:topsecret@host/events.avro"),
+])
+def test_credentials_in_a_store_or_stream_uri_are_refused_and_not_echoed(key, uri):
+    with pytest.raises(ConfigError, match=key) as e:
+        load({key: uri})
+    assert "topsecret" not in str(e.value)
+
+
 def test_secret_in_bad_url_not_echoed():
     with pytest.raises(ConfigError) as e:
         load({"schema_registry_url": "ftp://user:topsecret@registry"})
