@@ -7,6 +7,8 @@ import threading
 import time
 from typing import Any, Mapping
 
+from confluent_kafka import KafkaError, KafkaException
+
 from publisher.event_sinks.base import EventSink
 from schemas.cloudevents import cloudevent_headers
 from schemas.codec import AvroCodec, registry_client
@@ -34,7 +36,11 @@ class KafkaSink(EventSink):
     librdkafka retries transient errors itself; a record that still fails (for example
     after ``message.timeout.ms``, a broker away for longer) is produced again, through an
     outage of any length (``resend_attempts`` None; a number bounds it, then it is reported
-    failed). Memory stays bounded by the caller's cap on events in flight.
+    failed). A record that ``produce()`` itself refuses (a ``KafkaException`` at once: the topic
+    unknown while it is deleted and created again, for example) is produced again from ``poll``
+    after a backoff (0.5 s doubling to ``RETRY_MAX_S``), counted and bounded the same way. Only
+    what would fail on every try raises from ``publish``: an event the codec cannot encode, a
+    record over ``message.max.bytes``. Memory stays bounded by the caller's cap on events in flight.
 
     With a Schema Registry the schema is registered at start, on a thread of its own
     (``_Registration``): the caller's loop never waits on the registry. A registry that does not
@@ -45,6 +51,7 @@ class KafkaSink(EventSink):
     """
 
     REGISTRY_START_WAIT_S = 15.0
+    RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0  # between tries of records produce() refused
 
     resend_attempts: int | None = None
 
@@ -62,6 +69,9 @@ class KafkaSink(EventSink):
         self._producer = Producer(conf)
         self.resends = 0
         self._closed = False
+        self._deferred: list[tuple[Any, Any, int, KafkaError]] = []  # refused by produce(): tried again from poll
+        self._retry_s = self.RETRY_MIN_S
+        self._retry_at = 0.0
         self._registration: _Registration | None = None
         self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
         if registry_url:
@@ -101,12 +111,9 @@ class KafkaSink(EventSink):
                 return  # purged at close: the record stays in the caller's outbox, never reported failed
             if err is None:
                 on_done(None)
-            elif self.resend_attempts is None or _attempt < self.resend_attempts:
-                self.resends += 1
+            elif self._may_resend(_attempt, on_done, "delivery", err):
                 log.warning("event %s: delivery failed (%s); producing it again", event["event_id"], err.name())
-                self.publish(event, on_done, _attempt + 1)
-            else:
-                on_done(RuntimeError(f"Kafka delivery failed: {err.name()}: {err.str()}"))
+                self._publish_from_poll(event, on_done, _attempt + 1)
 
         while True:
             try:
@@ -114,19 +121,62 @@ class KafkaSink(EventSink):
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain
+            except KafkaException as e:
+                # Over message.max.bytes (librdkafka reports it with the broker's code): refused on every try.
+                if e.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise
+                if not self._deferred:
+                    self._retry_at = time.monotonic() + self._retry_s
+                self._deferred.append((event, on_done, _attempt, e.args[0]))  # logged if still refused then
+                return
+
+    def _may_resend(self, attempt: int, on_done, what: str, err) -> bool:
+        """Whether ``resend_attempts`` allow another try (counted); if not, report the record failed."""
+        if self.resend_attempts is None or attempt < self.resend_attempts:
+            self.resends += 1
+            return True
+        on_done(RuntimeError(f"Kafka {what} failed: {err.name()}: {err.str()}"))
+        return False
+
+    def _publish_from_poll(self, event, on_done, attempt: int = 0) -> None:
+        """``publish`` on ``poll``'s path, where nothing may be raised (it would stop the caller's loop):
+        an error that cannot pass (the event was encodable and small enough once) is reported."""
+        try:
+            self.publish(event, on_done, attempt)
+        except Exception as e:  # noqa: BLE001
+            on_done(e)
+
+    def _retry_deferred(self) -> None:
+        if not self._deferred or time.monotonic() < self._retry_at:
+            return
+        waiting, self._deferred = self._deferred, []
+        for event, on_done, attempt, err in waiting:
+            if self._may_resend(attempt, on_done, "produce", err):
+                self._publish_from_poll(event, on_done, attempt + 1)
+        if self._deferred:  # refused again: wait longer before the next try
+            self._retry_s = min(self._retry_s * 2, self.RETRY_MAX_S)
+            self._retry_at = time.monotonic() + self._retry_s
+            err = self._deferred[0][3]
+            log.warning("the producer still refuses %d event(s) (%s: %s); trying again in %.1f s",
+                        len(self._deferred), err.name(), err.str(), self._retry_s)
+        else:
+            self._retry_s = self.RETRY_MIN_S
 
     def poll(self, timeout: float = 0.0) -> None:
         if self._unregistered and self._registered():
             waiting, self._unregistered = self._unregistered, []
             for event, on_done in waiting:
-                self.publish(event, on_done)
+                self._publish_from_poll(event, on_done)
+        self._retry_deferred()
         self._producer.poll(timeout)
 
     def flush(self, timeout: float) -> int:
+        """Also tries refused records again while time is left; they count as undelivered until taken."""
         deadline = time.monotonic() + timeout
-        while self._unregistered and time.monotonic() < deadline:
+        while (self._unregistered or self._deferred) and time.monotonic() < deadline:
             self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
-        return len(self._unregistered) + self._producer.flush(max(0.0, deadline - time.monotonic()))
+        left = self._producer.flush(max(0.0, deadline - time.monotonic()))
+        return left + len(self._unregistered) + len(self._deferred)
 
     def close(self) -> None:
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
@@ -135,6 +185,7 @@ class KafkaSink(EventSink):
         if self._registration is not None:
             self._registration.stop()
         self._unregistered.clear()
+        self._deferred.clear()  # like the purge: they stay in the caller's outbox
         self._producer.purge()
         self._producer.flush(0)
 
