@@ -26,7 +26,7 @@ from typing import Callable
 from publisher.event_sinks.base import EventSink
 from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
 from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
-from publisher.sidecar.outbox import Outbox, OutboxFull
+from publisher.sidecar.outbox import Outbox, SpoolError
 from publisher.stores.base import ObjectStore
 from schemas.objects import extras_from_store_metadata
 
@@ -73,6 +73,7 @@ class EventDispatcher:
         self._waiting: list[_Pending] = []
         self._seq = 0
         self._durable: OrderedDict[str, StoredItem] = OrderedDict()
+        self._foreign: OrderedDict[str, None] = OrderedDict()  # keys holding objects that are not the publisher's
         self._remember = remember
         self._force_at = float("inf")  # on close: publish with what is durable by then
         self._unsynced: list[float] = []  # finish times of requests spooled since the last sync
@@ -96,9 +97,9 @@ class EventDispatcher:
                 self.outbox.append(req, keys)
                 if self.metrics is not None:
                     self._unsynced.append(req.finished_time)
-            except OutboxFull as e:  # the sidecar stops reading before this; a last resort
-                self.stats.inc("unspooled")
-                log.error("mm-events: request %s not spooled: %s", req.request_id, e)
+            except SpoolError as e:  # full (the sidecar stops reading before this), or a failing disk
+                self.stats.inc("unspooled", e.requests)
+                log.error("mm-events: request %s not spooled, published without the spool: %s", req.request_id, e)
         if spooled:
             self.stats.inc("replayed")
         now = time.monotonic()
@@ -110,7 +111,11 @@ class EventDispatcher:
     def pump(self) -> float:
         """Do what is due; returns how long the caller may wait before the next pump."""
         if self.outbox is not None:
-            self.outbox.sync()  # one fsync for what was offered since the last pump, before any is sent
+            try:
+                self.outbox.sync()  # one fsync for what was offered since the last pump, before any is sent
+            except SpoolError as e:  # a failing disk: they are published without the spool
+                self.stats.inc("unspooled", e.requests)
+                log.error("mm-events: %d request(s) not spooled, published without the spool: %s", e.requests, e)
             if self._unsynced:  # the window in which a returned response's event was not yet durable
                 now = time.time()
                 for finished in self._unsynced:
@@ -141,7 +146,7 @@ class EventDispatcher:
         return MAX_WAIT
 
     def _resolve(self, due: list[_Pending]) -> None:
-        unknown = list({k for p in due for k in p.keys.values() if not self._is_durable(k)})
+        unknown = list({k for p in due for k in p.keys.values() if not self._is_durable(k) and k not in self._foreign})
         if unknown:
             try:
                 infos = self.store.head_many(unknown)
@@ -150,8 +155,20 @@ class EventDispatcher:
                 log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
                 infos = []
             for key, info in zip(unknown, infos):
-                if info is not None:
+                if info is None:
+                    continue
+                try:
                     self._remember_durable(key, info)
+                except (KeyError, ValueError, TypeError, AttributeError) as e:
+                    # A bucket writer's object, or one whose metadata a gateway dropped: never durable (its
+                    # requests wait for their deadline and list it missing), never a crash (the spooled request
+                    # would replay it on every start). Remembered, so it is checked and reported once.
+                    self.stats.inc("store_errors")
+                    log.warning("mm-events: the object at %s is not the publisher's (its metadata: %s: %s); "
+                                "events will list it missing", key, type(e).__name__, e)
+                    self._foreign[key] = None
+                    if len(self._foreign) > self._remember:
+                        self._foreign.popitem(last=False)
         now = time.monotonic()
         for p in due:
             stored = {h: self._durable[k] for h, k in p.keys.items() if k in self._durable}
@@ -171,9 +188,14 @@ class EventDispatcher:
         return False
 
     def _remember_durable(self, key: str, info) -> None:
+        """Raises if the metadata is not what the publisher writes (an event naming it could not be encoded)."""
         m = info.metadata
-        self._durable[key] = StoredItem(self.store.uri(key), m["sha256"], info.size, m["dtype"],
-                                        tuple(json.loads(m["shape"])), extras_from_store_metadata(m))
+        item = StoredItem(self.store.uri(key), m["sha256"], info.size, m["dtype"], tuple(json.loads(m["shape"])),
+                          extras_from_store_metadata(m))
+        if not (isinstance(item.sha256, str) and isinstance(item.dtype, str)
+                and all(type(d) is int for d in item.shape)):
+            raise ValueError("sha256, dtype or shape of another type")
+        self._durable[key] = item
         if len(self._durable) > self._remember:
             self._durable.popitem(last=False)
 
@@ -199,8 +221,8 @@ class EventDispatcher:
 
         try:
             self.sink.publish(event, done)
-        except Exception as e:  # noqa: BLE001 - an encoding bug must not stop the sidecar
-            done(e, permanent=True)  # it would fail again on every replay
+        except Exception as e:  # noqa: BLE001 - an event the codec refuses, a record too large: must not stop
+            done(e, permanent=True)  # the sidecar; it would fail again on every replay (the sink retries the rest)
 
     def close(self, timeout: float) -> int:
         """Bounded: publish what can be, report what could not. Returns the undelivered count."""

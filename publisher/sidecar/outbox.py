@@ -40,7 +40,17 @@ SEGMENT_BYTES = 8 << 20
 ACKS_COMPACT_BYTES = 1 << 20
 
 
-class OutboxFull(Exception):
+class SpoolError(Exception):
+    """``requests`` finished requests could not be spooled (a full or failing disk): the caller still
+    publishes them, without the spool's guarantee, and counts them (``events_unspooled``). The outbox
+    goes on with a fresh segment: a failed write leaves no torn record ahead of later ones."""
+
+    def __init__(self, message: str, requests: int = 1):
+        super().__init__(message)
+        self.requests = requests
+
+
+class OutboxFull(SpoolError):
     """``max_spool_bytes`` reached: the caller applies its backpressure policy."""
 
 
@@ -77,6 +87,8 @@ class Outbox:
         self._seq = max(self._segments, default=0) + 1
         self._file = None
         self._dirty = False
+        self._unsynced: list[str] = []  # event ids appended to the current segment since its last sync
+        self._synced = 0  # the current segment's size at its last sync
 
     # ---- slots ---------------------------------------------------------------------------
     def _take_slot(self, root: Path) -> Path:
@@ -146,13 +158,45 @@ class Outbox:
         if self.full():
             raise OutboxFull(f"spool holds {self.bytes} bytes (max_spool_bytes {self.max_bytes})")
         payload = _encode(req, keys)
-        if self._file is None or self._sizes.get(self._seq, 0) >= SEGMENT_BYTES:
-            self._rotate()
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        try:
+            if self._file is None or self._sizes.get(self._seq, 0) >= SEGMENT_BYTES:
+                self._rotate()
+            self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        except OSError as e:  # opening a segment, or a full buffer written out
+            lost = self._drop_unsynced()
+            raise SpoolError(f"cannot write to the spool ({e.strerror or e}); {lost} request(s) before it "
+                             "with it", 1 + lost) from None
         self._sizes[self._seq] = self._sizes.get(self._seq, 0) + _HEADER.size + len(payload)
         self._segments.setdefault(self._seq, set()).add(req.event_id)
         self._where[req.event_id] = self._seq
+        self._unsynced.append(req.event_id)
         self._dirty = True
+
+    def _drop_unsynced(self) -> int:
+        """After a failed write: forget the records since the current segment's last sync, cut the file
+        back to it, and start the next record in a new segment. Returns how many were dropped."""
+        ids, self._unsynced = self._unsynced, []
+        seq, live = self._seq, self._segments.get(self._seq, set())
+        for i in ids:
+            live.discard(i)
+            self._where.pop(i, None)
+        if self._file is not None:
+            try:
+                self._file.close()  # it flushes what it buffered (and fails again): closed either way
+            except OSError:
+                pass
+            self._file = None
+        try:
+            os.truncate(self.dir / f"{seq}.seg", self._synced)
+        except OSError:
+            pass  # replay drops a torn last record anyway
+        self._sizes[seq] = self._synced
+        if not live:
+            self._drop_segment(seq)
+        self._seq += 1
+        self._synced = 0
+        self._dirty = False
+        return len(ids)
 
     def _rotate(self) -> None:
         if self._file is not None:
@@ -161,21 +205,40 @@ class Outbox:
             if not self._segments.get(self._seq):  # all acknowledged while it was the one written
                 self._drop_segment(self._seq)
             self._seq += 1
+            self._synced = 0
         fd = os.open(self.dir / f"{self._seq}.seg", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                      | os.O_CLOEXEC, 0o640)
         self._file = os.fdopen(fd, "ab")
 
     def sync(self) -> None:
         """Make every appended record durable: one write-out and fsync for the group; write out the
-        acknowledgements since the last call."""
-        self._acks.flush()
-        if self._ack_bytes > ACKS_COMPACT_BYTES and self._ack_lines > 2 * self._acked_live:
-            self._compact_acks()
+        acknowledgements since the last call. ``SpoolError`` if the records could not be written."""
+        try:
+            self._acks.flush()
+            if self._ack_bytes > ACKS_COMPACT_BYTES and self._ack_lines > 2 * self._acked_live:
+                self._compact_acks()
+        except OSError as e:  # a lost ack only means a repeat after a restart
+            log.warning("mm-events outbox: cannot write acknowledgements (%s); they may be sent again after a "
+                        "restart", e.strerror or e)
+            self._reopen_acks()
         if self._dirty and self._file is not None:
-            self._file.flush()
-            if self.fsync:
-                os.fsync(self._file.fileno())
+            try:
+                self._file.flush()
+                if self.fsync:
+                    os.fsync(self._file.fileno())
+            except OSError as e:
+                lost = self._drop_unsynced()
+                raise SpoolError(f"cannot write to the spool ({e.strerror or e})", lost) from None
             self._dirty = False
+            self._synced = self._sizes.get(self._seq, 0)
+            self._unsynced.clear()
+
+    def _reopen_acks(self) -> None:
+        try:
+            self._acks.close()  # drops what it could not write
+        except OSError:
+            pass
+        self._acks = open(self.dir / "acks", "a")
 
     def ack(self, event_id: str) -> None:
         """The sink has the event: forget it (its segment goes once all of it is acknowledged)."""
@@ -216,7 +279,10 @@ class Outbox:
         self._ack_lines, self._ack_bytes = self._acked_live, len(text)
 
     def close(self) -> None:
-        self.sync()
+        try:
+            self.sync()
+        except SpoolError as e:  # the caller reports what is undelivered; this is what the spool lost
+            log.error("mm-events outbox: %d request(s) not spooled at close: %s", e.requests, e)
         if self._file is not None:
             self._file.close()
         self._acks.close()

@@ -11,6 +11,7 @@ from publisher.event_sinks.avro_file import AvroFileSink
 from publisher.sidecar.dispatcher import EventDispatcher
 from publisher.sidecar.encode import encode_embedding
 from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info
+from publisher.sidecar.outbox import Outbox
 from publisher.stores.local import LocalDirStore
 from schemas.codec import AvroCodec
 
@@ -81,3 +82,37 @@ def test_close_is_bounded_and_reports(tmp_path):
     assert time.monotonic() - t0 < 2
     (e,) = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
     assert e["missing_embeddings"] == ["never"]
+
+
+def test_an_object_with_metadata_of_another_writer_is_listed_missing_never_a_crash(tmp_path, caplog):
+    """Objects at publisher keys whose metadata the publisher did not write (a bucket writer's, or a gateway
+    that dropped it) are not durable: the request waits for its deadline and lists them missing. Each is
+    checked and reported once; the dispatcher's loop goes on (it used to raise out of pump, on every start)."""
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    good = put(store, "good")
+    planted = {
+        "nometa": {},  # no sha256, dtype, shape
+        "badshape": {"sha256": good.sha256, "dtype": "float32", "shape": "[4, 8"},  # not JSON
+        "notints": {"sha256": good.sha256, "dtype": "float32", "shape": '"48"'},  # JSON, would not encode
+        "notstr": {"sha256": 5, "dtype": "float32", "shape": "[4, 8]"},
+    }
+    for h, meta in planted.items():
+        assert store.put_if_absent(f"k/{h}", b"not an embedding", meta)
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    outbox = Outbox(tmp_path / "spool", "file:///e.avro", 1 << 20)
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=0.5, outbox=outbox)
+    hashes = ["good", *planted]
+    d.offer(req("r1", hashes), {h: f"k/{h}" for h in hashes})
+    d.offer(req("r2", ["nometa"]), {"nometa": "k/nometa"})
+    t0 = time.monotonic()
+    run_until(d, lambda: d.stats.published == 2)
+    assert time.monotonic() - t0 >= 0.5  # waited for the deadline
+    events = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
+    assert [e["request_id"] for e in events] == ["r1", "r2"]
+    assert [x["mm_hash"] for x in events[0]["embeddings"]] == ["good"]
+    assert events[0]["missing_embeddings"] == list(planted) and events[1]["missing_embeddings"] == ["nometa"]
+    assert {k: v for k, v in d.stats.as_dict().items() if v} == {
+        "accepted": 2, "published": 2, "incomplete": 2, "store_errors": 4}
+    assert [h for h in planted if f"object at k/{h} is not the publisher's" in caplog.text] == list(planted)
+    assert d.close(1) == 0
+    assert Outbox(tmp_path / "spool", "file:///e.avro", 1 << 20).take_replay() == []
