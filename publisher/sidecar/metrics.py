@@ -40,7 +40,8 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "incomplete": ("events_incomplete", "Events published with missing_embeddings (objects not durable in time)."),
     "failed": ("events_failed", "Events the sink could not take (permanent, e.g. a record too large)."),
     "dropped": ("events_dropped", "Events dropped in the engine under backpressure=drop."),
-    "store_errors": ("store_check_errors", "Failed object-store checks (retried)."),
+    "store_errors": ("store_check_errors", "Failed object-store checks (retried), and objects at a publisher key "
+                                           "whose metadata is not the publisher's (never named)."),
     "replayed": ("events_replayed", "Events replayed from the spool at start (left unacknowledged by a run)."),
     "unspooled": ("events_unspooled", "Requests that could not be spooled (spool full or failing disk)."),
     "resent": ("events_resent", "Events produced again after a delivery failure (broker outage)."),
