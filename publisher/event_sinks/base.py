@@ -15,6 +15,12 @@ from typing import Any, Callable, Mapping
 DoneCallback = Callable[[Exception | None], None]
 
 
+class RecordRefused(Exception):
+    """What ``on_done`` gets for a record the sink will never take as it is (the broker's size limit): a
+    caller with an outbox drops it there, since every replay would be refused alike. Any other error
+    leaves the record to be sent again at the next start."""
+
+
 class EventSink(ABC):
     """Usable as a context manager (closes on exit)."""
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any, Mapping
 
 from confluent_kafka import KafkaError, KafkaException
 
-from publisher.event_sinks.base import EventSink
+from publisher.event_sinks.base import EventSink, RecordRefused
 from schemas.cloudevents import cloudevent_headers
 from schemas.codec import AvroCodec, registry_client
 
@@ -72,6 +73,8 @@ class KafkaSink(EventSink):
         self._deferred: list[tuple[Any, Any, int, KafkaError]] = []  # refused by produce(): tried again from poll
         self._retry_s = self.RETRY_MIN_S
         self._retry_at = 0.0
+        self._too_large: deque[tuple[Any, Any, int]] = deque()  # in a batch the broker refused as too large
+        self._probing = False  # one of them is in flight alone
         self._registration: _Registration | None = None
         self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
         if registry_url:
@@ -98,7 +101,7 @@ class KafkaSink(EventSink):
             if e.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
 
-    def publish(self, event, on_done, _attempt: int = 0):
+    def publish(self, event, on_done, _attempt: int = 0, _alone: bool = False):
         if not self._registered():
             self._unregistered.append((event, on_done))
             return
@@ -109,8 +112,19 @@ class KafkaSink(EventSink):
         def delivered(err, _msg):
             if self._closed:
                 return  # purged at close: the record stays in the caller's outbox, never reported failed
+            if _alone:
+                self._probing = False
             if err is None:
                 on_done(None)
+            elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                # Over the topic's max.message.bytes, which the broker applies to a whole batch: the record, or
+                # another one batched with it. Each such record is sent again alone (_probe_next); refused
+                # alone, it is too large on every try, and the caller drops it.
+                if _alone:
+                    on_done(RecordRefused(f"Kafka refused the record: {err.name()}: {err.str()}"))
+                else:
+                    self.resends += 1
+                    self._too_large.append((event, on_done, _attempt))
             elif self._may_resend(_attempt, on_done, "delivery", err):
                 log.warning("event %s: delivery failed (%s); producing it again", event["event_id"], err.name())
                 self._publish_from_poll(event, on_done, _attempt + 1)
@@ -125,10 +139,22 @@ class KafkaSink(EventSink):
                 # Over message.max.bytes (librdkafka reports it with the broker's code): refused on every try.
                 if e.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     raise
+                if _alone:  # probed again later, still alone
+                    self._probing = False
+                    self._too_large.appendleft((event, on_done, _attempt))
+                    return
                 if not self._deferred:
                     self._retry_at = time.monotonic() + self._retry_s
                 self._deferred.append((event, on_done, _attempt, e.args[0]))  # logged if still refused then
                 return
+
+    def _probe_next(self) -> None:
+        """Send the next record of a batch the broker refused as too large, with nothing else of ours in
+        flight beside it from this list (new records may still join its batch: refused, they join the list)."""
+        if self._too_large and not self._probing:
+            event, on_done, attempt = self._too_large.popleft()
+            self._probing = True
+            self._publish_from_poll(event, on_done, attempt, alone=True)
 
     def _may_resend(self, attempt: int, on_done, what: str, err) -> bool:
         """Whether ``resend_attempts`` allow another try (counted); if not, report the record failed."""
@@ -138,12 +164,14 @@ class KafkaSink(EventSink):
         on_done(RuntimeError(f"Kafka {what} failed: {err.name()}: {err.str()}"))
         return False
 
-    def _publish_from_poll(self, event, on_done, attempt: int = 0) -> None:
+    def _publish_from_poll(self, event, on_done, attempt: int = 0, alone: bool = False) -> None:
         """``publish`` on ``poll``'s path, where nothing may be raised (it would stop the caller's loop):
         an error that cannot pass (the event was encodable and small enough once) is reported."""
         try:
-            self.publish(event, on_done, attempt)
+            self.publish(event, on_done, attempt, alone)
         except Exception as e:  # noqa: BLE001
+            if alone:
+                self._probing = False
             on_done(e)
 
     def _retry_deferred(self) -> None:
@@ -168,15 +196,17 @@ class KafkaSink(EventSink):
             for event, on_done in waiting:
                 self._publish_from_poll(event, on_done)
         self._retry_deferred()
+        self._probe_next()
         self._producer.poll(timeout)
 
     def flush(self, timeout: float) -> int:
         """Also tries refused records again while time is left; they count as undelivered until taken."""
         deadline = time.monotonic() + timeout
-        while (self._unregistered or self._deferred) and time.monotonic() < deadline:
+        while (self._unregistered or self._deferred or self._too_large or self._probing) \
+                and time.monotonic() < deadline:
             self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         left = self._producer.flush(max(0.0, deadline - time.monotonic()))
-        return left + len(self._unregistered) + len(self._deferred)
+        return left + len(self._unregistered) + len(self._deferred) + len(self._too_large)
 
     def close(self) -> None:
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
@@ -186,6 +216,7 @@ class KafkaSink(EventSink):
             self._registration.stop()
         self._unregistered.clear()
         self._deferred.clear()  # like the purge: they stay in the caller's outbox
+        self._too_large.clear()
         self._producer.purge()
         self._producer.flush(0)
 

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-from publisher.event_sinks.base import EventSink
+from publisher.event_sinks.base import EventSink, RecordRefused
 from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
 from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
 from publisher.sidecar.outbox import Outbox, SpoolError
@@ -213,7 +213,7 @@ class EventDispatcher:
                 self.stats.inc("failed")
                 log.error("mm-events: event %s for request %s was not delivered: %s",
                           req.event_id, req.request_id, err)
-            if self.outbox is not None and (err is None or permanent):
+            if self.outbox is not None and (err is None or permanent or isinstance(err, RecordRefused)):
                 self.outbox.ack(req.event_id)  # a delivery failure stays spooled for the next start
             self._settled += 1
             if self._on_settled is not None:

@@ -6,6 +6,7 @@ stops the dispatcher's loop, and each is delivered once the topic is back.
 
 from __future__ import annotations
 
+import secrets
 import time
 
 from unit.test_dispatcher import req
@@ -131,3 +132,30 @@ def test_a_record_too_large_is_failed_at_once(kafka, tmp_path):
     assert d.stats.failed == 1 and d.stats.published == 0 and sink.resends == 0
     assert d.close(5) == 0
     assert Outbox(tmp_path / "spool", stream, 1 << 30).take_replay() == []
+
+
+def test_a_record_the_broker_refuses_as_too_large_is_failed_once_not_sent_forever(kafka, tmp_path):
+    """The topic's own max.message.bytes is below the client's: librdkafka sends the record and the broker
+    refuses it (delivery error MSG_SIZE_TOO_LARGE), with every record batched with it. Before, each was sent
+    again at once, in a hot loop, for good (the small one too: batched with the large one again). Now each
+    is sent again alone: the small one goes through, the large one is refused alone, failed once and
+    dropped from the outbox (every replay would be refused alike)."""
+    from confluent_kafka.admin import NewTopic
+
+    topic = f"small-{tmp_path.name[-8:]}-{time.monotonic_ns() % 10**6}"
+    a = admin(kafka)  # alive until the result is in
+    a.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "2000"})])[topic].result(30)
+    stream = f"kafka://{kafka.bootstrap}/{topic}"
+    sink = open_event_sink(stream, AvroCodec(), kafka={})
+    d = EventDispatcher(LocalDirStore(tmp_path / "objects", fsync=False), sink, producer_info("v", "float32"),
+                        durability_timeout_s=5, outbox=Outbox(tmp_path / "spool", stream, 1 << 30))
+    big = req("r-big", [])
+    pad = secrets.token_urlsafe(6000)  # random: compression cannot bring it under the limit
+    d.offer(type(big)(**{**vars(big), "metadata": {"pad": pad}}), {})
+    d.offer(req("r-small", []), {})
+    pump_until_settled(d, 30)
+    assert (d.stats.failed, d.stats.published) == (1, 1), d.stats.as_dict()
+    assert sink.resends <= 2  # each sent again once at most (alone), whether or not they shared a batch
+    assert d.close(5) == 0
+    assert Outbox(tmp_path / "spool", stream, 1 << 30).take_replay() == []
+    assert [AvroCodec().decode(v)["request_id"] for v in read(kafka, topic)] == ["r-small"]
