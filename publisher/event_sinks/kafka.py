@@ -75,6 +75,7 @@ class KafkaSink(EventSink):
         self._retry_at = 0.0
         self._too_large: deque[tuple[Any, Any, int]] = deque()  # in a batch the broker refused as too large
         self._probing = False  # one of them is in flight alone
+        self._held: list[tuple[Any, Any, int]] = []  # published meanwhile: sent once those are sorted out
         self._registration: _Registration | None = None
         self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
         if registry_url:
@@ -105,6 +106,9 @@ class KafkaSink(EventSink):
         if not self._registered():
             self._unregistered.append((event, on_done))
             return
+        if not _alone and (self._too_large or self._probing):  # each of those goes alone first (_probe_next)
+            self._held.append((event, on_done, _attempt))
+            return
         value = self.codec.encode(event)
         headers = cloudevent_headers(event, self.codec.content_type)
         key = event["request_id"].encode()
@@ -119,7 +123,7 @@ class KafkaSink(EventSink):
             elif err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
                 # Over the topic's max.message.bytes, which the broker applies to a whole batch: the record, or
                 # another one batched with it. Each such record is sent again alone (_probe_next); refused
-                # alone, it is too large on every try, and the caller drops it.
+                # alone, it is too large on every try, and the caller drops it (RecordRefused).
                 if _alone:
                     on_done(RecordRefused(f"Kafka refused the record: {err.name()}: {err.str()}"))
                 else:
@@ -139,22 +143,25 @@ class KafkaSink(EventSink):
                 # Over message.max.bytes (librdkafka reports it with the broker's code): refused on every try.
                 if e.args[0].code() == KafkaError.MSG_SIZE_TOO_LARGE:
                     raise
-                if _alone:  # probed again later, still alone
+                if _alone:  # tried again with the others refused at produce() (with their backoff)
                     self._probing = False
-                    self._too_large.appendleft((event, on_done, _attempt))
-                    return
                 if not self._deferred:
                     self._retry_at = time.monotonic() + self._retry_s
                 self._deferred.append((event, on_done, _attempt, e.args[0]))  # logged if still refused then
                 return
 
     def _probe_next(self) -> None:
-        """Send the next record of a batch the broker refused as too large, with nothing else of ours in
-        flight beside it from this list (new records may still join its batch: refused, they join the list)."""
-        if self._too_large and not self._probing:
+        """Send the records of a batch the broker refused as too large one at a time, truly alone: only
+        once nothing else is queued or in flight, and while one is, new records are held (``_held``).
+        Then release what was held."""
+        if self._too_large and not self._probing and len(self._producer) == 0:
             event, on_done, attempt = self._too_large.popleft()
             self._probing = True
             self._publish_from_poll(event, on_done, attempt, alone=True)
+        if self._held and not self._too_large and not self._probing:
+            held, self._held = self._held, []
+            for event, on_done, attempt in held:
+                self._publish_from_poll(event, on_done, attempt)
 
     def _may_resend(self, attempt: int, on_done, what: str, err) -> bool:
         """Whether ``resend_attempts`` allow another try (counted); if not, report the record failed."""
@@ -165,14 +172,15 @@ class KafkaSink(EventSink):
         return False
 
     def _publish_from_poll(self, event, on_done, attempt: int = 0, alone: bool = False) -> None:
-        """``publish`` on ``poll``'s path, where nothing may be raised (it would stop the caller's loop):
-        an error that cannot pass (the event was encodable and small enough once) is reported."""
+        """``publish`` on ``poll``'s path, where nothing may be raised (it would stop the caller's loop).
+        What ``publish`` raises fails on every try (an event the codec refuses, one encoded here for the
+        first time after the registry's wait; a record over ``message.max.bytes``): RecordRefused."""
         try:
             self.publish(event, on_done, attempt, alone)
         except Exception as e:  # noqa: BLE001
             if alone:
                 self._probing = False
-            on_done(e)
+            on_done(RecordRefused(f"{type(e).__name__}: {e}"))
 
     def _retry_deferred(self) -> None:
         if not self._deferred or time.monotonic() < self._retry_at:
@@ -202,11 +210,11 @@ class KafkaSink(EventSink):
     def flush(self, timeout: float) -> int:
         """Also tries refused records again while time is left; they count as undelivered until taken."""
         deadline = time.monotonic() + timeout
-        while (self._unregistered or self._deferred or self._too_large or self._probing) \
+        while (self._unregistered or self._deferred or self._too_large or self._probing or self._held) \
                 and time.monotonic() < deadline:
             self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         left = self._producer.flush(max(0.0, deadline - time.monotonic()))
-        return left + len(self._unregistered) + len(self._deferred) + len(self._too_large)
+        return left + len(self._unregistered) + len(self._deferred) + len(self._too_large) + len(self._held)
 
     def close(self) -> None:
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
@@ -217,6 +225,7 @@ class KafkaSink(EventSink):
         self._unregistered.clear()
         self._deferred.clear()  # like the purge: they stay in the caller's outbox
         self._too_large.clear()
+        self._held.clear()
         self._producer.purge()
         self._producer.flush(0)
 

@@ -28,6 +28,8 @@ SETTINGS = {
     # sidecar that has run for longer sees produce() refuse at once
     "topic.metadata.propagation.max.ms": 100,
     "allow.auto.create.topics": False,  # a broker that creates no topics on its own (the test broker would)
+    # a record queued before the sink's producer saw the topic go fails within this, and is produced again
+    "message.timeout.ms": 3000,
 }
 
 
