@@ -136,7 +136,10 @@ class Outbox:
                 path.unlink()
         self._ack_lines, self._ack_bytes = len(acked), self._acks.tell()
         if self._ack_lines > 2 * self._acked_live:  # the acks of segments deleted above, or by an earlier run
-            self._compact_acks()
+            try:
+                self._compact_acks()
+            except OSError as e:  # a full disk: start with the file as it is (it is only read at a start)
+                log.warning("mm-events outbox: cannot compact the acknowledgements (%s)", e.strerror or e)
         if self._replay:
             log.info("mm-events outbox: replaying %d unacknowledged event(s) from %s", len(self._replay), self.dir)
 
@@ -162,6 +165,8 @@ class Outbox:
             if self._file is None or self._sizes.get(self._seq, 0) >= SEGMENT_BYTES:
                 self._rotate()
             self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        except SpoolError as e:  # the sync of the records before it, in _rotate: this one is not written either
+            raise SpoolError(str(e), e.requests + 1) from None
         except OSError as e:  # opening a segment, or a full buffer written out
             lost = self._drop_unsynced()
             raise SpoolError(f"cannot write to the spool ({e.strerror or e}); {lost} request(s) before it "
@@ -245,9 +250,14 @@ class Outbox:
         seq = self._where.pop(event_id, None)
         if seq is None:
             return
-        self._acks.write(event_id + "\n")
-        self._ack_lines += 1
-        self._ack_bytes += len(event_id) + 1
+        try:
+            self._acks.write(event_id + "\n")  # buffered: a write can meet a full disk too
+            self._ack_lines += 1
+            self._ack_bytes += len(event_id) + 1
+        except OSError as e:  # a lost ack only means a repeat after a restart
+            log.warning("mm-events outbox: cannot write acknowledgements (%s); they may be sent again after a "
+                        "restart", e.strerror or e)
+            self._reopen_acks()
         self._acked.setdefault(seq, []).append(event_id)
         self._acked_live += 1
         live = self._segments.get(seq)

@@ -76,7 +76,7 @@ class ObjectUploader:
         # Called once a batch's jobs are all released: the sidecar tells the engine about a whole
         # batch's ring regions in one message.
         self.after_release = after_release
-        self.not_stored = not_stored  # told each key given up, before its batch's after_release
+        self.not_stored = not_stored  # told each key the store never took, before its batch's after_release
         self.stats = UploaderStats(metrics)
         # Jobs wait in one deque under one lock. A thread that finds work collects a batch: it waits
         # out the linger (or until the batch is full) with one timed wait, while the engine's items
@@ -169,8 +169,6 @@ class ObjectUploader:
             except Exception:  # noqa: BLE001 - one bad item must not stop the uploader
                 self._count("upload_failed")
                 log.exception("mm-events: could not serialize item %s", job.mm_hash)
-                if self.not_stored is not None:
-                    self.not_stored(job.key)
         if not encoded:
             return
         try:

@@ -155,7 +155,11 @@ def test_an_item_given_up_in_an_outage_is_stored_at_its_next_encoder_run(store, 
         minio.kill()
         try:
             run_encoder()
-            time.sleep(3)  # past durability_timeout_s (1 s) and a retry round: given up
+            deadline = time.monotonic() + 30  # past durability_timeout_s (1 s): the sidecar gives it up, and says so
+            while key in worker._known:
+                assert time.monotonic() < deadline, "the worker was not told the item was given up"
+                worker._take_sidecar_messages()
+                time.sleep(0.1)
         finally:
             minio.restart()
         assert s.head(key) is None
