@@ -61,16 +61,23 @@ def default_sink() -> str:
     return "lancedb://" + quote(str(default_data_dir() / "lancedb" / DEFAULT_TABLE))
 
 
+def _without_user(uri: str) -> str:
+    """``scheme://user@host/path`` -> ``scheme://host/path`` (the path as it is, an ``@`` in it included)."""
+    scheme, sep, rest = uri.partition("://")
+    authority, slash, path = rest.partition("/")
+    return scheme + sep + authority.rpartition("@")[2] + slash + path
+
+
 def default_group(sinks: tuple[str, ...] | list[str]) -> str:
     """The consumer group of a set of sinks when none is named: each new set starts from the beginning.
 
     ``vllm-mm-events-<scheme>-<table>[-<scheme>-<table>...]-<hash>``: the readable part names each
     sink's scheme and collection (never a host, user or password); the hash (SHA-256, 10 hex digits)
-    is of the sorted, de-duplicated sink URIs with any ``user:password@`` removed (``redact_url``),
+    is of the sorted, de-duplicated sink URIs with any ``user:password@`` removed from the authority,
     so it is stable across runs and credential changes, independent of flag order, and differs per
     set of stores.
     """
-    uris = sorted({redact_url(s).replace("//***@", "//", 1) for s in sinks})  # no user, no password
+    uris = sorted({_without_user(s) for s in sinks})  # no user, no password
     digest = hashlib.sha256("\n".join(uris).encode()).hexdigest()[:10]
     names = []
     for u in uris:

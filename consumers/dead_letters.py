@@ -53,6 +53,11 @@ class DeadLetters(ABC):
         self.close()
 
 
+def _size(record: tuple) -> int:
+    value, key, headers = record
+    return len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
+
+
 class KafkaDeadLetters(DeadLetters):
     """A dead letter refused (its delivery failed, the broker away past ``message.timeout.ms``, the
     local queue full, or a value over the producer's size limit) is kept and produced again by the
@@ -77,7 +82,9 @@ class KafkaDeadLetters(DeadLetters):
         from confluent_kafka import KafkaError, KafkaException
 
         def refused(err) -> None:
-            too_large = err.code() == KafkaError.MSG_SIZE_TOO_LARGE  # librdkafka's own limit reports it too
+            # Too large (librdkafka's own limit reports it too): shortened if it is large; else another record
+            # of its batch was (the broker's limit is per batch), and it goes again as it is.
+            too_large = err.code() == KafkaError.MSG_SIZE_TOO_LARGE and _size(record) > self.KEPT_VALUE_BYTES
             self._refused.append((self._shrunk(record) if too_large else record, err.str()))
 
         def delivered(err, _msg) -> None:
@@ -97,8 +104,6 @@ class KafkaDeadLetters(DeadLetters):
         """A record the broker cannot take whole: the first KEPT_VALUE_BYTES of its value, its key, the
         ``dlq.*`` headers, and ``dlq.truncated`` saying what was left out (the source still has it)."""
         value, key, headers = record
-        if any(k == "dlq.truncated" for k, _ in headers):  # shrunk already, and still refused
-            return b"", (key or b"")[:1024], [(k, v) for k, v in headers if k != "dlq.error"]
         dropped = [k for k, _ in headers if not k.startswith("dlq.")]
         note = f"value {len(value or b'')} bytes (kept {self.KEPT_VALUE_BYTES}), {len(dropped)} original header(s)"
         return ((value or b"")[:self.KEPT_VALUE_BYTES], (key or b"")[:1024],

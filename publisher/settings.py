@@ -175,8 +175,9 @@ def redact_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def redact_url(url: str) -> str:
-    """Drop any user:password@ from a URL."""
-    return re.sub(r"(?<=//)[^/@]*@", "***@", url)
+    """Drop any user:password@ from a URL: everything from ``//`` to the last ``@`` (a password may hold
+    ``/``, ``?`` or ``#``, which end the authority for a URL parser; masking too much is harmless)."""
+    return re.sub(r"(?<=//).*@", "***@", url, flags=re.DOTALL)
 
 
 # ---- value parsers: (raw value, key) -> typed value, raising ConfigError ------------------------
@@ -320,6 +321,11 @@ def as_object_store(v: Any, key: str) -> str:
     if u.scheme == "s3":
         if not u.netloc:
             raise ConfigError(f"{key}: expected s3://bucket/prefix, the bucket is missing in {v!r}")
+        # A bucket name is letters, digits, '.', '-' ('_' in old buckets): anything else (a ':' of
+        # KEY:SECRET whose secret holds a '/') is not echoed.
+        if not re.fullmatch(r"[A-Za-z0-9._-]{3,255}", u.netloc):
+            raise ConfigError(f"{key}: expected s3://bucket/prefix with a bucket name (letters, digits, '.', '-'), "
+                              f"got {redact_url(v)!r}; S3 credentials come from the standard AWS chain")
         return v
     if u.scheme == "file":
         if u.netloc not in ("", "localhost") or not u.path.startswith("/"):
@@ -338,7 +344,7 @@ def as_event_uri(v: Any, key: str) -> str:
             raise ConfigError(f"{key}: expected kafka://host:port[,host:port]/topic, got {redact_url(v)!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
             raise ConfigError(f"{key}: Kafka topic {topic!r} may only hold letters, digits, '.', '_' and '-'")
-        if "@" in u.netloc:
+        if "@" in v:  # no host or topic holds one: user:password@ (a '/' in the password splits it elsewhere)
             raise ConfigError(f"{key}: no credentials in the URI ({redact_url(v)!r}); SASL settings go in "
                               "kafka (sasl.username, sasl.password)")
         for hostport in u.netloc.split(","):
