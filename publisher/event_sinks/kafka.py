@@ -75,9 +75,10 @@ class KafkaSink(EventSink):
         self._retry_at = 0.0
         self._too_large: deque[tuple[Any, Any, int]] = deque()  # in a batch the broker refused as too large
         self._probing = False  # one of them is in flight alone
-        self._held: list[tuple[Any, Any, int]] = []  # published meanwhile: sent once those are sorted out
+        # Published while the schema waits for its registration, or while a batch the broker refused as too
+        # large is sorted out (_probe_next): sent from poll once neither holds.
+        self._held: list[tuple[Any, Any, int]] = []
         self._registration: _Registration | None = None
-        self._unregistered: list[tuple[Any, Any]] = []  # events waiting for the schema's registration
         if registry_url:
             self._registration = _Registration(registry_client(registry_url, registry_settings), codec,
                                                f"{topic}-value")
@@ -103,10 +104,7 @@ class KafkaSink(EventSink):
                 raise
 
     def publish(self, event, on_done, _attempt: int = 0, _alone: bool = False):
-        if not self._registered():
-            self._unregistered.append((event, on_done))
-            return
-        if not _alone and (self._too_large or self._probing):  # each of those goes alone first (_probe_next)
+        if not self._registered() or (not _alone and (self._too_large or self._probing)):
             self._held.append((event, on_done, _attempt))
             return
         value = self.codec.encode(event)
@@ -153,12 +151,12 @@ class KafkaSink(EventSink):
     def _probe_next(self) -> None:
         """Send the records of a batch the broker refused as too large one at a time, truly alone: only
         once nothing else is queued or in flight, and while one is, new records are held (``_held``).
-        Then release what was held."""
+        Then release what was held (also what waited for the schema's registration)."""
         if self._too_large and not self._probing and len(self._producer) == 0:
             event, on_done, attempt = self._too_large.popleft()
             self._probing = True
             self._publish_from_poll(event, on_done, attempt, alone=True)
-        if self._held and not self._too_large and not self._probing:
+        if self._held and not self._too_large and not self._probing and self._registered():
             held, self._held = self._held, []
             for event, on_done, attempt in held:
                 self._publish_from_poll(event, on_done, attempt)
@@ -199,10 +197,6 @@ class KafkaSink(EventSink):
             self._retry_s = self.RETRY_MIN_S
 
     def poll(self, timeout: float = 0.0) -> None:
-        if self._unregistered and self._registered():
-            waiting, self._unregistered = self._unregistered, []
-            for event, on_done in waiting:
-                self._publish_from_poll(event, on_done)
         self._retry_deferred()
         self._probe_next()
         self._producer.poll(timeout)
@@ -210,11 +204,10 @@ class KafkaSink(EventSink):
     def flush(self, timeout: float) -> int:
         """Also tries refused records again while time is left; they count as undelivered until taken."""
         deadline = time.monotonic() + timeout
-        while (self._unregistered or self._deferred or self._too_large or self._probing or self._held) \
-                and time.monotonic() < deadline:
+        while (self._deferred or self._too_large or self._probing or self._held) and time.monotonic() < deadline:
             self.poll(min(0.1, max(0.0, deadline - time.monotonic())))
         left = self._producer.flush(max(0.0, deadline - time.monotonic()))
-        return left + len(self._unregistered) + len(self._deferred) + len(self._too_large) + len(self._held)
+        return left + len(self._deferred) + len(self._too_large) + len(self._held)
 
     def close(self) -> None:
         """Drop what is still queued (it is in the caller's outbox) so that closing never waits on a
@@ -222,7 +215,6 @@ class KafkaSink(EventSink):
         self._closed = True
         if self._registration is not None:
             self._registration.stop()
-        self._unregistered.clear()
         self._deferred.clear()  # like the purge: they stay in the caller's outbox
         self._too_large.clear()
         self._held.clear()

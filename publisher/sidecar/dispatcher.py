@@ -206,14 +206,14 @@ class EventDispatcher:
             log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
                         req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
 
-        def done(err: Exception | None, permanent: bool = False) -> None:
+        def done(err: Exception | None) -> None:
             if err is None:
                 self.stats.inc("published")
             else:
                 self.stats.inc("failed")
                 log.error("mm-events: event %s for request %s was not delivered: %s",
                           req.event_id, req.request_id, err)
-            if self.outbox is not None and (err is None or permanent or isinstance(err, RecordRefused)):
+            if self.outbox is not None and (err is None or isinstance(err, RecordRefused)):
                 self.outbox.ack(req.event_id)  # a delivery failure stays spooled for the next start
             self._settled += 1
             if self._on_settled is not None:
@@ -222,7 +222,7 @@ class EventDispatcher:
         try:
             self.sink.publish(event, done)
         except Exception as e:  # noqa: BLE001 - an event the codec refuses, a record too large: must not stop
-            done(e, permanent=True)  # the sidecar; it would fail again on every replay (the sink retries the rest)
+            done(RecordRefused(f"{type(e).__name__}: {e}"))  # the sidecar; every replay would fail alike
 
     def close(self, timeout: float) -> int:
         """Bounded: publish what can be, report what could not. Returns the undelivered count."""
