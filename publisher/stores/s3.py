@@ -50,7 +50,13 @@ class S3Store(ObjectStore):
             raise  # 5xx, throttling: the uploader retries until its deadline
 
     def put_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[bool]:
-        return list(self._pool.map(lambda item: self.put_if_absent(*item), items))
+        # A key twice in one batch is put once, its first item (as the local store does): put in parallel,
+        # the two would race for the conditional PUT, and either could win.
+        first: dict[str, int] = {}
+        for i, (key, _, _) in enumerate(items):
+            first.setdefault(key, i)
+        stored = dict(zip(first, self._pool.map(lambda i: self.put_if_absent(*items[i]), first.values())))
+        return [stored[key] if first[key] == i else False for i, (key, _, _) in enumerate(items)]
 
     def head_many(self, keys: list[str]) -> list[ObjectInfo | None]:
         return list(self._pool.map(self.head, keys))
