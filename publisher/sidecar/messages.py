@@ -62,8 +62,11 @@ class ItemCaptured:
 
 @dataclass(frozen=True)
 class ItemsCaptured:
-    """Items whose bytes landed in the ring (in one engine step): store each."""
+    """Items whose bytes landed in the ring (in one engine step): store each. With the worker's running
+    totals (encoder runs, items loaded, items dropped), so that the sidecar can report them itself when
+    vLLM kills the worker before the connector's shutdown runs (a step may send totals and no items)."""
     items: tuple[ItemCaptured, ...]
+    totals: tuple[int, int, int] = (0, 0, 0)  # saves, loads, dropped
 
 
 @dataclass(frozen=True)

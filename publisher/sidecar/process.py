@@ -167,15 +167,24 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
                               not_stored=not_stored)
     conn.send(Ready(os.getpid()))
 
+    def stopped(left: int, how: str) -> None:
+        """The report the connector logs, logged here when the worker cannot: vLLM kills a worker whose
+        teardown outlasts its shutdown budget, and the connector's own report dies with it."""
+        saves, loads, dropped = totals
+        log.info("mm-events worker sidecar stopped%s: saves=%d loads=%d %s, dropped=%d", how, saves, loads,
+                 dict(uploader.stats.as_dict(), not_uploaded=left), dropped)
+
     timeout = c.shutdown_timeout_s
+    totals = (0, 0, 0)  # the worker's saves, loads and drops, as last told
     while True:
         try:
             msg = conn.recv()
         except (EOFError, OSError):
             _arm_watchdog(timeout)
-            uploader.close(timeout)  # the engine died: store what we have, bounded
+            stopped(uploader.close(timeout), " after its engine")  # the engine died: store what we have, bounded
             return
         if isinstance(msg, ItemsCaptured):
+            totals = msg.totals
             for it in msg.items:
                 host = ring_view(ring, it.offset, getattr(torch, it.dtype), it.shape)
                 uploader.submit(UploadJob(it.key, host, freer(it.offset), it.mm_hash, it.modality, it.source,
@@ -183,8 +192,11 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
         elif isinstance(msg, Close):
             _arm_watchdog(msg.timeout)
             left = uploader.close(msg.timeout)
-            with send_lock:
-                conn.send(Closed(dict(uploader.stats.as_dict(), not_uploaded=left)))
+            try:
+                with send_lock:
+                    conn.send(Closed(dict(uploader.stats.as_dict(), not_uploaded=left)))
+            except OSError:  # the engine stopped waiting for the report
+                stopped(left, "")
             return
 
 
@@ -328,6 +340,9 @@ def _fetcher_main(conn: Connection, init: FetcherInit, engine_pid: int) -> None:
                 return
     except (EOFError, OSError):
         fetcher.close()  # the engine is gone: nobody will load what is fetched
+        # The connector logs this report at its shutdown; vLLM may have killed it before that ran.
+        log.info("mm-events reuse (the fetch sidecar's report; its engine stopped first): %s",
+                 fetcher.stats.as_dict())
 
 
 def _yield_to_the_engine(role: str) -> None:

@@ -272,6 +272,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # milliseconds, during the forward pass) go at once, together.
         self._ready: list[ItemCaptured] = []
         self._ready_lock = threading.Lock()
+        self._told = (0, 0, 0)  # the totals the sidecar last heard (ItemsCaptured.totals)
         self._in_step = False
 
     def _items_ready(self, items: list[ItemCaptured]) -> None:
@@ -283,8 +284,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
     def _send_ready(self) -> None:
         with self._ready_lock:
             batch, self._ready = tuple(self._ready), []
-        if batch:
-            self.sidecar.send(ItemsCaptured(batch))
+            totals = (self.saves, self.loads, self.dropped)
+            if not batch and totals == self._told:
+                return
+            self._told = totals
+        self.sidecar.send(ItemsCaptured(batch, totals))
 
     def start_save_caches(self, encoder_cache: dict[str, "torch.Tensor"], **kwargs) -> None:
         # vLLM calls this at the start of the step's encoder phase (ec_both is a producer), and

@@ -209,8 +209,8 @@ def test_sigterm_under_load_flushes_in_bounded_time_and_every_returned_request_h
     assert "shutdown left" not in log and "not delivered" not in log, log[-3000:]
     published = int(re.search(r"'published': (\d+)", sched).group(1))
     assert published == int(re.search(r"'accepted': (\d+)", sched).group(1)), sched
-    if "worker side stopped" in log:
-        assert "'not_uploaded': 0" in stats_line(log, "worker"), stats_line(log, "worker")
+    # The worker's report: from the connector, or from its sidecar when vLLM killed the worker first.
+    assert "'not_uploaded': 0" in stats_line(log, "worker"), stats_line(log, "worker")
     if target == "main":
         # The orderly path: EngineCore drained and tore down within its budget (no SIGKILL) and both
         # halves of the connector got their sidecar's report ("side stopped", not the sidecar's own

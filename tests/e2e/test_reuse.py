@@ -24,8 +24,10 @@ SECOND = [[{"images": [1]}, {"images": [2, 3]}, {"images": [4]}]]  # 4 is new: t
 
 
 def reuse_report(log: str) -> dict:
-    line = next(ln for ln in log.splitlines() if "mm-events reuse: " in ln)
-    return ast.literal_eval(line.split("mm-events reuse: ", 1)[1])
+    """The fetch sidecar's counts: logged by the connector at its shutdown, or by the sidecar itself when
+    vLLM killed the engine first."""
+    line = next(ln for ln in log.splitlines() if "mm-events reuse: " in ln or "mm-events reuse (" in ln)
+    return ast.literal_eval(line[line.index("{"):])
 
 
 def worker_counts(log: str) -> tuple[int, int]:

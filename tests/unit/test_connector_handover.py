@@ -66,6 +66,8 @@ def test_items_captured_in_a_step_go_in_one_message_at_its_end():
     sent: list = []
     c = object.__new__(MMEmbeddingPublisher)
     c._uploads_here, c._in_step, c._ready = True, False, []
+    c.saves = c.loads = c.dropped = 0
+    c._told = (0, 0, 0)
     import threading
 
     c._ready_lock = threading.Lock()
@@ -81,6 +83,15 @@ def test_items_captured_in_a_step_go_in_one_message_at_its_end():
     assert [type(m) for m in sent] == [ItemsCaptured] and sent[0].items == ("item-0", "item-1", "item-2")
     cap.capture(t, ring.allocator.alloc(t.numel() * 4), "item-3")  # lands outside a step: at once
     assert sent[1].items == ("item-3",)
+    # The worker's totals ride along; a step that changed them says so even with no items (the sidecar
+    # reports them itself if vLLM kills the worker), and a step that changed nothing sends nothing.
+    c.start_save_caches({})
+    c.loads += 2  # start_load_caches: two items loaded from the store instead of encoded
+    c.get_finished(set())
+    assert sent[2] == ItemsCaptured((), (0, 2, 0))
+    c.start_save_caches({})
+    c.get_finished(set())
+    assert len(sent) == 3
 
 
 def test_durable_before_return_holds_a_request_failed_after_the_steps_end():
