@@ -89,18 +89,29 @@ class EventDispatcher:
         """Accepted and not yet delivered or failed."""
         return self.stats.accepted - self._settled
 
-    def offer(self, req: FinishedRequest, keys: dict[str, str], spooled: bool = False) -> None:
-        """Take a finished request; ``spooled``: it came from the outbox (a replay), not the engine."""
-        if self.outbox is not None and not spooled:
-            self._spool_pending += 1
-            try:
-                self.outbox.append(req, keys)
-                if self.metrics is not None:
-                    self._unsynced.append(req.finished_time)
-            except SpoolError as e:  # full (the sidecar stops reading before this), or a failing disk
-                self.stats.inc("unspooled", e.requests)
-                log.error("mm-events: request %s not spooled, published without the spool: %s", req.request_id, e)
-        if spooled:
+    def spool(self, req: FinishedRequest, keys: dict[str, str]) -> None:
+        """Write a request from the engine to the outbox, durable at the next ``pump``'s sync (which tells
+        ``on_spooled``), without taking it into flight: the sidecar spools what it reads past the in-flight
+        cap at once and offers it later, so a response held for ``durable_before_return`` is not held for
+        the sink."""
+        if self.outbox is None:
+            return
+        self._spool_pending += 1
+        try:
+            self.outbox.append(req, keys)
+            if self.metrics is not None:
+                self._unsynced.append(req.finished_time)
+        except SpoolError as e:  # full (the sidecar stops reading before this), or a failing disk
+            self.stats.inc("unspooled", e.requests)
+            log.error("mm-events: request %s not spooled, published without the spool: %s", req.request_id, e)
+
+    def offer(self, req: FinishedRequest, keys: dict[str, str], *, spooled: bool = False,
+              replayed: bool = False) -> None:
+        """Take a finished request into flight, spooling it first unless it was: by ``spool`` (``spooled``),
+        or by an earlier run that left it unacknowledged (``replayed``: from the outbox at start)."""
+        if not (spooled or replayed):
+            self.spool(req, keys)
+        if replayed:
             self.stats.inc("replayed")
         now = time.monotonic()
         self._seq += 1

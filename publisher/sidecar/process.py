@@ -244,14 +244,27 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                                  metrics=metrics, on_spooled=lambda n: struct.pack_into("<Q", settled, 8, n))
     stop_strings = StopStringResolver(init.tokenizer_json)
     for req, keys in outbox.take_replay() if outbox else ():
-        dispatcher.offer(req, keys, spooled=True)  # what an earlier run left unacknowledged
+        dispatcher.offer(req, keys, replayed=True)  # what an earlier run left unacknowledged
     conn.send(Ready(os.getpid()))
     # One loop, one thread: read what the engine sent, pump, repeat. When max_pending_events
     # are in flight it stops reading, the socket fills, and the engine's send blocks: the
     # "block" policy, applied by the kernel.
     # At the cap it still reads a little (up to PARKED requests, held back), so a Close or a
-    # drop count behind them is seen even while the sink is away for good.
-    parked: list[tuple] = []  # (FinishedRequest, keys)
+    # drop count behind them is seen even while the sink is away for good. A parked request is
+    # spooled at once where the spool has room: durable_before_return holds its response until
+    # then, and the sink may be away for long.
+    parked: list[tuple] = []  # (FinishedRequest, keys, spooled)
+
+    def park(req, keys) -> None:
+        spooled = outbox is not None and not outbox.full()
+        if spooled:
+            dispatcher.spool(req, keys)
+        parked.append((req, keys, spooled))
+
+    def offer_parked() -> None:
+        for req, keys, spooled in parked:
+            dispatcher.offer(req, keys, spooled=spooled)
+        parked.clear()
 
     def full() -> bool:
         return dispatcher.in_flight >= c.max_pending_events or (outbox is not None and outbox.full())
@@ -259,7 +272,8 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     while True:
         wait = dispatcher.pump()
         while parked and not full():
-            dispatcher.offer(*parked.pop(0))
+            req, keys, spooled = parked.pop(0)
+            dispatcher.offer(req, keys, spooled=spooled)
         try:
             if full() and len(parked) >= PARKED:
                 if not pid_alive(engine_pid):
@@ -274,15 +288,14 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                     for req, keys, stop_check in msg.requests:  # past the cap: parked (one step's over at most)
                         req = stop_strings.resolve(req, stop_check)  # before it is spooled: what the client got
                         if full() or parked:
-                            parked.append((req, keys))
+                            park(req, keys)
                         else:
                             dispatcher.offer(req, keys)
                 elif isinstance(msg, EventsDropped):
                     dispatcher.stats.inc("dropped", msg.count)
                 elif isinstance(msg, Close):
                     _arm_watchdog(msg.timeout)
-                    for req, keys in parked:  # spooled, so not lost when the flush cannot send them
-                        dispatcher.offer(req, keys)
+                    offer_parked()  # spooled, so not lost when the flush cannot send them
                     left = dispatcher.close(msg.timeout)
                     report = dict(dispatcher.stats.as_dict(), undelivered=left)
                     try:
@@ -293,8 +306,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                 if not conn.poll(0) or (full() and len(parked) >= PARKED):
                     break
         except (EOFError, OSError):
-            for req, keys in parked:
-                dispatcher.offer(req, keys)
+            offer_parked()
             _arm_watchdog(c.shutdown_timeout_s)
             left = dispatcher.close(c.shutdown_timeout_s)  # the engine died: publish what we can, bounded
             log.info("mm-events scheduler sidecar stopped after its engine: %s",

@@ -112,7 +112,7 @@ def test_dispatcher_replays_what_a_dead_sidecar_left_and_delivers_each_once(tmp_
     second = EventDispatcher(store, AvroFileSink(log, AvroCodec()), producer_info("v", "float32"),
                              durability_timeout_s=5, outbox=box)
     for r, keys in box.take_replay():
-        second.offer(r, keys, spooled=True)
+        second.offer(r, keys, replayed=True)
     end = time.monotonic() + 10
     while second.stats.published < 4 and time.monotonic() < end:
         time.sleep(second.pump())
