@@ -6,7 +6,8 @@ and no thread hand-offs per event:
 1. ``offer``: a finished request and its object keys join a deadline heap;
 2. ``pump``: for requests that are due, ``store.head_many`` the keys not yet known durable
    (the worker may still be uploading: retried with backoff up to ``durability_timeout_s``;
-   keys seen durable are remembered, so a repeated image costs nothing), build the event
+   keys seen durable are remembered for ``recheck_s``, so a repeated image costs one check
+   per ten minutes, and an object a lifecycle rule deleted is named no longer), build the event
    naming only durable objects (the rest go to ``missing_embeddings``) and hand it to the
    sink; then serve the sink's delivery callbacks.
 
@@ -31,6 +32,7 @@ from publisher.stores.base import ObjectStore
 from schemas.objects import extras_from_store_metadata
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
+RECHECK_S = 600.0  # how long a key seen durable (or not the publisher's) is taken as such, unchecked
 MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
 # A request is checked as it arrives, in the same wake-up: its objects were captured when its
 # encoder ran, steps before it finished, and are usually stored by then. If not, the next look
@@ -58,7 +60,7 @@ class DispatcherStats(ReportCounters):
 
 class EventDispatcher:
     def __init__(self, store: ObjectStore, sink: EventSink, producer: dict[str, str], *,
-                 durability_timeout_s: float, remember: int = 65536,
+                 durability_timeout_s: float, remember: int = 65536, recheck_s: float = RECHECK_S,
                  on_settled: Callable[[int], None] | None = None, outbox: Outbox | None = None,
                  metrics: PublisherMetrics | None = None, on_spooled: Callable[[int], None] | None = None):
         self.store = store
@@ -72,9 +74,11 @@ class EventDispatcher:
         self._settled = 0
         self._waiting: list[_Pending] = []
         self._seq = 0
-        self._durable: OrderedDict[str, StoredItem] = OrderedDict()
-        self._foreign: OrderedDict[str, None] = OrderedDict()  # keys holding objects that are not the publisher's
+        # key -> (what an event says of its object, when it was checked); both forgotten after recheck_s
+        self._durable: OrderedDict[str, tuple[StoredItem, float]] = OrderedDict()
+        self._foreign: OrderedDict[str, float] = OrderedDict()  # keys holding objects that are not the publisher's
         self._remember = remember
+        self._recheck_s = recheck_s
         self._force_at = float("inf")  # on close: publish with what is durable by then
         self._unsynced: list[float] = []  # finish times of requests spooled since the last sync
         self._on_spooled = on_spooled  # told the running count of engine requests whose spool write is settled
@@ -157,7 +161,9 @@ class EventDispatcher:
         return MAX_WAIT
 
     def _resolve(self, due: list[_Pending]) -> None:
-        unknown = list({k for p in due for k in p.keys.values() if not self._is_durable(k) and k not in self._foreign})
+        now = time.monotonic()
+        unknown = list({k for p in due for k in p.keys.values()
+                        if not self._is_durable(k, now) and not self._is_foreign(k, now)})
         if unknown:
             try:
                 infos = self.store.head_many(unknown)
@@ -177,12 +183,12 @@ class EventDispatcher:
                     self.stats.inc("store_errors")
                     log.warning("mm-events: the object at %s is not the publisher's (its metadata: %s: %s); "
                                 "events will list it missing", key, type(e).__name__, e)
-                    self._foreign[key] = None
+                    self._foreign[key] = now
                     if len(self._foreign) > self._remember:
                         self._foreign.popitem(last=False)
         now = time.monotonic()
         for p in due:
-            stored = {h: self._durable[k] for h, k in p.keys.items() if k in self._durable}
+            stored = {h: self._durable[k][0] for h, k in p.keys.items() if k in self._durable}
             if len(stored) == len(p.keys) or now >= min(p.deadline, self._force_at):
                 if self.metrics is not None:
                     self.metrics.durability_wait.observe(now - (p.deadline - self.durability_timeout_s))
@@ -192,11 +198,22 @@ class EventDispatcher:
                 p.next_try = min(now + p.delay, self._force_at)
                 heapq.heappush(self._waiting, p)
 
-    def _is_durable(self, key: str) -> bool:
-        if key in self._durable:
-            self._durable.move_to_end(key)
-            return True
-        return False
+    def _is_durable(self, key: str, now: float) -> bool:
+        seen = self._durable.get(key)
+        if seen is None:
+            return False
+        if now - seen[1] >= self._recheck_s:  # checked again: a lifecycle rule or an operator may have deleted it
+            del self._durable[key]
+            return False
+        self._durable.move_to_end(key)
+        return True
+
+    def _is_foreign(self, key: str, now: float) -> bool:
+        seen = self._foreign.get(key)
+        if seen is not None and now - seen >= self._recheck_s:  # checked again: it may have been put right
+            del self._foreign[key]
+            return False
+        return seen is not None
 
     def _remember_durable(self, key: str, info) -> None:
         """Raises if the metadata is not what the publisher writes (an event naming it could not be encoded)."""
@@ -206,7 +223,7 @@ class EventDispatcher:
         if not (isinstance(item.sha256, str) and isinstance(item.dtype, str)
                 and all(type(d) is int for d in item.shape)):
             raise ValueError("sha256, dtype or shape of another type")
-        self._durable[key] = item
+        self._durable[key] = (item, time.monotonic())
         if len(self._durable) > self._remember:
             self._durable.popitem(last=False)
 

@@ -152,6 +152,7 @@ def _sigterm_deferred() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+KNOWN_FOR_S = 600.0  # the worker stores an item's output again after this (the dispatcher's RECHECK_S)
 SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
 
 OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
@@ -250,7 +251,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             self._device = device
         # Keys handed over (bounded): an item the encoder runs again is not stored twice. A key the
         # sidecar gave up on leaves it (RegionsFreed.not_stored).
-        self._known: OrderedDict[str, None] = OrderedDict()
+        self._known: OrderedDict[str, float] = OrderedDict()  # key -> when it was handed over
         # With tensor parallelism every rank sees the same encoder output; rank 0 stores it.
         self._uploads_here = _tp_rank() == 0
         if not self._uploads_here:
@@ -318,13 +319,13 @@ class MMEmbeddingPublisher(ECConnectorBase):
         if not self._uploads_here:
             return
         key = self.key_for(mm_hash)
-        if key in self._known:
+        if self._handed_over(key):
             try:
                 if self.sidecar.alive:
                     self._take_sidecar_messages()  # one may say this key was given up
             except (EOFError, OSError):
                 self._sidecar_gone()
-            if key in self._known:
+            if self._handed_over(key):
                 return
         t = encoder_cache[mm_hash]
         offset = self._alloc(t.numel() * t.element_size())
@@ -337,9 +338,18 @@ class MMEmbeddingPublisher(ECConnectorBase):
                                             else None) or ("unknown", ENCODER, {}, None)
         self.capture.capture(t, offset, ItemCaptured(offset, str(t.dtype).removeprefix("torch."), tuple(t.shape),
                                                      key, mm_hash, modality, source, extras, digest))
-        self._known[key] = None
+        self._known[key] = time.monotonic()
+        self._known.move_to_end(key)
         if len(self._known) > 65536:
             self._known.popitem(last=False)
+
+    def _handed_over(self, key: str) -> bool:
+        """Whether the key's object was handed to the sidecar lately: stored, or on its way, so the
+        encoder's output is not stored again. Forgotten after KNOWN_FOR_S: an object deleted since (a
+        lifecycle rule) is stored again at the item's next encoder run (a conditional PUT where it is
+        still there), as the scheduler sidecar checks a key again after as long."""
+        seen = self._known.get(key)
+        return seen is not None and time.monotonic() - seen < KNOWN_FOR_S
 
     def _alloc(self, nbytes: int) -> int | None:
         """Ring space for one item, applying the frees the sidecar reported."""

@@ -1,9 +1,11 @@
-"""vLLM kills a worker whose teardown outlasts its shutdown budget (SIGKILL), and the connector's
-report dies with it. Its sidecar (detached, so never killed with it) stores what it was given and
-reports in its place, with the worker's own totals: encoder runs, loads, drops.
+"""The connector's worker half with its real sidecar and the embedded store (a local directory), its
+hooks called as vLLM calls them.
 
-The worker half here is the connector's, with its real sidecar and the embedded store (a local
-directory); its process SIGKILLs itself after a few engine steps, as vLLM's process manager does."""
+- vLLM kills a worker whose teardown outlasts its shutdown budget (SIGKILL), and the connector's report
+  dies with it. Its sidecar (detached, so never killed with it) stores what it was given and reports in
+  its place, with the worker's own totals: encoder runs, loads, drops.
+- An item the encoder runs again is not stored again, for a while: an object deleted since (a lifecycle
+  rule) is stored again at a later run."""
 
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+
+import torch
+
+from publisher.config import PublisherConfig
+from publisher.vllm import connector
+from publisher.vllm.connector import MMEmbeddingPublisher
+from schemas.uris import StoreLocation
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,3 +70,44 @@ def test_a_killed_workers_sidecar_stores_its_items_and_reports_in_its_place(tmp_
         time.sleep(0.1)
         stored = sorted(f.name for f in store.rglob("*.safetensors"))
     assert len(stored) == 3, stored
+
+
+def test_an_item_encoded_again_is_stored_again_once_its_hand_over_is_old(tmp_path, monkeypatch):
+    """Within KNOWN_FOR_S of its hand-over, an item's next encoder run is not stored (its object is there or
+    on its way); after it, it is, so an object deleted meanwhile is back. Before, the worker skipped the
+    item for its lifetime, and every later event listed the object missing."""
+    monkeypatch.setattr(connector, "KNOWN_FOR_S", 1.0)
+    store = tmp_path / "store"
+    worker = object.__new__(MMEmbeddingPublisher)
+    worker.config = PublisherConfig.load({"object_store": f"file://{store}"}, environ={}).resolved(torch.float32)
+    worker.model, worker._keys, worker._connector_metadata = "m", {}, None
+    worker.location = StoreLocation.parse(worker.config.object_store)
+    worker._init_worker()
+    mm_hash = "ab" * 32
+    cache = {mm_hash: torch.randn(16, 32)}
+
+    def run_encoder() -> None:  # one step in which the encoder ran for the item
+        worker.start_save_caches(cache)
+        worker.save_caches(cache, mm_hash)
+        worker.get_finished(set())
+
+    def stored(within: float) -> bool:
+        deadline = time.monotonic() + within
+        while not list(store.rglob("*.safetensors")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return bool(list(store.rglob("*.safetensors")))
+
+    try:
+        run_encoder()
+        assert stored(within=10)
+        t0 = time.monotonic()
+        for f in store.rglob("*.safetensors"):  # the lifecycle rule
+            f.unlink()
+        run_encoder()  # at once: taken as stored
+        assert time.monotonic() - t0 < 0.5 and not stored(within=0.5)
+        time.sleep(1.0)
+        run_encoder()  # past KNOWN_FOR_S: stored again
+        assert stored(within=10)
+    finally:
+        report = worker.sidecar.close(10)
+    assert worker.saves == 3 and report["uploaded"] == 2, report
