@@ -23,6 +23,7 @@ import hashlib
 import logging
 import mmap
 import os
+import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ from pathlib import Path
 from typing import Callable
 
 from publisher.sidecar.messages import Fetch, Fetched
-from publisher.sidecar.metrics import ReportCounters
+from publisher.sidecar.metrics import ReportCounters, process_identity, this_process
 from publisher.stores.base import ObjectStore
 from schemas.objects import FORMAT, BadObject, read_object
 
@@ -42,10 +43,41 @@ class FetcherStats(ReportCounters):
     names = ("reused", "fetched", "absent", "rejected", "fetch_errors", "bytes_fetched")
 
 
+PRIVATE_DIR_PREFIX = "vllm-mm-events-reuse-"
+
+
 def private_dir() -> Path:
-    """A fresh 0700 directory on tmpfs where there is one (for the staging ring the worker maps)."""
+    """A fresh 0700 directory on tmpfs where there is one (for the staging ring the worker maps), named
+    for the process that makes it (``<pid>-<start time>``).
+
+    Those of processes no longer running are removed first. The fetch sidecar removes its own when it
+    stops, but not when it is killed outright with its engine (an OOM kill of the container), and a
+    pod's ``/dev/shm`` is an in-memory emptyDir that outlives its containers: each directory left
+    behind would hold ``reuse_cache_bytes`` of the pod's memory, until a restart could not take its
+    ring any more."""
     base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return Path(tempfile.mkdtemp(prefix="vllm-mm-events-reuse-", dir=base))
+    remove_stale_private_dirs(Path(base or tempfile.gettempdir()))
+    return Path(tempfile.mkdtemp(prefix=f"{PRIVATE_DIR_PREFIX}{this_process()}-", dir=base))
+
+
+def remove_stale_private_dirs(base: Path) -> None:
+    """Remove this user's private directories in ``base`` whose process is not running (its pid free, or
+    held by a process started at another time)."""
+    stale = re.compile(re.escape(PRIVATE_DIR_PREFIX) + r"((\d+)-\d+)-\w+")
+    try:
+        entries = list(os.scandir(base))
+    except OSError:
+        return
+    for entry in entries:
+        m = stale.fullmatch(entry.name)
+        try:
+            if not m or entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(
+                    follow_symlinks=False) or process_identity(int(m.group(2))) == m.group(1):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log.info("mm-events: removed %s, left by a process no longer running", entry.path)
 
 
 class Rejected(ValueError):

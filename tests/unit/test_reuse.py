@@ -276,3 +276,34 @@ def test_an_item_resident_for_another_input_under_the_same_id_is_never_promised_
     scalar = feature("s")
     scalar.data["second_per_grid_ts"] = SimpleNamespace(data=torch.tensor(0.5))
     assert index.digest("r4", scalar).startswith("blake3:")
+
+
+def test_staging_dirs_of_processes_killed_outright_are_removed_at_the_next_start():
+    """A pod's /dev/shm outlives its containers: a staging ring left by an engine and fetch sidecar killed
+    outright (SIGKILL, nobody to remove it) is removed when the next engine makes its own; one of a
+    process still running is kept. Before, each kill left reuse_cache_bytes of the pod's memory behind."""
+    import signal
+    import subprocess
+    import sys
+
+    make = ("import os, sys; from publisher.sidecar.fetcher import private_dir; d = private_dir(); "
+            "fd = os.open(d / 'ring', os.O_RDWR | os.O_CREAT, 0o600); os.posix_fallocate(fd, 0, 1 << 20); "
+            "print(d, flush=True); {end}")
+    repo = Path(__file__).resolve().parents[2]
+    killed = subprocess.run([sys.executable, "-c", make.format(end="os.kill(os.getpid(), 9)")], cwd=repo,
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    left = Path(killed.stdout.strip())
+    assert (left / "ring").stat().st_size == 1 << 20
+    running = subprocess.Popen([sys.executable, "-c", make.format(end="sys.stdin.read()")], cwd=repo,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        kept = Path(running.stdout.readline().strip())
+        assert not left.exists() and (kept / "ring").exists()  # the next start removed it
+        mine = private_dir()
+        assert (kept / "ring").exists() and mine.is_dir()  # its process runs
+    finally:
+        running.communicate("", timeout=60)
+    mine.rmdir()
+    private_dir().rmdir()  # and now the one of the process that ended without removing its own
+    assert not kept.exists()
