@@ -20,7 +20,9 @@ from consumers.vectors import POOLINGS
 from publisher.config import KEYS as PUBLISHER_KEYS
 from publisher.config import default_data_dir
 from publisher.settings import (
+    DAY,
     ENV_PREFIX,
+    HOUR,
     ConfigError,
     Key,
     Settings,
@@ -93,8 +95,8 @@ def _as_sink(v: Any, key: str) -> str:
     u = split_url(v, key)
     try:
         u.port  # noqa: B018 - the sink's client reads it; a bad one is a config error here
-    except ValueError as e:
-        raise ConfigError(f"{key}: {e} in {redact_url(v)!r}") from None
+    except ValueError:  # its message quotes the text after the ':', a password's head where one holds a '/'
+        raise ConfigError(f"{key}: the port in {redact_url(v)!r} is not a number from 0 to 65535") from None
     if u.scheme not in SINK_SCHEMES:
         raise ConfigError(f"{key}: unknown sink {u.scheme + '://' if u.scheme else redact_url(v)!r}; expected one of "
                           + ", ".join(f"{s}://" for s in SINK_SCHEMES))
@@ -169,10 +171,11 @@ class ConsumerConfig(Settings):
                                      "File source: where the committed position is kept (default: next to the log).")
     batch_max_records: int = setting(lambda: 256, number(int, 1), "A batch closes at this many events...")
     batch_max_bytes: int = setting(lambda: 64 << 20, number(int, 1 << 10), "...or this many embedding bytes...")
-    batch_linger_ms: int = setting(lambda: 200, number(int, 0), "...or when its first event is this old.")
-    fetch_threads: int = setting(lambda: 8, number(int, 1), "Parallel object fetches.")
-    poll_timeout_s: float = setting(lambda: 1.0, number(float, 0.01), "How long one poll waits for new events.")
-    shutdown_timeout_s: float = setting(lambda: 25.0, number(float, 0.0),
+    batch_linger_ms: int = setting(lambda: 200, number(int, 0, 600_000), "...or when its first event is this old.")
+    fetch_threads: int = setting(lambda: 8, number(int, 1, 256), "Parallel object fetches.")
+    # Bounded well inside /healthz's 120 s: an idle consumer's loop turns once per poll.
+    poll_timeout_s: float = setting(lambda: 1.0, number(float, 0.01, 30.0), "How long one poll waits for new events.")
+    shutdown_timeout_s: float = setting(lambda: 25.0, number(float, 0.0, HOUR),
                                         "SIGTERM: time to finish the batch in flight.")
     object_store: tuple[str, ...] = setting(
         lambda: (PUBLISHER_KEYS["object_store"].default(),), _as_object_stores,
@@ -184,12 +187,12 @@ class ConsumerConfig(Settings):
         lambda: 5, number(int, 0),
         "Retries of a read the store refuses for good (access denied, no bucket, not a file) before dead-lettering.")
     stall_timeout_s: float = setting(
-        lambda: 300.0, number(float, 1.0),
+        lambda: 300.0, number(float, 1.0, DAY),
         "/healthz turns 503 when a batch has been in work this long without a call being started for it "
         "(a wedged writer; one retrying through an outage keeps trying).")
     metrics_port: int = setting(lambda: 9400, as_port, "Prometheus /metrics and /healthz (0: off).")
     metrics_host: str = setting(lambda: "0.0.0.0", as_bind_host, "Address the metrics server binds.")
-    progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1), "How often a progress line is logged.")
+    progress_interval_s: float = setting(lambda: 10.0, number(float, 0.1, DAY), "How often a progress line is logged.")
     log_format: str = setting(lambda: "text", choice(LOG_FORMATS), "text, or json (one object per line).")
     # Connections: the publisher's own keys (same env vars, same defaults).
     s3_endpoint_url: str | None = setting_from(PUBLISHER_KEYS["s3_endpoint_url"])

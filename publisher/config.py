@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from publisher.settings import (
+    DAY,
+    HOUR,
     ConfigError,
     Key,
     Settings,
@@ -20,11 +22,13 @@ from publisher.settings import (
     as_bool,
     as_cpu_list,
     as_dict,
+    as_endpoint_url,
     as_event_uri,
     as_http_url,
     as_object_store,
     as_opt_str,
     as_port,
+    as_registry_settings,
     choice,
     number,
     redact_mapping,
@@ -66,7 +70,7 @@ def default_data_dir() -> Path:
 class PublisherConfig(Settings):
     object_store: str = setting(lambda: (default_data_dir() / "objects").as_uri(), as_object_store,
                                 "Where embeddings go: s3://bucket/prefix or file:///dir.")
-    s3_endpoint_url: str | None = setting(lambda: os.environ.get("AWS_ENDPOINT_URL") or None, as_http_url,
+    s3_endpoint_url: str | None = setting(lambda: os.environ.get("AWS_ENDPOINT_URL") or None, as_endpoint_url,
                                           "S3 endpoint for MinIO and other S3-compatible stores.")
     s3_region: str | None = setting(
         lambda: os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None, as_opt_str,
@@ -76,7 +80,7 @@ class PublisherConfig(Settings):
     kafka: dict = setting(dict, as_dict, "librdkafka settings passed through (security, SASL, TLS, compression).")
     schema_registry_url: str | None = setting(
         lambda: None, as_http_url, "Confluent-compatible Schema Registry; when set values use its wire format.")
-    schema_registry: dict = setting(dict, as_dict,
+    schema_registry: dict = setting(dict, as_registry_settings,
                                     "Extra Schema Registry client settings (basic.auth.user.info, ssl.*).")
     storage_dtype: str = setting(
         lambda: "native", choice(STORAGE_DTYPES),
@@ -110,11 +114,11 @@ class PublisherConfig(Settings):
                                       "Worker: bytes of captured tensors waiting for upload.")
     max_pending_events: int = setting(lambda: 10000, number(int, 1),
                                       "Scheduler: events waiting for objects or the sink.")
-    upload_threads: int = setting(lambda: 2, number(int, 1), "Worker: parallel object uploads.")
+    upload_threads: int = setting(lambda: 2, number(int, 1, 64), "Worker: parallel object uploads.")
     durability_timeout_s: float = setting(
-        lambda: 60.0, number(float, 0.1),
+        lambda: 60.0, number(float, 0.1, DAY),
         "How long an event waits for its objects before it is published without them.")
-    shutdown_timeout_s: float = setting(lambda: 15.0, number(float, 0.0), "Bounded flush on engine shutdown.")
+    shutdown_timeout_s: float = setting(lambda: 15.0, number(float, 0.0, HOUR), "Bounded flush on engine shutdown.")
     fsync: bool = setting(lambda: True, as_bool,
                           "Local store and event log: fsync before calling an object durable.")
     metrics_port: int = setting(
@@ -134,7 +138,7 @@ class PublisherConfig(Settings):
         "object's metadata and input digest, and its SHA-256, before use. Whoever can write the object store "
         "can then change what the model sees: use only a store the operator controls (README).")
     reuse_wait_ms: float = setting(
-        lambda: 200.0, number(float, 0.0),
+        lambda: 200.0, number(float, 0.0, 60_000.0),
         "reuse_stored_embeddings: how long a new request waits for its items to be fetched and checked "
         "before the encoder runs them instead.")
     reuse_cache_bytes: int = setting(

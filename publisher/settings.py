@@ -106,7 +106,8 @@ def parse_keys(keys: Mapping[str, Key], raw: Mapping[str, Any]) -> dict[str, Any
     values = {}
     for key, spec in keys.items():
         value = raw[key] if key in raw else spec.default()
-        values[key] = None if value is None else spec.parse(value, key)
+        # None too (an explicit null, an empty YAML value): only a key that may be unset takes it.
+        values[key] = spec.parse(value, key)
     return values
 
 
@@ -211,23 +212,29 @@ def as_bool(v: Any, key: str) -> bool:
     raise ConfigError(f"{key}: expected a boolean (true/false), got {short(v)}")
 
 
-def number(kind: type, minimum: float) -> Callable[[Any, str], Any]:
-    """A parser for an int or float of at least ``minimum``."""
+def number(kind: type, minimum: float, maximum: float | None = None) -> Callable[[Any, str], Any]:
+    """A parser for an int or float of at least ``minimum`` (and at most ``maximum``: durations have one,
+    as a wait of 1e300 s is a typo that would hang a shutdown or overflow a timer)."""
+    want = f"{kind.__name__} >= {minimum}" if maximum is None else f"{kind.__name__} from {minimum} to {maximum}"
+
     def parse(v: Any, key: str):
-        if isinstance(v, bool):
-            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got a boolean")
+        if isinstance(v, bool) or v is None:
+            raise ConfigError(f"{key}: expected a {want}, got {'a boolean' if v is not None else 'null'}")
         try:
             n = kind(v)
         except (TypeError, ValueError, OverflowError):
-            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got {short(v)}") from None
+            raise ConfigError(f"{key}: expected a {want}, got {short(v)}") from None
         if kind is float and not math.isfinite(n):
-            raise ConfigError(f"{key}: expected a finite number >= {minimum}, got {short(v)}")
+            raise ConfigError(f"{key}: expected a finite {want}, got {short(v)}")
         if kind is int and isinstance(v, float) and v != n:
             raise ConfigError(f"{key}: expected an integer, got {v}")
-        if n < minimum:
-            raise ConfigError(f"{key}: expected a {kind.__name__} >= {minimum}, got {n}")
+        if n < minimum or (maximum is not None and n > maximum):
+            raise ConfigError(f"{key}: expected a {want}, got {n}")
         return n
     return parse
+
+
+HOUR, DAY = 3600.0, 86400.0  # bounds of durations in seconds
 
 
 def as_port(v: Any, key: str) -> int:
@@ -287,7 +294,9 @@ def choice(options: tuple[str, ...]) -> Callable[[Any, str], str]:
 
 
 def as_dict(v: Any, key: str) -> dict[str, Any]:
-    """A mapping of scalar settings, or its JSON text."""
+    """A mapping of scalar settings, or its JSON text (null: none)."""
+    if v is None:
+        return {}
     if isinstance(v, str):
         try:
             v = json.loads(v)
@@ -340,13 +349,13 @@ def as_event_uri(v: Any, key: str) -> str:
     u = split_url(v, key)
     if u.scheme == "kafka":
         topic = u.path.lstrip("/")
+        if "@" in v:  # no host or topic holds one: user:password@ (a '/' in the password splits it elsewhere)
+            raise ConfigError(f"{key}: no credentials in the URI ({redact_url(v)!r}); SASL settings go in "
+                              "kafka (sasl.username, sasl.password)")
         if not u.netloc or not topic or "/" in topic:
             raise ConfigError(f"{key}: expected kafka://host:port[,host:port]/topic, got {redact_url(v)!r}")
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", topic):
             raise ConfigError(f"{key}: Kafka topic {topic!r} may only hold letters, digits, '.', '_' and '-'")
-        if "@" in v:  # no host or topic holds one: user:password@ (a '/' in the password splits it elsewhere)
-            raise ConfigError(f"{key}: no credentials in the URI ({redact_url(v)!r}); SASL settings go in "
-                              "kafka (sasl.username, sasl.password)")
         for hostport in u.netloc.split(","):
             if not re.fullmatch(r"[^:@/\s]+:\d{1,5}", hostport):
                 raise ConfigError(f"{key}: expected host:port in the broker list, got {hostport!r}")
@@ -366,3 +375,30 @@ def as_http_url(v: Any, key: str) -> str | None:
     if u.scheme not in ("http", "https", "mock") or not u.netloc:
         raise ConfigError(f"{key}: expected an http(s):// URL, got {redact_url(v)!r}")
     return v
+
+
+def as_endpoint_url(v: Any, key: str) -> str | None:
+    """An S3 endpoint: an http(s) URL without credentials (they would be sent as its host, and handed to
+    every API client with the object URIs)."""
+    v = as_http_url(v, key)
+    if v is not None and "@" in v:
+        raise ConfigError(f"{key}: no credentials in the URL ({redact_url(v)!r}); S3 credentials come from the "
+                          "standard AWS chain (environment, profile, IRSA)")
+    return v
+
+
+# The Schema Registry client's numeric settings: from env vars they come as text, which it refuses
+# (a TypeError at every registration, retried for good).
+REGISTRY_NUMBERS = {"timeout": number(float, 0.0, HOUR), "cache.capacity": number(int, 1),
+                    "cache.latest.ttl.sec": number(float, 0.0), "max.retries": number(int, 0, 100),
+                    "retries.wait.ms": number(int, 0, int(HOUR * 1000)),
+                    "retries.max.wait.ms": number(int, 0, int(HOUR * 1000))}
+
+
+def as_registry_settings(v: Any, key: str) -> dict[str, Any]:
+    """Schema Registry client settings: a mapping (``as_dict``) whose numeric settings are numbers."""
+    settings = as_dict(v, key)
+    for name, parse in REGISTRY_NUMBERS.items():
+        if name in settings:
+            settings[name] = parse(settings[name], f"{key}.{name}")
+    return settings

@@ -46,8 +46,18 @@ def test_env_dict_is_json():
     ("storage_dtype", "int8", "storage_dtype: expected one of native, float32, float16, bfloat16"),
     ("publish_text_only", "maybe", "publish_text_only: expected a boolean"),
     ("max_inflight_bytes", 10, "max_inflight_bytes: expected a int >= 1048576"),
-    ("upload_threads", "two", "upload_threads: expected a int >= 1"),
-    ("durability_timeout_s", -1, "durability_timeout_s: expected a float >= 0.1"),
+    ("upload_threads", "two", "upload_threads: expected a int from 1 to 64"),
+    ("durability_timeout_s", -1, "durability_timeout_s: expected a float from 0.1 to 86400.0"),
+    # An explicit null (or an empty YAML value) is a value, checked as any other: it used to pass unchecked,
+    # and broke the sidecar's loop (max_pending_events), the scheduler's path (max_metadata_bytes), or
+    # turned fsync off.
+    ("max_pending_events", None, "max_pending_events: expected a int >= 1, got null"),
+    ("max_metadata_bytes", None, "max_metadata_bytes: expected a int >= 0, got null"),
+    ("fsync", None, "fsync: expected a boolean"),
+    ("object_store", None, "object_store: expected a non-empty string"),
+    # Durations have a ceiling: 1e300 s overflowed the sidecars' timers at shutdown.
+    ("shutdown_timeout_s", 1e300, "shutdown_timeout_s: expected a float from 0.0 to 3600.0"),
+    ("schema_registry", {"timeout": "soon"}, "schema_registry.timeout: expected a float"),
     ("backpressure", "spill", "backpressure: expected one of block, drop"),
     ("kafka", "[1]", "kafka: expected a mapping"),
     ("kafka", {"acks": [1]}, "kafka.acks: expected a string, number or boolean"),
@@ -88,11 +98,38 @@ def test_secrets_never_in_redacted_form_or_repr():
     ("object_store", "s3://AKIAEXAMPLE:x9q/topsecret@bucket/prefix"),  # a '/' in the secret ends the authority
     ("object_store", "s3://AKIAEXAMPLE:x9q?topsecret@bucket/prefix"),
     ("event_sink", "kafka://user:x9q/topsecret@broker:9092/events"),
+    ("event_sink", "kafka://user:x9q/topsecret@broker:9092"),  # the tail was echoed as the topic
 ])
 def test_credentials_in_a_store_or_stream_uri_are_refused_and_not_echoed(key, uri):
     with pytest.raises(ConfigError, match=key) as e:
         load({key: uri})
     assert "topsecret" not in str(e.value) and "x9q" not in str(e.value)
+
+
+def test_null_leaves_a_key_that_may_be_unset_unset():
+    c = load({"spool_dir": None, "schema_registry_url": None, "kafka": None, "sidecar_cpus": None})
+    assert (c.spool_dir, c.schema_registry_url, c.kafka, c.sidecar_cpus) == (None, None, {}, None)
+
+
+def test_registry_numbers_from_env_are_numbers_its_client_takes():
+    """``VLLM_MM_EVENTS_SCHEMA_REGISTRY__TIMEOUT=5`` (as the README shows) arrives as text; Confluent's client
+    refused it at every registration (a TypeError, retried for good: no event was ever published)."""
+    from schemas.codec import registry_client
+
+    env = {"VLLM_MM_EVENTS_SCHEMA_REGISTRY__TIMEOUT": "5", "VLLM_MM_EVENTS_SCHEMA_REGISTRY__MAX_RETRIES": "2",
+           "VLLM_MM_EVENTS_SCHEMA_REGISTRY__CACHE_CAPACITY": "500"}
+    c = load({"schema_registry_url": "http://registry:8081"}, env)
+    assert c.schema_registry == {"timeout": 5.0, "max.retries": 2, "cache.capacity": 500}
+    client = registry_client(c.schema_registry_url, c.schema_registry)  # builds; no request is made
+    assert client._rest_client.timeout == 5.0 and client._rest_client.max_retries == 2
+
+
+def test_credentials_in_the_s3_endpoint_are_refused_and_not_echoed():
+    """They were accepted: sent as the endpoint's host, and handed to every API client in ec_transfer_params."""
+    for url in ("http://AKIAEXAMPLE:topsecret@minio:9000", "http://AKIAEXAMPLE:x9q/topsecret@minio:9000"):
+        with pytest.raises(ConfigError, match="s3_endpoint_url: no credentials") as e:
+            load({"s3_endpoint_url": url})
+        assert "topsecret" not in str(e.value) and "x9q" not in str(e.value)
 
 
 def test_secret_in_bad_url_not_echoed():

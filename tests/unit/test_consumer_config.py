@@ -97,6 +97,13 @@ def test_sinks_from_env_are_comma_separated():
      "pooling: expected one of mean, first, max, none; got 'avg'"),
     ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "batch_max_records": "many"},
      "batch_max_records: expected a int >= 1"),
+    # a poll past /healthz's 120 s turned an idle consumer unhealthy, and held a SIGTERM
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "poll_timeout_s": 1e300},
+     "poll_timeout_s: expected a float from 0.01 to 30.0"),
+    # a password holding '/' ends the authority early: its head was echoed as a bad port
+    ({"source": "kafka://k:9092/t", "sinks": ["pgvector://alice:hunter2/w0rd@pg:5432/db/tab"]},
+     "sinks[0]: the port in 'pgvector://***@pg:5432/db/tab' is not a number"),
+    ({"source": "kafka://k:9092/t", "sinks": ["qdrant://k:hunter2/x@q:6333/c"]}, "sinks[0]: the port in"),
     ({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], "metrics_port": 70000},
      "metrics_port: expected a TCP port 0-65535"),
 ])
@@ -105,6 +112,20 @@ def test_errors_name_the_field_and_the_expectation(flags, needle):
         load(flags)
     assert needle in str(e.value)
     assert "hunter2" not in str(e.value)
+
+
+@pytest.mark.parametrize("key,needle", [
+    ("batch_max_records", "batch_max_records: expected a int >= 1, got null"),
+    ("max_object_bytes", "max_object_bytes: expected a int >= 1, got null"),
+    ("poll_timeout_s", "poll_timeout_s: expected a float from 0.01 to 30.0, got null"),
+])
+def test_null_in_a_file_is_checked_like_any_value(tmp_path, key, needle):
+    """It passed unchecked: the consumer started, then crashed in its loop with a TypeError."""
+    f = tmp_path / "c.json"
+    f.write_text(json.dumps({"source": "kafka://k:9092/t", "sinks": ["qdrant://q:6333/c"], key: None}))
+    with pytest.raises(ConfigError) as e:
+        load(config_file=str(f))
+    assert needle in str(e.value)
 
 
 def test_unknown_file_key_is_named(tmp_path):
