@@ -204,6 +204,11 @@ class ConsumerConfig(Settings):
     def __post_init__(self) -> None:
         if self.group is None and self.sinks:
             object.__setattr__(self, "group", default_group(self.sinks))
+        if (self.source or "").startswith("file:") and self.group and not self.checkpoint \
+                and not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", self.group):
+            # The file source keeps the group's position in <log>.<group>.checkpoint, next to the log.
+            raise ConfigError(f"group: {self.group!r} names the file source's checkpoint file, so it may only hold "
+                              "letters, digits, '.', '_' and '-' (or set checkpoint)")
 
     @classmethod
     def load(cls, flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,

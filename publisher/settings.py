@@ -138,9 +138,11 @@ def merge_layers(layers: list[Mapping[str, Any]]) -> dict[str, Any]:
     raw: dict[str, Any] = {}
     for layer in layers:
         for key, value in layer.items():
+            if not isinstance(key, str):  # a YAML file's `1: x`
+                raise ConfigError(f"{key!r}: keys are names, not {type(key).__name__}s")
             if key.endswith("__settings"):
                 key = key[: -len("__settings")]
-                raw[key] = {**as_dict(raw.get(key) or {}, key), **value}
+                raw[key] = {**as_dict(raw.get(key) or {}, key), **as_dict(value, key)}
             elif key in DICT_KEYS and key in raw:
                 raw[key] = {**as_dict(raw[key], key), **as_dict(value, key)}
             else:

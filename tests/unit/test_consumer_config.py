@@ -149,3 +149,23 @@ def test_kafka_auto_commit_is_refused_naming_the_setting(value):
 
     with pytest.raises(ValueError, match="kafka.enable.auto.commit: the consumer commits after its sinks"):
         KafkaSource("kafka://127.0.0.1:9/t", "g", {"enable.auto.commit": value})
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("1: x\n", "1: keys are names, not ints"),  # an AttributeError before
+    ("object_store__settings: [1]\n", "object_store: expected a mapping of settings"),  # a TypeError before
+])
+def test_a_malformed_file_is_a_config_error_naming_what(tmp_path, text, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        load(config_file=str(f))
+
+
+def test_a_group_that_cannot_name_the_file_sources_checkpoint_is_refused(tmp_path):
+    """``--group a/b`` with a file source raised a ValueError from pathlib when the source opened."""
+    flags = {"source": (tmp_path / "events.avro").as_uri(), "sinks": ["qdrant://q:6333/c"], "group": "a/b"}
+    with pytest.raises(ConfigError, match="group: 'a/b' names the file source's checkpoint"):
+        load(flags)
+    assert load(dict(flags, checkpoint=str(tmp_path / "pos.json"))).group == "a/b"  # its own checkpoint: fine
+    assert load(dict(flags, source="kafka://k:9092/t")).group == "a/b"  # a Kafka group id may hold '/'
