@@ -1685,6 +1685,13 @@ REJECTED = {
     "grace-too-short": ({"vllm": {"terminationGracePeriodSeconds": 40}},
                         ["vllm.terminationGracePeriodSeconds", "must be larger than"]),
     "duplicate-consumer": ({"consumers": [QDRANT, QDRANT]}, ["consumers[1].name", "used twice"]),
+    # Names past 63 characters were cut, and two cut alike were one object (helm template passed).
+    "consumer-names-cut-alike": ({"consumers": [
+        {**QDRANT, "name": "pgvector-embeddings-production-a" + "x" * 20},
+        {**QDRANT, "name": "pgvector-embeddings-production-b" + "x" * 20}]},
+        ["consumers[0].name", "more than the 63 a Kubernetes name may hold"]),
+    "fullname-too-long": ({"fullnameOverride": "embeddings-pipeline-production-eu-west-1-cluster-01"},
+                          ["release name", "-vllm-metrics", "at most 50 characters"]),
     "lancedb-two-replicas": ({"consumers": [{"name": "l", "replicas": 2, "sink": {
         "type": "lancedb", "uri": "lancedb:///data/lancedb/t"}}]}, ["consumers[0] (l)", "1 replica"]),
     "lancedb-off-volume": ({"consumers": [{"name": "l", "sink": {
@@ -1718,6 +1725,19 @@ REJECTED = {
         ["/consumers/0/extraEnv/0/value", "valueFrom.secretKeyRef"]),
     "shared-consumer-literal-env": ({"consumer": {"extraEnv": [{"name": "PGPASSWORD", "value": "p"}]}},
                                     ["/consumer/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    # The whole-JSON forms of the Kafka and registry settings (the README's way to pass SASL secrets).
+    "kafka-json-literal-env": ({"vllm": {"extraEnv": [{"name": "VLLM_MM_EVENTS_KAFKA",
+                                                       "value": '{"sasl.password":"hunter2"}'}]}},
+                               ["/vllm/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    "registry-json-literal-env": ({"consumer": {"extraEnv": [{"name": "VLLM_MM_EVENTS_SCHEMA_REGISTRY",
+                                                              "value": '{"basic.auth.user.info":"u:p"}'}]}},
+                                  ["/consumer/extraEnv/0/value", "valueFrom.secretKeyRef"]),
+    "endpoint-with-credentials-env": ({"vllm": {"extraEnv": [{"name": "AWS_ENDPOINT_URL",
+                                                              "value": "http://AKIA:SECRET@minio:9000"}]}},
+                                      ["/vllm/extraEnv/0/value", "no user:password@"]),
+    "registry-url-with-credentials-env": ({"consumer": {"extraEnv": [{"name": "VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL",
+                                                                      "value": "https://u:p/w@registry:8081"}]}},
+                                          ["/consumer/extraEnv/0/value", "no user:password@"]),
     "api-key-without-key": ({"vllm": {"apiKey": {"secretName": "s", "secretKey": ""}}}, ["/vllm/apiKey/secretKey"]),
     "qdrant-https-string": ({"consumers": [{**QDRANT, "sink": {**QDRANT["sink"], "https": "yes"}}]},
                             ["/consumers/0/sink/https", "want boolean"]),

@@ -5,14 +5,19 @@
 {{- end }}
 
 {{- define "vmme.fullname" -}}
+{{- include "vmme.fullname.uncut" . | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The prefix of the release's object names before any cut (vmme.validate keeps every name whole). */}}
+{{- define "vmme.fullname.uncut" -}}
 {{- if .Values.fullnameOverride }}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- .Values.fullnameOverride }}
 {{- else }}
 {{- $name := default .Chart.Name .Values.nameOverride }}
 {{- if contains $name .Release.Name }}
-{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- .Release.Name }}
 {{- else }}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- printf "%s-%s" .Release.Name $name }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -358,8 +363,19 @@ Keys of the entry replace the shared ones; `keda`, `dlq` and `pdb` merge one lev
 
 {{/* Cross-field checks the schema cannot express; a failure names the entry and the fix. */}}
 {{- define "vmme.validate" -}}
+{{- /* Every object name whole: a Kubernetes name holds at most 63 characters, and two names cut
+short alike (a long release name, consumers differing only past the cut) would be one object. */}}
+{{- $full := include "vmme.fullname.uncut" . }}
+{{- $longest := printf "%s-vllm-metrics" $full }}
+{{- if gt (len $longest) 63 }}
+{{- fail (printf "release name: the chart's object names start with %q, and the longest, %q, has %d characters, more than the 63 a Kubernetes name may hold; use a release name or fullnameOverride of at most 50 characters" $full $longest (len $longest)) }}
+{{- end }}
 {{- $names := list }}
 {{- range $i, $e := .Values.consumers }}
+{{- $object := printf "%s-consumer-%s" $full $e.name }}
+{{- if gt (len $object) 63 }}
+{{- fail (printf "consumers[%d].name: %q makes the object name %q, of %d characters, more than the 63 a Kubernetes name may hold (names cut short collide); use a shorter consumer name, release name or fullnameOverride" $i $e.name $object (len $object)) }}
+{{- end }}
 {{- if has $e.name $names }}
 {{- fail (printf "consumers[%d].name: %q is used twice; consumer names must be unique" $i $e.name) }}
 {{- end }}
