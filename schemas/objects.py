@@ -262,10 +262,20 @@ def read_object(data: bytes | memoryview) -> StoredTensor:
             or body_at + end > len(data):
         raise BadObject(f"tensor bytes [{begin}, {end}) do not hold shape {list(shape)} of {dtype} "
                         f"in an object of {len(data)} bytes")
-    raw = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape)
+    raw = _view(data, np_dtype, count, body_at + begin, shape, TENSOR_NAME)
     meta = header.get("__metadata__") or {}
     meta = dict(meta) if isinstance(meta, dict) else {}
     return StoredTensor(raw, dtype, meta, _read_extras(header, meta, data, body_at, end))
+
+
+def _view(data: bytes | memoryview, np_dtype: np.dtype, count: int, offset: int, shape: tuple[int, ...],
+          name: str) -> np.ndarray:
+    """The tensor's bytes as an array of its shape; BadObject where numpy cannot hold the shape (a dimension
+    past 2**63 with another of 0, more dimensions than numpy's 64): a ValueError escaped before."""
+    try:
+        return np.frombuffer(data, dtype=np_dtype, count=count, offset=offset).reshape(shape)
+    except ValueError as e:
+        raise BadObject(f"tensor {name!r}: shape {str(list(shape))[:200]} cannot be held ({e})") from None
 
 
 def _read_extras(header: dict[str, Any], meta: dict, data: bytes | memoryview, body_at: int,
@@ -302,7 +312,7 @@ def _read_extras(header: dict[str, Any], meta: dict, data: bytes | memoryview, b
             raise BadObject(f"extra tensor {name!r}: bytes [{begin}, {end}) do not hold shape {list(shape)} (at "
                             f"most {MAX_EXTRA_VALUES} values) after the embedding in an object of {len(data)} bytes")
         spans.append((begin, end, name))
-        out[name] = np.frombuffer(data, dtype=np_dtype, count=count, offset=body_at + begin).reshape(shape).copy()
+        out[name] = _view(data, np_dtype, count, body_at + begin, shape, name).copy()
     spans.sort()
     for (_, end, a), (begin, _, b) in zip(spans, spans[1:]):
         if begin < end:

@@ -42,6 +42,28 @@ def test_malformed_objects_are_refused(mangle):
         read_object(mangle(data))
 
 
+def safetensors(header: dict, body: bytes = b"") -> bytes:
+    h = json.dumps(header).encode()
+    return len(h).to_bytes(8, "little") + h + body
+
+
+@pytest.mark.parametrize("spec", [
+    {"dtype": "F32", "shape": [0, 10 ** 30], "data_offsets": [0, 0]},  # no bytes, a dimension numpy cannot hold
+    {"dtype": "F32", "shape": [1] * 70, "data_offsets": [0, 4]},  # more dimensions than numpy's 64
+])
+def test_shapes_numpy_cannot_hold_are_refused_as_bad_objects(spec):
+    """A ValueError escaped: the consumer took it for a crash, not a poison event, and stopped on it at
+    every restart."""
+    body = b"\0" * spec["data_offsets"][1]
+    with pytest.raises(BadObject, match="cannot be held"):
+        read_object(safetensors({"embedding": spec, "__metadata__": {}}, body))
+    extra = {"embedding": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]},
+             "grid": {**spec, "dtype": "I64", "data_offsets": [4, 4 + 2 * spec["data_offsets"][1]]},
+             "__metadata__": {"extra_tensors": '["grid"]'}}
+    with pytest.raises(BadObject, match="cannot be held"):
+        read_object(safetensors(extra, b"\0" * (4 + 2 * spec["data_offsets"][1])))
+
+
 GRID = {"image_grid_thw": np.array([[1, 4, 6]]), "second_per_grid_ts": np.array([0.5], np.float32),
         "mask": np.array([True, False])}
 
