@@ -56,10 +56,28 @@ class UnknownSchema(EventDecodeError):
     kind = "unknown_schema"
 
 
-def zero_width_array(schema: Any) -> str | None:
-    """The path of an array whose items take no bytes (``null``, an empty record, ``fixed`` of size 0),
-    or None. A reader of such a schema would loop over an item count the bytes never pay for
-    (2^62 items in a few bytes), so a writer schema that has one is refused before any body is read."""
+def unreadable_writer_schema(parsed: Any) -> str | None:
+    """Why a writer schema from outside (a registry entry, an event log's header) must not be read with, or
+    None. ``parsed`` is as ``fastavro.parse_schema`` returns it: every name full, every reference by it.
+
+    - An array whose items take no bytes (``null``, an empty record, ``fixed`` of size 0): a reader
+      would loop over an item count the bytes never pay for (2^62 items in a few bytes).
+    - A type that contains itself: fastavro's compiled reader recurses once per level with no limit,
+      and a value nesting it ten thousand levels deep (20 KB) overflows the C stack, a segfault no
+      handler catches (and the same record again at every restart).
+
+    Neither is in any schema this project writes; the checks run before any body is read."""
+    where = _zero_width_array(parsed)
+    if where is not None:
+        return (f"the array at {where or '(top)'} has items of no size (a reader would loop over counts no bytes "
+                "pay for)")
+    name = _recursive_type(parsed)
+    if name is not None:
+        return f"the type {name} contains itself (a value could nest it deeper than a reader's stack)"
+    return None
+
+
+def _zero_width_array(schema: Any) -> str | None:
     named: dict[str, bool] = {}
 
     def zero(s: Any) -> bool:
@@ -77,7 +95,7 @@ def zero_width_array(schema: Any) -> str | None:
             return z
         if t == "fixed":
             return s.get("size") == 0
-        return t == "null"
+        return zero(t) if isinstance(t, (str, list, dict)) else False  # {"type": "null"}, {"type": "<a name>"}
 
     def walk(s: Any, path: str) -> str | None:
         if isinstance(s, list):
@@ -97,6 +115,40 @@ def zero_width_array(schema: Any) -> str | None:
         return walk(t, path) if isinstance(t, (dict, list)) else None
 
     return walk(schema, "")
+
+
+def _recursive_type(schema: Any) -> str | None:
+    """The full name of a record that contains itself (through any path of fields), or None."""
+    defined: dict[str, Any] = {}
+    checked: set[str] = set()
+
+    def visit(s: Any, inside: frozenset[str]) -> str | None:
+        if isinstance(s, str):  # a primitive, or a reference to a named type defined before
+            if s in inside:
+                return s
+            return visit(defined[s], inside) if s in defined and s not in checked else None
+        if isinstance(s, list):
+            return next((r for b in s if (r := visit(b, inside)) is not None), None)
+        if not isinstance(s, dict):
+            return None
+        t = s.get("type")
+        if t in ("record", "error") and isinstance(s.get("name"), str):
+            name = s["name"]
+            if name in inside:
+                return name
+            defined[name] = s
+            for f in s.get("fields", []):
+                if isinstance(f, dict) and (r := visit(f.get("type"), inside | {name})) is not None:
+                    return r
+            checked.add(name)
+            return None
+        if t == "array":
+            return visit(s.get("items"), inside)
+        if t == "map":
+            return visit(s.get("values"), inside)
+        return visit(t, inside) if isinstance(t, (str, list, dict)) else None
+
+    return visit(schema, frozenset())
 
 
 def schema_fingerprint(parsed_schema: Any) -> int:
@@ -205,9 +257,8 @@ class AvroCodec:
             writer = fastavro.parse_schema(schema)
         except Exception as e:  # noqa: BLE001 - a registry entry we cannot read
             raise UnknownSchema(f"schema id {schema_id} is not a usable Avro schema: {e}") from None
-        if (where := zero_width_array(schema)) is not None:
-            raise UnknownSchema(f"schema id {schema_id}: the array at {where or '(top)'} has items of no size; "
-                                "refused (a reader would loop over counts no bytes pay for)")
+        if (why := unreadable_writer_schema(writer)) is not None:
+            raise UnknownSchema(f"schema id {schema_id}: {why}; refused")
         self._writers[schema_id] = writer
         return writer
 
