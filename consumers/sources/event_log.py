@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import os
+import stat
 import time
 import zlib
 from collections import deque
@@ -15,16 +16,10 @@ from urllib.parse import unquote, urlsplit
 import fastavro
 
 from consumers.sources.base import EventSource, SourceRecord
-from schemas.codec import zero_width_array
+from schemas.avro_container import MAGIC, read_header
+from schemas.codec import unreadable_writer_schema
 
 log = logging.getLogger("vllm_mm_events.consumer")
-
-
-_HEADER_SCHEMA = fastavro.parse_schema({
-    "type": "record", "name": "org.apache.avro.file.Header", "fields": [
-        {"name": "magic", "type": {"type": "fixed", "name": "Magic", "size": 4}},
-        {"name": "meta", "type": {"type": "map", "values": "bytes"}},
-        {"name": "sync", "type": {"type": "fixed", "name": "Sync", "size": 16}}]})
 
 
 # The largest block read (the publisher writes one block per flush, of up to max_pending_events
@@ -36,16 +31,30 @@ MAX_BLOCK_RECORDS = 100_000
 
 
 def _read_long(buf: bytes, pos: int) -> tuple[int, int] | None:
-    """Avro zig-zag varint at ``pos`` -> (value, next pos), or None if the bytes end first."""
+    """Avro zig-zag varint at ``pos`` -> (value, next pos), or None if the bytes end first. A varint
+    longer than a long's 10 bytes reads as -1 (a header no writer produces: dead-lettered), never as an
+    ever larger number (quadratic to build, and too long to print)."""
     shift = result = 0
-    while pos < len(buf):
-        b = buf[pos]
-        pos += 1
+    for at in range(pos, pos + 10):
+        if at >= len(buf):
+            return None
+        b = buf[at]
         result |= (b & 0x7F) << shift
         if not b & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
+            return (result >> 1) ^ -(result & 1), at + 1
         shift += 7
-    return None
+    return -1, pos + 10
+
+
+def _open_log(path: Path):
+    """The log for reading; ValueError unless it is a regular file (a FIFO would block the open, and a
+    read, for good)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise ValueError(f"source: {path} is not a regular file")
+    return f
 
 
 class AvroLogSource(EventSource):
@@ -65,6 +74,7 @@ class AvroLogSource(EventSource):
         self.reader_schema = fastavro.parse_schema(reader_schema)
         self.writer_schema = None
         self.sync: bytes | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the log whose header was read
         self.codec = "null"
         self.offset = 0  # next block to read
         self.skip = 0  # records of that block already handed out
@@ -77,33 +87,31 @@ class AvroLogSource(EventSource):
 
     def _open_header(self) -> bool:
         try:
-            with open(self.path, "rb") as f:
+            with _open_log(self.path) as f:
                 head = f.read(1 << 20)
+                st = os.fstat(f.fileno())
         except FileNotFoundError:
             return False
-        try:
-            hdr = fastavro.schemaless_reader(io.BytesIO(head), _HEADER_SCHEMA)
-        except Exception:  # noqa: BLE001 - a header still being written
+        hdr = read_header(head)
+        if hdr is None:  # a header still being written
             return False
-        if hdr["magic"] != b"Obj\x01":
+        if hdr.magic != MAGIC:
             raise ValueError(f"source: {self.path} is not an Avro object container file")
-        buf = io.BytesIO(head)
-        fastavro.schemaless_reader(buf, _HEADER_SCHEMA)
-        first_block = buf.tell()
-        codec = hdr["meta"].get("avro.codec", b"null")
+        first_block = hdr.end
+        codec = hdr.meta.get("avro.codec", b"null")
         if codec not in (b"null", b"deflate"):
             raise ValueError(f"source: {self.path} uses codec {codec[:40]!r}; this reader handles null and deflate")
         # The header is input like any other: its schema must parse, and must not make a reader loop.
         try:
-            schema = json.loads(hdr["meta"]["avro.schema"])
+            schema = json.loads(hdr.meta["avro.schema"])
             writer = fastavro.parse_schema(schema)
         except Exception as e:  # noqa: BLE001 - missing, not JSON, too deep, not Avro: all the same to us
             raise ValueError(f"source: {self.path} has no usable writer schema in its header "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
-        if (where := zero_width_array(schema)) is not None:
-            raise ValueError(f"source: {self.path}: the writer schema's array at {where or '(top)'} has items "
-                             "of no size; refused")
-        self.sync, self.codec, self.writer_schema = hdr["sync"], codec.decode(), writer
+        if (why := unreadable_writer_schema(writer)) is not None:
+            raise ValueError(f"source: {self.path}: its writer schema is refused: {why}")
+        self.sync, self.codec, self.writer_schema = hdr.sync, codec.decode(), writer
+        self._file = (st.st_dev, st.st_ino)  # the log followed: one replaced under the reader is noticed
         self.offset, self.skip = first_block, 0
         ck = None if self.read_only else self._read_checkpoint()
         if ck is not None:
@@ -135,10 +143,15 @@ class AvroLogSource(EventSource):
         if self.sync is None and not self._open_header():
             self.at_end = True
             return
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < self.offset:
-                raise ValueError(f"source: {self.path} shrank below the committed position; was it truncated?")
+        with _open_log(self.path) as f:
+            st = os.fstat(f.fileno())
+            size = st.st_size
+            if (st.st_dev, st.st_ino) != self._file or size < self.offset:
+                # Read on at our offset in another file, the reader would hand out nothing (or garbage) and
+                # call itself caught up. What was handed out is of the old log; a restart reads the new one
+                # from its start (its sync marker is not the checkpoint's).
+                raise ValueError(f"source: {self.path} was replaced or truncated under the reader (at byte "
+                                 f"{self.offset}); restart the consumer to read the new log from its start")
             f.seek(self.offset)
             data = f.read(min(size - self.offset, MAX_BLOCK_BYTES + 64))
         pos, produced = 0, 0
@@ -199,7 +212,7 @@ class AvroLogSource(EventSource):
             self.skip = 0
 
     def _sync_at(self, offset: int) -> bool:
-        with open(self.path, "rb") as f:
+        with _open_log(self.path) as f:
             f.seek(offset)
             return f.read(16) == self.sync
 
@@ -259,7 +272,8 @@ class AvroLogSource(EventSource):
         if self.at_end:
             return True
         try:  # everything read up to the file's end: no need for another (empty) read to say so
-            return self.sync is not None and os.stat(self.path).st_size <= self.offset
+            st = os.stat(self.path)  # a log replaced under the reader is not caught up: the next poll says so
+            return self.sync is not None and (st.st_dev, st.st_ino) == self._file and st.st_size <= self.offset
         except OSError:
             return False
 
@@ -275,7 +289,7 @@ class AvroLogSource(EventSource):
         while self._scanned and self._scanned[0][0] < self.offset:
             self._scanned_records -= self._scanned.popleft()[1]
         try:
-            with open(self.path, "rb") as f:
+            with _open_log(self.path) as f:
                 size = os.fstat(f.fileno()).st_size
                 while self._scan_at < size:
                     f.seek(self._scan_at)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import fastavro
 import pytest
 
 from consumers.sources import event_log
@@ -78,3 +81,54 @@ def test_a_block_of_more_records_than_the_cap_is_dead_lettered_not_decoded(log, 
     records = read_all(path)
     assert [r.error for r in records][0] == "block of 8 records, over the 5-record cap"
     assert [r.event["request_id"] for r in records[1:]] == ["req-8"]
+
+
+def test_an_over_long_varint_in_a_block_header_is_one_dead_letter(log):
+    """A varint past a long's 10 bytes was read on as an ever larger number: quadratic (seconds per poll,
+    at every poll) and, past 4,300 digits, a ValueError when printed in the dead letter's reason, out of
+    poll at every restart."""
+    path, append = log
+    append([0])
+    with open(path, "ab") as f:
+        f.write(b"\xff" * 3000 + b"\x02\x02" + b"garbage" + sync_of(path))
+    append([1])
+    records = read_all(path)
+    assert [r.error is not None for r in records] == [False, True, False]
+    assert "corrupt block header (count -1" in records[1].error
+
+
+def test_a_header_schema_with_a_type_containing_itself_is_refused(tmp_path):
+    """fastavro's reader recursed without a limit into a deep value of such a schema: a segfault."""
+    path = tmp_path / "events.avro"
+    node = {"type": "record", "name": "Node", "fields": [{"name": "next", "type": ["null", "Node"]}]}
+    with open(path, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(node), [])
+    with pytest.raises(ValueError, match="the type Node contains itself"):
+        AvroLogSource(path.as_uri(), "g", None, event_schema()).poll(10, 0)
+
+
+def test_a_fifo_at_the_log_path_is_refused_not_waited_on(tmp_path):
+    """A FIFO with no writer held the reader's open (and the consumer's loop) for good."""
+    path = tmp_path / "events.avro"
+    os.mkfifo(path)
+    with pytest.raises(ValueError, match="is not a regular file"):
+        AvroLogSource(path.as_uri(), "g", None, event_schema()).poll(10, 0)
+
+
+def test_a_log_replaced_under_the_reader_is_said_not_skipped(log, tmp_path):
+    """The reader read on at its offset in the new file: nothing handed out, caught up by its account (a
+    --once run ended in success), the new log never read. Now it is not caught up, and its poll says why; a
+    new reader (the restart) reads the new log from its start."""
+    path, append = log
+    append(range(6))
+    src = AvroLogSource(path.as_uri(), "g", None, event_schema())
+    first = []
+    while not src.caught_up():
+        first += src.poll(100, 0.05)
+    src.commit(first)
+    path.rename(tmp_path / "events.avro.1")  # rotated by an operator; the publisher writes a new one
+    append([10])
+    assert not src.caught_up()
+    with pytest.raises(ValueError, match="was replaced or truncated under the reader"):
+        src.poll(100, 0.05)
+    assert [r.event["request_id"] for r in read_all(path)] == ["req-10"]
