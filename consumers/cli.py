@@ -290,7 +290,7 @@ def consume(cfg, once: bool = False) -> int:
     from consumers.objects import ObjectFetcher
     from consumers.progress import Progress, use_bar
     from consumers.sinks import SinkConfigError, open_vector_sink
-    from consumers.sources import open_source
+    from consumers.sources import SourceUnreadable, open_source
     from publisher.settings import redact_url
     from schemas import event_schema
 
@@ -338,6 +338,8 @@ def consume(cfg, once: bool = False) -> int:
     except SinkConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
+    except SourceUnreadable as e:
+        return _fail("consume", str(e))
     except KafkaException as e:
         return _fail("consume", f"cannot read {redact_url(cfg.source)}: {e}: check that the broker is up, the "
                                 "topic exists (the publisher creates it with its first event) and the kafka "

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from consumers.sources.base import EventSource, SourceNotFound, SourceRecord
+from consumers.sources.base import EventSource, SourceNotFound, SourceRecord, SourceUnreadable
 
-__all__ = ["EventSource", "SourceNotFound", "SourceRecord", "open_source"]
+__all__ = ["EventSource", "SourceNotFound", "SourceRecord", "SourceUnreadable", "open_source"]
 
 
 def open_source(uri: str, group: str, *, kafka: dict, checkpoint: str | None, reader_schema: dict,

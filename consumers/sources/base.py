@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 
+class SourceUnreadable(ValueError):
+    """The source cannot be read as it is: not an event log, a writer schema refused, a log replaced under
+    the reader. The consumer stops and says why (nothing is committed past what was indexed); a restart
+    reads what is there then."""
+
+
 class SourceNotFound(Exception):
     """The source names something that is not there (a Kafka topic); the message says what and where."""
 

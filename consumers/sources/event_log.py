@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 import fastavro
 
-from consumers.sources.base import EventSource, SourceRecord
+from consumers.sources.base import EventSource, SourceRecord, SourceUnreadable
 from schemas.avro_container import MAGIC, read_header
 from schemas.codec import unreadable_writer_schema
 
@@ -47,13 +47,13 @@ def _read_long(buf: bytes, pos: int) -> tuple[int, int] | None:
 
 
 def _open_log(path: Path):
-    """The log for reading; ValueError unless it is a regular file (a FIFO would block the open, and a
+    """The log for reading; SourceUnreadable unless it is a regular file (a FIFO would block the open, and a
     read, for good)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     f = os.fdopen(fd, "rb")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         f.close()
-        raise ValueError(f"source: {path} is not a regular file")
+        raise SourceUnreadable(f"source: {path} is not a regular file")
     return f
 
 
@@ -96,20 +96,21 @@ class AvroLogSource(EventSource):
         if hdr is None:  # a header still being written
             return False
         if hdr.magic != MAGIC:
-            raise ValueError(f"source: {self.path} is not an Avro object container file")
+            raise SourceUnreadable(f"source: {self.path} is not an Avro object container file")
         first_block = hdr.end
         codec = hdr.meta.get("avro.codec", b"null")
         if codec not in (b"null", b"deflate"):
-            raise ValueError(f"source: {self.path} uses codec {codec[:40]!r}; this reader handles null and deflate")
+            raise SourceUnreadable(f"source: {self.path} uses codec {codec[:40]!r}; this reader handles null and "
+                                   "deflate")
         # The header is input like any other: its schema must parse, and must not make a reader loop.
         try:
             schema = json.loads(hdr.meta["avro.schema"])
             writer = fastavro.parse_schema(schema)
         except Exception as e:  # noqa: BLE001 - missing, not JSON, too deep, not Avro: all the same to us
-            raise ValueError(f"source: {self.path} has no usable writer schema in its header "
+            raise SourceUnreadable(f"source: {self.path} has no usable writer schema in its header "
                              f"({type(e).__name__}: {str(e)[:200]})") from None
         if (why := unreadable_writer_schema(writer)) is not None:
-            raise ValueError(f"source: {self.path}: its writer schema is refused: {why}")
+            raise SourceUnreadable(f"source: {self.path}: its writer schema is refused: {why}")
         self.sync, self.codec, self.writer_schema = hdr.sync, codec.decode(), writer
         self._file = (st.st_dev, st.st_ino)  # the log followed: one replaced under the reader is noticed
         self.offset, self.skip = first_block, 0
@@ -150,7 +151,7 @@ class AvroLogSource(EventSource):
                 # Read on at our offset in another file, the reader would hand out nothing (or garbage) and
                 # call itself caught up. What was handed out is of the old log; a restart reads the new one
                 # from its start (its sync marker is not the checkpoint's).
-                raise ValueError(f"source: {self.path} was replaced or truncated under the reader (at byte "
+                raise SourceUnreadable(f"source: {self.path} was replaced or truncated under the reader (at byte "
                                  f"{self.offset}); restart the consumer to read the new log from its start")
             f.seek(self.offset)
             data = f.read(min(size - self.offset, MAX_BLOCK_BYTES + 64))

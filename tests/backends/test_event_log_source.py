@@ -132,3 +132,15 @@ def test_a_log_replaced_under_the_reader_is_said_not_skipped(log, tmp_path):
     with pytest.raises(ValueError, match="was replaced or truncated under the reader"):
         src.poll(100, 0.05)
     assert [r.event["request_id"] for r in read_all(path)] == ["req-10"]
+
+
+def test_the_consumer_stops_on_an_unreadable_source_with_the_reason_not_a_traceback(tmp_path, capsys):
+    from consumers.cli import EXIT_FAILED, main
+
+    path = tmp_path / "events.avro"
+    os.mkfifo(path)
+    rc = main(["consume", "--source", path.as_uri(), "--sink", f"lancedb://{tmp_path}/db/t", "--once",
+               "--metrics-port", "0"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_FAILED and "consume: source:" in err and "is not a regular file" in err, err
+    assert "Traceback" not in err
