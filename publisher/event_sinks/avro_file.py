@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -10,7 +11,10 @@ from typing import Any, Mapping
 import fastavro
 
 from publisher.event_sinks.base import DoneCallback, EventSink
+from schemas.avro_container import MAGIC, read_header
 from schemas.codec import AvroCodec
+
+log = logging.getLogger("vllm_mm_events.event_log")
 
 
 class AvroFileSink(EventSink):
@@ -18,7 +22,8 @@ class AvroFileSink(EventSink):
 
     Each ``flush`` writes one block and fsyncs, under an exclusive ``flock`` so several
     engines may share one log. Readers can follow the file as it grows: every block is
-    self-delimited by the file's sync marker.
+    self-delimited by the file's sync marker. A block cut short (a writer killed in the middle of
+    it, a full disk) is cut off before the next one is written (``_cut_torn_tail``).
     """
 
     def __init__(self, path: str | os.PathLike, codec: AvroCodec, fsync: bool = True):
@@ -27,6 +32,7 @@ class AvroFileSink(EventSink):
         self.codec = codec
         self.fsync = fsync
         self._pending: list[tuple[Mapping[str, Any], DoneCallback]] = []
+        self._whole_at = -1  # the log's size when it last ended in a whole block (this process's view)
 
     def publish(self, event, on_done):
         self._pending.append((event, on_done))
@@ -44,14 +50,57 @@ class AvroFileSink(EventSink):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
             with os.fdopen(fd, "a+b") as fo:
                 fcntl.flock(fo, fcntl.LOCK_EX)
+                self._cut_torn_tail(fo.fileno())
+                fo.seek(0, os.SEEK_END)  # where fastavro looks to tell a new log from one to append to
                 # fastavro appends to a non-empty 'a+b' file: it reads the existing header
                 # (schema, sync marker) and writes one new block.
                 fastavro.writer(fo, self.codec.parsed, [e for e, _ in batch], codec="null")
                 fo.flush()
                 if self.fsync:
                     os.fsync(fo.fileno())
+                self._whole_at = os.fstat(fo.fileno()).st_size
         except Exception as e:  # noqa: BLE001 - reported through every callback
             err = e
         for _, cb in batch:
             cb(err)
         return 0
+
+    def _cut_torn_tail(self, fd: int) -> None:
+        """Cut the log back to its last whole block, under the lock, before appending.
+
+        Readers find a block's end by the sync marker after it: a torn block followed by the next
+        flush's block would be read as one corrupt block, and the events of both lost. The torn
+        block's events were never acknowledged (its fsync never returned), so they are still in the
+        outbox and published again. A header cut short holds no events: the log starts again."""
+        size = os.fstat(fd).st_size
+        if size == 0 or size == self._whole_at:
+            return
+        head = os.pread(fd, 1 << 20, 0)
+        header = read_header(head)
+        if header is None or header.magic != MAGIC:
+            if head.startswith(MAGIC) and header is None and len(head) < 1 << 20:
+                log.warning("mm-events: %s: its header was cut short (%d bytes); the log starts again", self.path,
+                            size)
+                os.ftruncate(fd, 0)
+            return  # another kind of file: fastavro's error says so, to every callback
+        if os.pread(fd, 16, size - 16) == header.sync:  # the header ends with the marker too
+            self._whole_at = size
+            return
+        whole = self._last_sync_end(fd, header.sync, header.end, size)
+        log.warning("mm-events: %s ended in a block cut short (%d bytes after the last whole one, at byte %d); cut "
+                    "off: its events are published again from the outbox", self.path, size - whole, whole)
+        os.ftruncate(fd, whole)
+        self._whole_at = whole
+
+    @staticmethod
+    def _last_sync_end(fd: int, sync: bytes, first_block: int, size: int) -> int:
+        """The offset just past the last sync marker in the file (at least the header's end)."""
+        chunk, end = 1 << 20, size
+        while end > first_block:
+            start = max(first_block, end - chunk)
+            data = os.pread(fd, end - start + 15, start)  # 15 bytes of overlap: a marker across chunks
+            at = data.rfind(sync)
+            if at >= 0:
+                return start + at + 16
+            end = start
+        return first_block

@@ -144,3 +144,45 @@ def test_the_consumer_stops_on_an_unreadable_source_with_the_reason_not_a_traceb
     err = capsys.readouterr().err
     assert rc == EXIT_FAILED and "consume: source:" in err and "is not a regular file" in err, err
     assert "Traceback" not in err
+
+
+def test_a_block_cut_short_is_cut_off_before_the_next_one(tmp_path, caplog):
+    """A publisher killed in the middle of a block (or a full disk) left it torn; the next flush appended after
+    it, and readers, finding a block's end by the sync marker, read both as one corrupt block: the next
+    flush's events, acknowledged as delivered, were lost. Now the torn block is cut off first; its events
+    (never acknowledged) come again from the outbox."""
+    path, store = tmp_path / "events.avro", LocalDirStore(tmp_path / "objects")
+
+    def flush(sink, ids) -> list:
+        errors = []
+        for i in ids:
+            sink.publish(synth.make_event(store, "p", f"req-{i}", [synth.features(i)])[0], errors.append)
+        sink.flush(5)
+        return errors
+
+    assert flush(AvroFileSink(path, AvroCodec()), [0, 1]) == [None, None]
+    before = path.stat().st_size
+    flush(AvroFileSink(path, AvroCodec()), [2, 3])
+    os.truncate(path, before + (path.stat().st_size - before) // 2)  # killed in the middle of the block
+    restarted = AvroFileSink(path, AvroCodec())
+    assert flush(restarted, [2, 3]) == [None, None]  # replayed from the outbox
+    assert flush(restarted, [4]) == [None]
+    records = read_all(path)
+    assert [r.error for r in records if r.error] == []
+    assert [r.event["request_id"] for r in records] == ["req-0", "req-1", "req-2", "req-3", "req-4"]
+    assert "ended in a block cut short" in caplog.text
+
+
+def test_a_header_cut_short_starts_the_log_again(tmp_path):
+    """Every later flush failed ("cannot read header"), for good: nothing was published again."""
+    path, store = tmp_path / "events.avro", LocalDirStore(tmp_path / "objects")
+    sink = AvroFileSink(tmp_path / "whole.avro", AvroCodec())
+    sink.publish(synth.make_event(store, "p", "req-0", [synth.features(0)])[0], lambda err: None)
+    sink.flush(5)
+    path.write_bytes((tmp_path / "whole.avro").read_bytes()[:40])  # killed while writing the header
+    errors: list = []
+    sink = AvroFileSink(path, AvroCodec())
+    sink.publish(synth.make_event(store, "p", "req-1", [synth.features(1)])[0], errors.append)
+    sink.flush(5)
+    assert errors == [None]
+    assert [r.event["request_id"] for r in read_all(path)] == ["req-1"]
