@@ -44,9 +44,14 @@ def decode_embedding(data: bytes, extras: dict | None = None):
     return tensor, stored.metadata
 
 
+MAX_ITEMS = 1024  # media items one response may name: far past any prompt's (vLLM's limit_mm_per_prompt)
+MAX_TOTAL_BYTES = 4 << 30  # of objects read for one response
+
+
 def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str | None = None,
                        allowed_endpoints: Iterable[str] = (), local_dirs: Iterable[str] | None = None,
-                       max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES, with_extras: bool = False) -> list:
+                       max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES,
+                       with_extras: bool = False) -> list:
     """``RequestOutput`` or its ``ec_transfer_params`` dict -> list of CPU tensors.
 
     ``with_extras=True`` gives ``(tensor, extras)`` pairs instead, ``extras`` mapping each extra
@@ -59,14 +64,22 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
     S3 requests (signed with the caller's credentials) go to ``endpoint_url`` (else the
     standard ``AWS_ENDPOINT_URL``); an ``s3_endpoint_url`` in the params is used only if it is
     one of ``allowed_endpoints``. ``file://`` objects are read only under ``local_dirs``
-    (default: the publisher's default object directory); reads are capped at ``max_object_bytes``.
+    (default: the publisher's default object directory); reads are capped at ``max_object_bytes``
+    each and ``max_total_bytes`` in all (an object named twice, as an image given twice is, is read
+    once and counted each time), and the params may name at most ``MAX_ITEMS`` items.
     """
     params = output if isinstance(output, Mapping) or output is None else getattr(output, "ec_transfer_params", None)
     if not params:
         return []
     if params.get("error"):
         raise ValueError(f"the request was refused: {params['error']}")
-    refs = sorted(params.get("mm_embeddings") or [], key=lambda r: r["item_index"])
+    refs = params.get("mm_embeddings") or []
+    if not isinstance(refs, list) or len(refs) > MAX_ITEMS or not all(
+            isinstance(r, Mapping) and type(r.get("item_index")) is int and isinstance(r.get("mm_hash"), str)
+            and isinstance(r.get("uri", ""), str) for r in refs):
+        raise ValueError(f"mm_embeddings: expected a list of at most {MAX_ITEMS} items, each with an int "
+                         "item_index, a string mm_hash and uri")
+    refs = sorted(refs, key=lambda r: r["item_index"])
     if any("uri" not in r for r in refs):
         raise ValueError("these params name no object locations (the server runs with return_params=ids); "
                          "read the embeddings from the event instead")
@@ -79,12 +92,18 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
         endpoint = offered
     dirs = [default_objects_uri()] if local_dirs is None else [Path(d).resolve().as_uri() for d in local_dirs]
     deadline = time.monotonic() + timeout
-    tensors = []
+    tensors, read, total = [], {}, 0
     with ObjectReader(dirs, endpoint, max_bytes=max_object_bytes, any_bucket=True) as reader:
         for ref in refs:
             uri = ref["uri"]
+            if uri not in read:
+                read[uri] = _get_when_ready(reader, uri, deadline, timeout)
+            total += len(read[uri])
+            if total > max_total_bytes:
+                raise ValueError(f"the params name {len(refs)} items of more than max_total_bytes={max_total_bytes} "
+                                 "in all; pass a larger max_total_bytes if that is expected")
             extras: dict = {}
-            tensor, meta = decode_embedding(_get_when_ready(reader, uri, deadline, timeout), extras)
+            tensor, meta = decode_embedding(read[uri], extras)
             if meta.get("mm_hash", ref["mm_hash"]) != ref["mm_hash"]:
                 raise ValueError(f"{uri}: holds mm_hash {meta.get('mm_hash')!r}, expected {ref['mm_hash']!r}")
             tensors.append((tensor, extras) if with_extras else tensor)

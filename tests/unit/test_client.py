@@ -81,3 +81,34 @@ def test_reads_are_capped(tmp_path):
     put(store, "aa", torch.randn(64, 64))
     with pytest.raises(ObjectTooLarge):
         load_mm_embeddings(params_for(store, ["aa"]), local_dirs=[tmp_path], max_object_bytes=1000)
+
+
+def test_an_object_named_many_times_is_read_once_and_the_total_is_capped(tmp_path, monkeypatch):
+    """Each object was capped, not the response: 40 names of one 16 MiB object held 640 MiB (a response
+    naming it 1,000 times asked for 16 GiB). An image given twice is one object read once, counted twice."""
+    from publisher.stores.reader import ObjectReader
+
+    store = LocalDirStore(tmp_path, fsync=False)
+    t = torch.randn(64, 64)
+    put(store, "aa", t)
+    size = (tmp_path / "m" / "aa.safetensors").stat().st_size
+    gets = []
+    real_get = ObjectReader.get
+    monkeypatch.setattr(ObjectReader, "get", lambda self, uri: gets.append(uri) or real_get(self, uri))
+    got = load_mm_embeddings(params_for(store, ["aa", "aa", "aa"]), local_dirs=[tmp_path],
+                             max_total_bytes=3 * size)
+    assert len(got) == 3 and all(torch.equal(x, t) for x in got) and len(gets) == 1
+    with pytest.raises(ValueError, match="more than max_total_bytes"):
+        load_mm_embeddings(params_for(store, ["aa"] * 4), local_dirs=[tmp_path], max_total_bytes=3 * size)
+
+
+@pytest.mark.parametrize("refs", [
+    [{"uri": "file:///x", "mm_hash": "h"}],  # no item_index: a KeyError before
+    [{"uri": "file:///x", "mm_hash": "h", "item_index": "0"}],
+    ["file:///x"],
+    {"uri": "file:///x"},
+    [{"uri": "file:///x", "mm_hash": "h", "item_index": i} for i in range(2000)],
+])
+def test_malformed_params_are_a_value_error_naming_the_field(refs):
+    with pytest.raises(ValueError, match="mm_embeddings: expected a list"):
+        load_mm_embeddings({"mm_embeddings": refs})
