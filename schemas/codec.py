@@ -202,6 +202,10 @@ class AvroCodec:
         self._encode_body = compile_encoder(self.schema_dict)
         self._writers: dict[int, Any] = {}  # Confluent schema id -> parsed writer schema
 
+    def is_older_writer(self, fingerprint: int) -> bool:
+        """Whether ``fingerprint`` is of a schema this codec reads but does not write (an earlier release)."""
+        return fingerprint != self.fingerprint and fingerprint in self._by_fingerprint
+
     def use_registry(self, client, subject: str) -> None:
         """Register the schema under ``subject``; from now on values use the Confluent framing."""
         from confluent_kafka.schema_registry import Schema

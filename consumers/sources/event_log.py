@@ -64,6 +64,10 @@ class AvroLogSource(EventSource):
     (written atomically) holds the committed position and the file's sync marker, so a
     replaced log is noticed instead of being read from a wrong offset. A block that cannot
     be read is handed out once, as an error record, and skipped.
+
+    The log is read through the file it was opened as, so one rotated (renamed away, a new one
+    at its path: the publisher does so when its event schema changes) is read to its end, and
+    then the new one from its start, as ``tail -F`` follows a log.
     """
 
     def __init__(self, uri: str, group: str, checkpoint: str | None, reader_schema: dict, read_only: bool = False):
@@ -74,7 +78,10 @@ class AvroLogSource(EventSource):
         self.reader_schema = fastavro.parse_schema(reader_schema)
         self.writer_schema = None
         self.sync: bytes | None = None
-        self._file: tuple[int, int] | None = None  # (device, inode) of the log whose header was read
+        self._fd: int | None = None  # the log being read, as opened (it may have been renamed since)
+        self._file: tuple[int, int] | None = None  # its (device, inode)
+        self._generation = 0  # how many logs were followed before this one: the first field of positions
+        self._syncs: dict[int, bytes] = {}  # generation -> its log's sync marker, for commit
         self.codec = "null"
         self.offset = 0  # next block to read
         self.skip = 0  # records of that block already handed out
@@ -87,14 +94,27 @@ class AvroLogSource(EventSource):
 
     def _open_header(self) -> bool:
         try:
-            with _open_log(self.path) as f:
-                head = f.read(1 << 20)
-                st = os.fstat(f.fileno())
+            f = _open_log(self.path)
         except FileNotFoundError:
             return False
-        hdr = read_header(head)
-        if hdr is None:  # a header still being written
-            return False
+        with f:
+            head = f.read(1 << 20)
+            st = os.fstat(f.fileno())
+            hdr = read_header(head)
+            if hdr is None:  # a header still being written
+                return False
+            fd = os.dup(f.fileno())
+        try:
+            self._read_header(hdr, st)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd is not None:
+            os.close(self._fd)
+        self._fd = fd
+        return True
+
+    def _read_header(self, hdr, st: os.stat_result) -> None:
         if hdr.magic != MAGIC:
             raise SourceUnreadable(f"source: {self.path} is not an Avro object container file")
         first_block = hdr.end
@@ -112,17 +132,17 @@ class AvroLogSource(EventSource):
         if (why := unreadable_writer_schema(writer)) is not None:
             raise SourceUnreadable(f"source: {self.path}: its writer schema is refused: {why}")
         self.sync, self.codec, self.writer_schema = hdr.sync, codec.decode(), writer
-        self._file = (st.st_dev, st.st_ino)  # the log followed: one replaced under the reader is noticed
+        self._file = (st.st_dev, st.st_ino)
+        self._syncs[self._generation] = hdr.sync
         self.offset, self.skip = first_block, 0
-        ck = None if self.read_only else self._read_checkpoint()
+        ck = None if self.read_only or self._generation else self._read_checkpoint()
         if ck is not None:
             if ck.get("sync") == self.sync.hex():
                 self.offset, self.skip = int(ck["offset"]), int(ck["index"])
                 log.info("file source: resuming %s at byte %d (+%d records)", self.path, self.offset, self.skip)
             else:
-                log.warning("file source: %s was replaced (sync marker differs from the checkpoint); "
-                            "reading it from the start", self.path)
-        return True
+                log.warning("file source: %s is not the log the checkpoint is of (its sync marker differs); "
+                            "reading it from its start", self.path)
 
     def _read_checkpoint(self) -> dict | None:
         try:
@@ -144,17 +164,11 @@ class AvroLogSource(EventSource):
         if self.sync is None and not self._open_header():
             self.at_end = True
             return
-        with _open_log(self.path) as f:
-            st = os.fstat(f.fileno())
-            size = st.st_size
-            if (st.st_dev, st.st_ino) != self._file or size < self.offset:
-                # Read on at our offset in another file, the reader would hand out nothing (or garbage) and
-                # call itself caught up. What was handed out is of the old log; a restart reads the new one
-                # from its start (its sync marker is not the checkpoint's).
-                raise SourceUnreadable(f"source: {self.path} was replaced or truncated under the reader (at byte "
-                                 f"{self.offset}); restart the consumer to read the new log from its start")
-            f.seek(self.offset)
-            data = f.read(min(size - self.offset, MAX_BLOCK_BYTES + 64))
+        size = os.fstat(self._fd).st_size
+        if size < self.offset:
+            raise SourceUnreadable(f"source: {self.path} was truncated under the reader (to {size} bytes, below "
+                                   f"byte {self.offset}); restart the consumer to read it from its start")
+        data = os.pread(self._fd, min(size - self.offset, MAX_BLOCK_BYTES + 64), self.offset)
         pos, produced = 0, 0
         while produced < max_records:
             block_at = self.offset + pos
@@ -211,15 +225,40 @@ class AvroLogSource(EventSource):
         if pos:
             self.offset += pos  # read position; the committed one is in the checkpoint
             self.skip = 0
+        if self.at_end and self._rotated():
+            self._follow(size)
+
+    def _rotated(self) -> bool:
+        """Whether the path now names another file than the one being read."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False  # moved away, the new log not there yet
+        return (st.st_dev, st.st_ino) != self._file
+
+    def _follow(self, size: int) -> None:
+        """The old log is read to its end: on to the new one, from its start. A tail of the old one that
+        never became a whole block (its writer killed) is handed out once, as an error record."""
+        if self.offset < size:
+            tail = os.pread(self._fd, 4096, self.offset)
+            self._pending.append(self._error_record(tail, self.offset, size,
+                                                    "incomplete block at the end of a rotated log"))
+            self.offset = size
+        log.info("file source: %s was rotated; read to its end, now reading the new log", self.path)
+        os.close(self._fd)
+        self._fd, self.sync = None, None
+        self._generation += 1
+        self._scan_at, self._scanned_records = 0, 0  # lag() walks the new log's blocks
+        self._scanned.clear()
+        self._open_header()
+        self.at_end = not self._pending
 
     def _sync_at(self, offset: int) -> bool:
-        with _open_log(self.path) as f:
-            f.seek(offset)
-            return f.read(16) == self.sync
+        return os.pread(self._fd, 16, offset) == self.sync
 
     def _error_record(self, value: bytes, block_at: int, next_block: int, error: str) -> SourceRecord:
         """A block that cannot be read, handed out once (for the dead-letter queue) and skipped."""
-        return SourceRecord(value=bytes(value), position=(block_at, 0, next_block, 1),
+        return SourceRecord(value=bytes(value), position=(self._generation, block_at, 0, next_block, 1),
                             coords=self._coords(block_at, 0), error=error)
 
     def _decode_block(self, body: bytes, count: int, block_at: int, next_block: int) -> list[SourceRecord]:
@@ -241,7 +280,7 @@ class AvroLogSource(EventSource):
         for i, ev in enumerate(events):
             if block_at == self.offset and i < self.skip:
                 continue  # committed before a restart
-            out.append(SourceRecord(value=b"", event=ev, position=(block_at, i, next_block, count),
+            out.append(SourceRecord(value=b"", event=ev, position=(self._generation, block_at, i, next_block, count),
                                     coords=self._coords(block_at, i)))
         return out
 
@@ -253,11 +292,12 @@ class AvroLogSource(EventSource):
             raise RuntimeError(f"source: {self.path} was opened read-only; nothing is committed")
         if not records:
             return
-        block_at, i, next_block, count = max(r.position for r in records)
+        generation, block_at, i, next_block, count = max(r.position for r in records)
         offset, index = (next_block, 0) if i + 1 >= count else (block_at, i + 1)
+        sync = self._syncs[generation]  # the log the records are of (one rotated away since, perhaps)
         tmp = self.checkpoint_path.with_name(self.checkpoint_path.name + ".tmp")
         with open(tmp, "w") as f:
-            json.dump({"path": str(self.path), "offset": offset, "index": index, "sync": self.sync.hex()}, f)
+            json.dump({"path": str(self.path), "offset": offset, "index": index, "sync": sync.hex()}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.checkpoint_path)
@@ -267,14 +307,19 @@ class AvroLogSource(EventSource):
         finally:
             os.close(fd)
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
     def caught_up(self) -> bool:
         if self._pending:
             return False
         if self.at_end:
             return True
         try:  # everything read up to the file's end: no need for another (empty) read to say so
-            st = os.stat(self.path)  # a log replaced under the reader is not caught up: the next poll says so
-            return self.sync is not None and (st.st_dev, st.st_ino) == self._file and st.st_size <= self.offset
+            # a log rotated under the reader is not caught up: the new one is still to be read
+            return self.sync is not None and not self._rotated() and os.fstat(self._fd).st_size <= self.offset
         except OSError:
             return False
 
@@ -290,25 +335,22 @@ class AvroLogSource(EventSource):
         while self._scanned and self._scanned[0][0] < self.offset:
             self._scanned_records -= self._scanned.popleft()[1]
         try:
-            with _open_log(self.path) as f:
-                size = os.fstat(f.fileno()).st_size
-                while self._scan_at < size:
-                    f.seek(self._scan_at)
-                    head = f.read(20)
-                    count_at = _read_long(head, 0)
-                    len_at = count_at and _read_long(head, count_at[1])
-                    if not len_at:
-                        break
-                    count, (blen, body_at) = count_at[0], len_at
-                    end = self._scan_at + body_at + blen + 16
-                    if count < 1 or blen < 1 or count > blen or end > size:
-                        break  # still being written, or corrupt: counted once the reader is past it
-                    f.seek(end - 16)
-                    if f.read(16) != self.sync:
-                        break
-                    self._scanned.append((self._scan_at, count))
-                    self._scanned_records += count
-                    self._scan_at = end
+            size = os.fstat(self._fd).st_size
+            while self._scan_at < size:
+                head = os.pread(self._fd, 20, self._scan_at)
+                count_at = _read_long(head, 0)
+                len_at = count_at and _read_long(head, count_at[1])
+                if not len_at:
+                    break
+                count, (blen, body_at) = count_at[0], len_at
+                end = self._scan_at + body_at + blen + 16
+                if count < 1 or blen < 1 or count > blen or end > size:
+                    break  # still being written, or corrupt: counted once the reader is past it
+                if os.pread(self._fd, 16, end - 16) != self.sync:
+                    break
+                self._scanned.append((self._scan_at, count))
+                self._scanned_records += count
+                self._scan_at = end
         except OSError:
             return None
         done = self.skip if self._scanned and self._scanned[0][0] == self.offset else 0

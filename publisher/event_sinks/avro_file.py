@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -12,7 +14,7 @@ import fastavro
 
 from publisher.event_sinks.base import DoneCallback, EventSink
 from schemas.avro_container import MAGIC, read_header
-from schemas.codec import AvroCodec
+from schemas.codec import AvroCodec, schema_fingerprint
 
 log = logging.getLogger("vllm_mm_events.event_log")
 
@@ -33,6 +35,7 @@ class AvroFileSink(EventSink):
         self.fsync = fsync
         self._pending: list[tuple[Mapping[str, Any], DoneCallback]] = []
         self._whole_at = -1  # the log's size when it last ended in a whole block (this process's view)
+        self._schema_checked: tuple[int, int] | None = None  # (device, inode) of the log found of this schema
 
     def publish(self, event, on_done):
         self._pending.append((event, on_done))
@@ -47,23 +50,69 @@ class AvroFileSink(EventSink):
         batch, self._pending = self._pending, []
         err: Exception | None = None
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-            with os.fdopen(fd, "a+b") as fo:
-                fcntl.flock(fo, fcntl.LOCK_EX)
-                self._cut_torn_tail(fo.fileno())
-                fo.seek(0, os.SEEK_END)  # where fastavro looks to tell a new log from one to append to
-                # fastavro appends to a non-empty 'a+b' file: it reads the existing header
-                # (schema, sync marker) and writes one new block.
-                fastavro.writer(fo, self.codec.parsed, [e for e, _ in batch], codec="null")
-                fo.flush()
-                if self.fsync:
-                    os.fsync(fo.fileno())
-                self._whole_at = os.fstat(fo.fileno()).st_size
+            self._append([e for e, _ in batch])
         except Exception as e:  # noqa: BLE001 - reported through every callback
             err = e
         for _, cb in batch:
             cb(err)
         return 0
+
+    def _append(self, events: list) -> None:
+        """One block at the log's end, fsynced, under the lock; the log first cut back to a whole block,
+        and moved aside if it holds an earlier release's schema (a new one is started)."""
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+            with os.fdopen(fd, "a+b") as fo:
+                fcntl.flock(fo, fcntl.LOCK_EX)
+                st = os.fstat(fd)
+                try:
+                    at_path = os.stat(self.path)
+                except FileNotFoundError:
+                    continue  # moved aside by another engine meanwhile: open the new one
+                if (at_path.st_dev, at_path.st_ino) != (st.st_dev, st.st_ino):
+                    continue
+                self._cut_torn_tail(fd)
+                if self._schema_checked != (st.st_dev, st.st_ino):  # once per log
+                    if self._holds_an_older_schema(fd):
+                        self._move_aside()
+                        continue
+                    self._schema_checked = (st.st_dev, st.st_ino)
+                fo.seek(0, os.SEEK_END)  # where fastavro looks to tell a new log from one to append to
+                # fastavro appends to a non-empty 'a+b' file: it reads the existing header
+                # (schema, sync marker) and writes one new block.
+                fastavro.writer(fo, self.codec.parsed, events, codec="null")
+                fo.flush()
+                if self.fsync:
+                    os.fsync(fd)
+                self._whole_at = os.fstat(fd).st_size
+                return
+        raise OSError(f"{self.path} was moved away at every try")
+
+    def _holds_an_older_schema(self, fd: int) -> bool:
+        """Whether the log was started by an earlier release, with a schema that lacks fields this one
+        writes: appended to, their values would be dropped (a container file has one schema). A log of a
+        later release is appended to as it is (this release writes none of its new fields)."""
+        header = read_header(os.pread(fd, 1 << 20, 0))
+        if header is None or header.magic != MAGIC:
+            return False
+        try:
+            fp = schema_fingerprint(fastavro.parse_schema(json.loads(header.meta["avro.schema"])))
+        except Exception:  # noqa: BLE001 - not a schema of ours: fastavro's append says what is wrong
+            return False
+        return self.codec.is_older_writer(fp)
+
+    def _move_aside(self) -> None:
+        """Rename the log to ``<name>.<UTC time>``: a consumer following it reads it to its end through the
+        file it opened, then the new log at the path from its start."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for n in range(100):
+            aside = self.path.with_name(f"{self.path.name}.{stamp}" + (f".{n}" if n else ""))
+            if not aside.exists():
+                break
+        os.rename(self.path, aside)
+        self._whole_at = -1
+        log.warning("mm-events: %s was started by an earlier release (an older event schema); moved to %s and "
+                    "a new log started, so no field of this release's events is dropped", self.path, aside)
 
     def _cut_torn_tail(self, fd: int) -> None:
         """Cut the log back to its last whole block, under the lock, before appending.

@@ -8,6 +8,7 @@ import fastavro
 import pytest
 
 from consumers.sources import event_log
+from consumers.sources.base import SourceUnreadable
 from consumers.sources.event_log import AvroLogSource
 from publisher.event_sinks.avro_file import AvroFileSink
 from publisher.stores.local import LocalDirStore
@@ -115,23 +116,42 @@ def test_a_fifo_at_the_log_path_is_refused_not_waited_on(tmp_path):
         AvroLogSource(path.as_uri(), "g", None, event_schema()).poll(10, 0)
 
 
-def test_a_log_replaced_under_the_reader_is_said_not_skipped(log, tmp_path):
+def test_a_log_rotated_under_the_reader_is_read_to_its_end_then_the_new_one(log, tmp_path):
     """The reader read on at its offset in the new file: nothing handed out, caught up by its account (a
-    --once run ended in success), the new log never read. Now it is not caught up, and its poll says why; a
-    new reader (the restart) reads the new log from its start."""
+    --once run ended in success), the rest of the old log and all of the new one never read. Now it reads
+    the old one to its end through the file it opened, then the new one from its start; its checkpoint
+    follows, so a restart has nothing left."""
     path, append = log
-    append(range(6))
+    append(range(4))
     src = AvroLogSource(path.as_uri(), "g", None, event_schema())
-    first = []
-    while not src.caught_up():
-        first += src.poll(100, 0.05)
+    first = src.poll(2, 0.05)
     src.commit(first)
-    path.rename(tmp_path / "events.avro.1")  # rotated by an operator; the publisher writes a new one
-    append([10])
+    append([4, 5])
+    path.rename(tmp_path / "events.avro.1")  # rotated (the publisher does so when its schema changes)
+    append([10, 11])
     assert not src.caught_up()
-    with pytest.raises(ValueError, match="was replaced or truncated under the reader"):
+    rest = []
+    while not src.caught_up():
+        rest += src.poll(100, 0.05)
+    src.commit(rest)
+    ids = [r.event["request_id"] for r in first + rest]
+    assert ids == ["req-0", "req-1", "req-2", "req-3", "req-4", "req-5", "req-10", "req-11"], ids
+    assert [r.error for r in rest if r.error] == [] and src.lag() == 0
+    src.close()
+    again = AvroLogSource(path.as_uri(), "g", None, event_schema())  # the restart: resumes in the new log
+    assert again.poll(100, 0.2) == [] and again.caught_up()
+    append([12])
+    assert [r.event["request_id"] for r in again.poll(100, 1)] == ["req-12"]
+
+
+def test_a_log_truncated_under_the_reader_stops_it_with_the_reason(log):
+    path, append = log
+    append(range(4))
+    src = AvroLogSource(path.as_uri(), "g", None, event_schema())
+    assert len(read_all(path)) == 4 and len(src.poll(100, 0.05)) == 4
+    os.truncate(path, 100)
+    with pytest.raises(SourceUnreadable, match="was truncated under the reader"):
         src.poll(100, 0.05)
-    assert [r.event["request_id"] for r in read_all(path)] == ["req-10"]
 
 
 def test_the_consumer_stops_on_an_unreadable_source_with_the_reason_not_a_traceback(tmp_path, capsys):
@@ -186,3 +206,35 @@ def test_a_header_cut_short_starts_the_log_again(tmp_path):
     sink.flush(5)
     assert errors == [None]
     assert [r.event["request_id"] for r in read_all(path)] == ["req-1"]
+
+
+def test_a_log_of_an_earlier_release_is_moved_aside_and_no_field_is_dropped(tmp_path):
+    """A container file has one schema: appending to a log an earlier release started (v1, without
+    ``reused`` and ``extra_tensors``) wrote this release's events with that schema, their new fields
+    dropped. The log is moved aside; a consumer reading it reads it to its end, then the new log."""
+    from schemas import released_schemas
+
+    path, store = tmp_path / "events.avro", LocalDirStore(tmp_path / "objects")
+    v1 = dict(released_schemas())["v1"]
+    old = [synth.make_event(store, "p", f"req-{i}", [synth.features(i)])[0] for i in range(2)]
+    with open(path, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(v1), old)
+    src = AvroLogSource(path.as_uri(), "g", None, event_schema())
+    assert [r.event["request_id"] for r in src.poll(1, 0.05)] == ["req-0"]
+    new = synth.make_event(store, "p", "req-2", [synth.features(2)])[0]
+    new["embeddings"][0]["reused"] = True
+    errors: list = []
+    sink = AvroFileSink(path, AvroCodec())
+    sink.publish(new, errors.append)
+    sink.flush(5)
+    assert errors == [None]
+    assert len(list(tmp_path.glob("events.avro.2*"))) == 1  # the v1 log, moved aside
+    rest = []
+    while not src.caught_up():
+        rest += src.poll(100, 0.05)
+    assert [r.event["request_id"] for r in rest] == ["req-1", "req-2"]
+    assert rest[1].event["embeddings"][0]["reused"] is True  # kept: written with this release's schema
+    sink.publish(synth.make_event(store, "p", "req-3", [synth.features(3)])[0], errors.append)
+    sink.flush(5)
+    assert len(list(tmp_path.glob("events.avro.2*"))) == 1  # moved aside once
+    assert [r.event["request_id"] for r in src.poll(100, 1)] == ["req-3"]
