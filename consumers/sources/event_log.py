@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import logging
@@ -11,12 +12,13 @@ import time
 import zlib
 from collections import deque
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import fastavro
 
 from consumers.sources.base import EventSource, SourceRecord, SourceUnreadable
-from schemas.avro_container import MAGIC, read_header
+from schemas.avro_container import MAGIC, Header, read_header
 from schemas.codec import unreadable_writer_schema
 
 log = logging.getLogger("vllm_mm_events.consumer")
@@ -50,11 +52,13 @@ def _open_log(path: Path):
     """The log for reading; SourceUnreadable unless it is a regular file (a FIFO would block the open, and a
     read, for good)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    f = os.fdopen(fd, "rb")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        f.close()
-        raise SourceUnreadable(f"source: {path} is not a regular file")
-    return f
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceUnreadable(f"source: {path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class AvroLogSource(EventSource):
@@ -93,19 +97,20 @@ class AvroLogSource(EventSource):
         self._scanned_records = 0
 
     def _open_header(self) -> bool:
-        try:
-            f = _open_log(self.path)
-        except FileNotFoundError:
+        """Open the log at the path (or, where the checkpoint is of a log rotated away since, that one: it
+        is read to its end first); False while its header is still being written."""
+        opened = self._open_file(self.path)
+        if opened is None:
             return False
-        with f:
-            head = f.read(1 << 20)
-            st = os.fstat(f.fileno())
-            hdr = read_header(head)
-            if hdr is None:  # a header still being written
-                return False
-            fd = os.dup(f.fileno())
+        ck = None if self.read_only or self._generation else self._read_checkpoint()
+        if ck is not None and ck.get("sync") != opened[1].sync.hex():
+            older = self._rotated_log_of(ck.get("sync"))
+            if older is not None:
+                os.close(opened[0])
+                opened = older
+        fd, hdr, st = opened
         try:
-            self._read_header(hdr, st)
+            self._use(hdr, st, ck)
         except BaseException:
             os.close(fd)
             raise
@@ -114,10 +119,40 @@ class AvroLogSource(EventSource):
         self._fd = fd
         return True
 
-    def _read_header(self, hdr, st: os.stat_result) -> None:
+    @staticmethod
+    def _open_file(path: Path) -> tuple[int, Header, os.stat_result] | None:
+        """(fd, header, stat) of the log at ``path``; None if it is not there or its header is incomplete."""
+        try:
+            f = _open_log(path)
+        except FileNotFoundError:
+            return None
+        with f:
+            hdr = read_header(f.read(1 << 20))
+            return None if hdr is None else (os.dup(f.fileno()), hdr, os.fstat(f.fileno()))
+
+    def _rotated_log_of(self, sync_hex: Any) -> tuple[int, Header, os.stat_result] | None:
+        """The log beside the path (``<name>.<suffix>``, as the publisher renames one) whose sync marker is
+        ``sync_hex``: the checkpoint's log, rotated away while this reader was stopped."""
+        if not isinstance(sync_hex, str):
+            return None
+        for p in sorted(self.path.parent.glob(glob.escape(self.path.name) + ".*")):
+            if p.name.endswith((".checkpoint", ".tmp", ".jsonl")):
+                continue
+            try:
+                opened = self._open_file(p)
+            except (OSError, SourceUnreadable):
+                continue
+            if opened is not None and opened[1].magic == MAGIC and opened[1].sync.hex() == sync_hex:
+                log.info("file source: the checkpoint is of %s, rotated away from %s: reading it to its end first",
+                         p, self.path)
+                return opened
+            if opened is not None:
+                os.close(opened[0])
+        return None
+
+    def _use(self, hdr: Header, st: os.stat_result, ck: dict | None) -> None:
         if hdr.magic != MAGIC:
             raise SourceUnreadable(f"source: {self.path} is not an Avro object container file")
-        first_block = hdr.end
         codec = hdr.meta.get("avro.codec", b"null")
         if codec not in (b"null", b"deflate"):
             raise SourceUnreadable(f"source: {self.path} uses codec {codec[:40]!r}; this reader handles null and "
@@ -128,21 +163,20 @@ class AvroLogSource(EventSource):
             writer = fastavro.parse_schema(schema)
         except Exception as e:  # noqa: BLE001 - missing, not JSON, too deep, not Avro: all the same to us
             raise SourceUnreadable(f"source: {self.path} has no usable writer schema in its header "
-                             f"({type(e).__name__}: {str(e)[:200]})") from None
+                                   f"({type(e).__name__}: {str(e)[:200]})") from None
         if (why := unreadable_writer_schema(writer)) is not None:
             raise SourceUnreadable(f"source: {self.path}: its writer schema is refused: {why}")
         self.sync, self.codec, self.writer_schema = hdr.sync, codec.decode(), writer
         self._file = (st.st_dev, st.st_ino)
         self._syncs[self._generation] = hdr.sync
-        self.offset, self.skip = first_block, 0
-        ck = None if self.read_only or self._generation else self._read_checkpoint()
+        self.offset, self.skip = hdr.end, 0
         if ck is not None:
             if ck.get("sync") == self.sync.hex():
                 self.offset, self.skip = int(ck["offset"]), int(ck["index"])
                 log.info("file source: resuming %s at byte %d (+%d records)", self.path, self.offset, self.skip)
             else:
-                log.warning("file source: %s is not the log the checkpoint is of (its sync marker differs); "
-                            "reading it from its start", self.path)
+                log.warning("file source: %s is not the log the checkpoint is of (its sync marker differs), nor is "
+                            "any log beside it; reading it from its start", self.path)
 
     def _read_checkpoint(self) -> dict | None:
         try:
@@ -226,6 +260,9 @@ class AvroLogSource(EventSource):
             self.offset += pos  # read position; the committed one is in the checkpoint
             self.skip = 0
         if self.at_end and self._rotated():
+            if os.fstat(self._fd).st_size > size:  # the old log grew after it was read: read on first
+                self.at_end = False
+                return
             self._follow(size)
 
     def _rotated(self) -> bool:
@@ -251,7 +288,7 @@ class AvroLogSource(EventSource):
         self._scan_at, self._scanned_records = 0, 0  # lag() walks the new log's blocks
         self._scanned.clear()
         self._open_header()
-        self.at_end = not self._pending
+        self.at_end = False  # the new log is yet to be read (caught_up asks it)
 
     def _sync_at(self, offset: int) -> bool:
         return os.pread(self._fd, 16, offset) == self.sync

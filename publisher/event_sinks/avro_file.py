@@ -124,10 +124,13 @@ class AvroFileSink(EventSink):
         size = os.fstat(fd).st_size
         if size == 0 or size == self._whole_at:
             return
-        head = os.pread(fd, 1 << 20, 0)
+        head = os.pread(fd, 64 << 10, 0)  # a header of this project's schema: ~5 KB
         header = read_header(head)
+        if header is None and len(head) == 64 << 10:
+            head = os.pread(fd, 1 << 20, 0)
+            header = read_header(head)
         if header is None or header.magic != MAGIC:
-            if head.startswith(MAGIC) and header is None and len(head) < 1 << 20:
+            if header is None and head[:4] == MAGIC[:len(head[:4])] and len(head) < 1 << 20:
                 log.warning("mm-events: %s: its header was cut short (%d bytes); the log starts again", self.path,
                             size)
                 os.ftruncate(fd, 0)

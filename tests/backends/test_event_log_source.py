@@ -193,13 +193,14 @@ def test_a_block_cut_short_is_cut_off_before_the_next_one(tmp_path, caplog):
     assert "ended in a block cut short" in caplog.text
 
 
-def test_a_header_cut_short_starts_the_log_again(tmp_path):
+@pytest.mark.parametrize("cut", [3, 40])
+def test_a_header_cut_short_starts_the_log_again(tmp_path, cut):
     """Every later flush failed ("cannot read header"), for good: nothing was published again."""
     path, store = tmp_path / "events.avro", LocalDirStore(tmp_path / "objects")
     sink = AvroFileSink(tmp_path / "whole.avro", AvroCodec())
     sink.publish(synth.make_event(store, "p", "req-0", [synth.features(0)])[0], lambda err: None)
     sink.flush(5)
-    path.write_bytes((tmp_path / "whole.avro").read_bytes()[:40])  # killed while writing the header
+    path.write_bytes((tmp_path / "whole.avro").read_bytes()[:cut])  # killed while writing the header
     errors: list = []
     sink = AvroFileSink(path, AvroCodec())
     sink.publish(synth.make_event(store, "p", "req-1", [synth.features(1)])[0], errors.append)
@@ -238,3 +239,26 @@ def test_a_log_of_an_earlier_release_is_moved_aside_and_no_field_is_dropped(tmp_
     sink.flush(5)
     assert len(list(tmp_path.glob("events.avro.2*"))) == 1  # moved aside once
     assert [r.event["request_id"] for r in src.poll(100, 1)] == ["req-3"]
+
+
+def test_a_reader_stopped_across_a_rotation_finishes_the_old_log_then_reads_the_new_one(tmp_path):
+    """Its checkpoint is of the log moved aside while it was stopped (an upgrade: the new publisher moves a
+    log of the earlier release aside at its first flush). It read the new log from its start and the rest of
+    the old one never; now it finds the old one beside the path by its sync marker and finishes it first."""
+    from schemas import released_schemas
+
+    path, store = tmp_path / "events.avro", LocalDirStore(tmp_path / "objects")
+    v1 = dict(released_schemas())["v1"]
+    with open(path, "wb") as f:
+        fastavro.writer(f, fastavro.parse_schema(v1),
+                        [synth.make_event(store, "p", f"req-{i}", [synth.features(i)])[0] for i in range(4)])
+    with AvroLogSource(path.as_uri(), "g", None, event_schema()) as src:
+        src.commit(src.poll(2, 0.05))  # req-0, req-1; then the consumer stops
+    sink = AvroFileSink(path, AvroCodec())  # the upgraded publisher
+    sink.publish(synth.make_event(store, "p", "req-10", [synth.features(10)])[0], lambda err: None)
+    sink.flush(5)
+    with AvroLogSource(path.as_uri(), "g", None, event_schema()) as src:
+        got = []
+        while not src.caught_up():
+            got += src.poll(100, 0.05)
+        assert [r.event["request_id"] for r in got] == ["req-2", "req-3", "req-10"]

@@ -36,6 +36,7 @@ from consumers import config as consumer_config
 from consumers import errors as consumer_errors
 from consumers.decoder import EventDecoder
 from consumers.sources import event_log
+from consumers.sources.base import SourceUnreadable
 from publisher import config as publisher_config
 from publisher.settings import ConfigError
 from schemas import codec as codec_mod
@@ -279,8 +280,11 @@ def follow_log(target: str, content: bytes, data: bytes, allowed: Callable[[Base
     path.write_bytes(content)
     checkpoint.unlink(missing_ok=True)
 
-    def follow() -> list:
-        source = event_log.AvroLogSource(path.as_uri(), "fuzz", str(checkpoint), _READER_SCHEMA)
+    def follow(commit: bool = False) -> list:
+        with event_log.AvroLogSource(path.as_uri(), "fuzz", str(checkpoint), _READER_SCHEMA) as source:
+            return read(source, commit)
+
+    def read(source, commit: bool) -> list:
         handed_out: list = []
         polls = 0
         with _bounded_block_scan(4 * len(content) + 64):
@@ -293,17 +297,18 @@ def follow_log(target: str, content: bytes, data: bytes, allowed: Callable[[Base
                                       f"a record with neither an event nor an error: {r.coords}", data)
                 handed_out += records
                 if source.caught_up():
-                    return source, handed_out
+                    if commit and handed_out:
+                        source.commit(handed_out)
+                    return handed_out
                 if len(handed_out) > len(content) or polls > len(content) + 8:
                     raise Finding(target, "Stall", "consumers/sources/event_log.py:AvroLogSource.poll",
                                   f"not caught up after {polls} polls and {len(handed_out)} records from a "
                                   f"{len(content)}-byte log that does not grow", data)
 
     def run() -> None:
-        source, records = follow()
+        records = follow(commit=resume)
         if resume and records:
-            source.commit(records)
-            _, again = follow()
+            again = follow()
             if again:
                 raise Finding(target, "Redelivered", "consumers/sources/event_log.py:AvroLogSource.commit",
                               f"{len(again)} of {len(records)} records handed out again after all were committed "
@@ -326,11 +331,11 @@ def event_log_blocks(data: bytes) -> None:
 
 
 def _source_error(e: BaseException) -> bool:
-    return type(e) is ValueError and str(e).startswith("source:")
+    return type(e) is SourceUnreadable and str(e).startswith("source:")
 
 
 def event_log_file(data: bytes) -> None:
-    """The whole file fuzzed, header included: ``ValueError('source: ...')`` is allowed, nothing else."""
+    """The whole file fuzzed, header included: ``SourceUnreadable('source: ...')`` is allowed, nothing else."""
     follow_log("event_log_file", data, data, _source_error)
 
 
