@@ -168,15 +168,19 @@ class EventDispatcher:
             try:
                 infos = self.store.head_many(unknown)
             except Exception as e:  # noqa: BLE001 - retried on the next pass
+                # A verdict due for its re-check stands meanwhile: an outage is no news of a deletion.
                 self.stats.inc("store_errors")
                 log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
                 infos = []
             for key, info in zip(unknown, infos):
+                self._foreign.pop(key, None)
                 if info is None:
+                    self._durable.pop(key, None)  # not there (any more)
                     continue
                 try:
                     self._remember_durable(key, info)
                 except (KeyError, ValueError, TypeError, AttributeError) as e:
+                    self._durable.pop(key, None)
                     # A bucket writer's object, or one whose metadata a gateway dropped: never durable (its
                     # requests wait for their deadline and list it missing), never a crash (the spooled request
                     # would replay it on every start). Remembered, so it is checked and reported once.
@@ -199,21 +203,18 @@ class EventDispatcher:
                 heapq.heappush(self._waiting, p)
 
     def _is_durable(self, key: str, now: float) -> bool:
+        """Seen durable within ``recheck_s`` (after it, checked again: a lifecycle rule or an operator may
+        have deleted it; the verdict stands until a check answers)."""
         seen = self._durable.get(key)
-        if seen is None:
-            return False
-        if now - seen[1] >= self._recheck_s:  # checked again: a lifecycle rule or an operator may have deleted it
-            del self._durable[key]
+        if seen is None or now - seen[1] >= self._recheck_s:
             return False
         self._durable.move_to_end(key)
         return True
 
     def _is_foreign(self, key: str, now: float) -> bool:
+        """Seen not the publisher's within ``recheck_s`` (after it, checked again: it may have been put right)."""
         seen = self._foreign.get(key)
-        if seen is not None and now - seen >= self._recheck_s:  # checked again: it may have been put right
-            del self._foreign[key]
-            return False
-        return seen is not None
+        return seen is not None and now - seen < self._recheck_s
 
     def _remember_durable(self, key: str, info) -> None:
         """Raises if the metadata is not what the publisher writes (an event naming it could not be encoded)."""

@@ -119,27 +119,52 @@ def test_an_object_with_metadata_of_another_writer_is_listed_missing_never_a_cra
     assert Outbox(tmp_path / "spool", "file:///e.avro", 1 << 20).take_replay() == []
 
 
+class StoreAway(LocalDirStore):
+    """A real local store whose checks fail while ``away`` (an object store outage, for the dispatcher)."""
+
+    away = False
+
+    def head_many(self, keys):
+        if self.away:
+            raise OSError("the store is away")
+        return super().head_many(keys)
+
+
+def age(d: EventDispatcher, seconds: float) -> None:
+    """Make every verdict of the dispatcher ``seconds`` older (instead of waiting recheck_s out)."""
+    for key, (item, seen) in list(d._durable.items()):
+        d._durable[key] = (item, seen - seconds)
+    for key, seen in list(d._foreign.items()):
+        d._foreign[key] = seen - seconds
+
+
 def test_a_key_seen_durable_is_checked_again_after_recheck_s(tmp_path):
     """An object a lifecycle rule (or an operator) deleted after the dispatcher saw it durable is named no
     longer once ``recheck_s`` passed: the next event lists it missing. One not the publisher's at first
     (a foreign writer's) is named once the publisher's object is there again. Before, both verdicts were
-    kept for the sidecar's lifetime: events named a deleted object for good, and a repaired one never."""
-    store = LocalDirStore(tmp_path / "o", fsync=False)
+    kept for the sidecar's lifetime: events named a deleted object for good, and a repaired one never.
+    A verdict due for its check stands while the store is away (an outage is no news of a deletion)."""
+    store = StoreAway(tmp_path / "o", fsync=False)
     put(store, "a")
     assert store.put_if_absent("k/f", b"not an embedding", {})
     sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
-    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=0.3, recheck_s=2)
-    d.offer(req("r1", ["a", "f"]), {"a": "k/a", "f": "k/f"})
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=0.3, recheck_s=600)
+    keys = {"a": "k/a", "f": "k/f"}
+    d.offer(req("r1", ["a", "f"]), keys)
     run_until(d, lambda: d.stats.published == 1)
     for key in ("k/a", "k/f"):  # the lifecycle rule; and the foreign object put right
         os.unlink(store._path(key))
     put(store, "f")
-    d.offer(req("r2", ["a", "f"]), {"a": "k/a", "f": "k/f"})  # within recheck_s: the verdicts stand
+    d.offer(req("r2", ["a", "f"]), keys)  # within recheck_s: the verdicts stand
     run_until(d, lambda: d.stats.published == 2)
-    time.sleep(2)
-    d.offer(req("r3", ["a", "f"]), {"a": "k/a", "f": "k/f"})
+    age(d, 600)
+    store.away = True
+    d.offer(req("r3", ["a", "f"]), keys)  # due for their checks, which fail: the verdicts still stand
     run_until(d, lambda: d.stats.published == 3)
+    store.away = False
+    d.offer(req("r4", ["a", "f"]), keys)  # checked
+    run_until(d, lambda: d.stats.published == 4)
     events = list(fastavro.reader(open(tmp_path / "e.avro", "rb")))
     named = [[x["mm_hash"] for x in e["embeddings"]] for e in events]
-    assert named == [["a"], ["a"], ["f"]], named
-    assert [e["missing_embeddings"] for e in events] == [["f"], ["f"], ["a"]]
+    assert named == [["a"], ["a"], ["a"], ["f"]], named
+    assert [e["missing_embeddings"] for e in events] == [["f"], ["f"], ["f"], ["a"]]
