@@ -84,7 +84,7 @@ def _zero_width_array(schema: Any) -> str | None:
         if isinstance(s, str):
             return s == "null" or named.get(s, False)
         if isinstance(s, list):
-            return bool(s) and all(zero(b) for b in s)
+            return False  # a union writes its branch's index: a byte at least
         if not isinstance(s, dict):
             return False
         t = s.get("type")
@@ -94,6 +94,7 @@ def _zero_width_array(schema: Any) -> str | None:
             named[s.get("name", "")] = z
             return z
         if t == "fixed":
+            named[s.get("name", "")] = s.get("size") == 0  # named again by reference, later
             return s.get("size") == 0
         return zero(t) if isinstance(t, (str, list, dict)) else False  # {"type": "null"}, {"type": "<a name>"}
 

@@ -2,6 +2,7 @@
 (tests/backends/test_schema_registry.py decodes the Confluent framing through a real registry)."""
 
 
+import fastavro
 import pytest
 
 from consumers.decoder import EventDecoder
@@ -96,3 +97,27 @@ def test_an_array_of_empty_records_named_by_full_name_is_refused(event):
     value = b"\x00\x00\x00\x00\x07" + codec.encode(event)[10:] + b"\x00" + b"\xfe" * 8 + b"\x7f" + b"\x00"
     out = decode_in_child(writer, value)
     assert "UnknownSchema" in out and "items of no size" in out, out
+
+
+@pytest.mark.parametrize("fields,refused", [
+    # a size-0 fixed named again by reference (fastavro's parsed form names every repeat so): refused
+    ([{"name": "a", "type": {"type": "fixed", "name": "Z", "size": 0}},
+      {"name": "b", "type": {"type": "array", "items": "Z"}}], True),
+    # an array of a union: every item writes its branch index, a byte at least: fine
+    ([{"name": "e", "type": {"type": "record", "name": "Empty", "fields": []}},
+      {"name": "b", "type": {"type": "array", "items": ["null", "Empty"]}}], False),
+    ([{"name": "b", "type": {"type": "array", "items": "null"}}], True),
+])
+def test_zero_width_arrays_are_found_by_reference_and_unions_are_not_taken_for_them(fields, refused):
+    from schemas.codec import unreadable_writer_schema
+
+    parsed = fastavro.parse_schema({"type": "record", "name": "T", "namespace": "n", "fields": fields})
+    assert (unreadable_writer_schema(parsed) is not None) == refused
+
+
+def test_the_projects_own_schemas_are_readable():
+    from schemas import event_schema, released_schemas
+    from schemas.codec import unreadable_writer_schema
+
+    for schema in [event_schema(), *(s for _, s in released_schemas())]:
+        assert unreadable_writer_schema(fastavro.parse_schema(schema)) is None
