@@ -92,18 +92,23 @@ def load_mm_embeddings(output: Any, timeout: float = 30.0, *, endpoint_url: str 
         endpoint = offered
     dirs = [default_objects_uri()] if local_dirs is None else [Path(d).resolve().as_uri() for d in local_dirs]
     deadline = time.monotonic() + timeout
-    tensors, read, total = [], {}, 0
+    tensors, decoded, total = [], {}, 0
     with ObjectReader(dirs, endpoint, max_bytes=max_object_bytes, any_bucket=True) as reader:
         for ref in refs:
             uri = ref["uri"]
-            if uri not in read:
-                read[uri] = _get_when_ready(reader, uri, deadline, timeout)
-            total += len(read[uri])
+            data = None if uri in decoded else _get_when_ready(reader, uri, deadline, timeout)
+            total += decoded[uri][0] if data is None else len(data)
             if total > max_total_bytes:
                 raise ValueError(f"the params name {len(refs)} items of more than max_total_bytes={max_total_bytes} "
                                  "in all; pass a larger max_total_bytes if that is expected")
-            extras: dict = {}
-            tensor, meta = decode_embedding(read[uri], extras)
+            if data is None:  # an image given twice: one object, read once, a tensor of its own each time
+                _, tensor, meta, extras = decoded[uri]
+                tensor, extras = tensor.clone(), {k: v.clone() for k, v in extras.items()}
+            else:
+                extras = {}
+                tensor, meta = decode_embedding(data, extras)
+                decoded[uri] = (len(data), tensor, meta, extras)
+                del data
             if meta.get("mm_hash", ref["mm_hash"]) != ref["mm_hash"]:
                 raise ValueError(f"{uri}: holds mm_hash {meta.get('mm_hash')!r}, expected {ref['mm_hash']!r}")
             tensors.append((tensor, extras) if with_extras else tensor)

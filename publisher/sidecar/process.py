@@ -184,7 +184,7 @@ def _worker_main(conn: Connection, init: WorkerInit, engine_pid: int) -> None:
             stopped(uploader.close(timeout), " after its engine")  # the engine died: store what we have, bounded
             return
         if isinstance(msg, ItemsCaptured):
-            totals = msg.totals
+            totals = tuple(map(max, totals, msg.totals))  # running totals; two threads send them
             for it in msg.items:
                 host = ring_view(ring, it.offset, getattr(torch, it.dtype), it.shape)
                 uploader.submit(UploadJob(it.key, host, freer(it.offset), it.mm_hash, it.modality, it.source,

@@ -1769,6 +1769,9 @@ REJECTED = {
                         ["/metrics/grafanaDashboards", "additional properties 'enable'"]),
     # The publisher's outbox and metrics port.
     "metrics-port-negative": ({"publisher": {"metricsPort": -1}}, ["/publisher/metricsPort", "minimum"]),
+    # The publisher's own ceilings (publisher/config.py), refused at template time, not at the pod's start.
+    "upload-threads-too-many": ({"publisher": {"uploadThreads": 1000}}, ["/publisher/uploadThreads", "maximum"]),
+    "shutdown-timeout-too-long": ({"publisher": {"shutdownTimeoutS": 1e9}}, ["/publisher/shutdownTimeoutS", "maximum"]),
     "metrics-port-too-large": ({"publisher": {"metricsPort": 70000}}, ["/publisher/metricsPort", "maximum"]),
     "metrics-port-string": ({"publisher": {"metricsPort": "9401"}}, ["/publisher/metricsPort", "want integer"]),
     "metrics-port-is-api-port": ({"publisher": {"metricsPort": 8000}}, ["publisher.metricsPort", "vllm.port"]),
