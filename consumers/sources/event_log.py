@@ -7,12 +7,12 @@ import io
 import json
 import logging
 import os
+import re
 import stat
 import time
 import zlib
 from collections import deque
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import fastavro
@@ -86,6 +86,8 @@ class AvroLogSource(EventSource):
         self._file: tuple[int, int] | None = None  # its (device, inode)
         self._generation = 0  # how many logs were followed before this one: the first field of positions
         self._syncs: dict[int, bytes] = {}  # generation -> its log's sync marker, for commit
+        self._started = False  # the first log opened (where the checkpoint says, or the oldest)
+        self._next: list[Path] = []  # logs rotated away from the path, to read before the path's
         self.codec = "null"
         self.offset = 0  # next block to read
         self.skip = 0  # records of that block already handed out
@@ -97,17 +99,22 @@ class AvroLogSource(EventSource):
         self._scanned_records = 0
 
     def _open_header(self) -> bool:
-        """Open the log at the path (or, where the checkpoint is of a log rotated away since, that one: it
-        is read to its end first); False while its header is still being written."""
-        opened = self._open_file(self.path)
+        """Open the next log to read; False while none is there, or its header is still being written.
+
+        First: the log the checkpoint is of (the path's, or one rotated away from it since), else the
+        oldest log rotated away from the path, else the path's. After one is read to its end: the next
+        rotated one, then the path's."""
+        if not self._started:
+            opened, ck, self._next = self._first()
+        elif self._next:
+            opened, ck = self._open_file(self._next.pop(0)), None
+            if opened is None:  # a rotated log with no whole header: nothing in it to read
+                return self._open_header()
+        else:
+            opened, ck = self._open_file(self.path), None
         if opened is None:
             return False
-        ck = None if self.read_only or self._generation else self._read_checkpoint()
-        if ck is not None and ck.get("sync") != opened[1].sync.hex():
-            older = self._rotated_log_of(ck.get("sync"))
-            if older is not None:
-                os.close(opened[0])
-                opened = older
+        self._started = True
         fd, hdr, st = opened
         try:
             self._use(hdr, st, ck)
@@ -119,8 +126,37 @@ class AvroLogSource(EventSource):
         self._fd = fd
         return True
 
-    @staticmethod
-    def _open_file(path: Path) -> tuple[int, Header, os.stat_result] | None:
+    def _first(self) -> tuple[tuple[int, Header, os.stat_result] | None, dict | None, list[Path]]:
+        """(the first log opened, the checkpoint, the rotated logs to read after it)."""
+        ck = None if self.read_only else self._read_checkpoint()
+        rotated = self._rotated_logs()
+        if ck is not None:
+            for i, p in enumerate(rotated):
+                opened = self._open_file(p)
+                if opened is not None and opened[1].sync.hex() == ck.get("sync"):
+                    log.info("file source: the checkpoint is of %s, rotated away from %s: reading it to its end "
+                             "first", p, self.path)
+                    return opened, ck, rotated[i + 1:]
+                if opened is not None:
+                    os.close(opened[0])
+            return self._open_file(self.path), ck, []
+        while rotated:  # from the beginning: the oldest log first
+            opened = self._open_file(rotated.pop(0))
+            if opened is not None:
+                return opened, None, rotated
+        return self._open_file(self.path), None, []
+
+    def _rotated_logs(self) -> list[Path]:
+        """The logs the publisher moved aside from the path (``<name>.<UTC time>[.<n>]``), oldest first."""
+        pattern = re.compile(re.escape(self.path.name) + r"\.(\d{8}T\d{6}Z)(?:\.(\d+))?")
+        found = []
+        for p in self.path.parent.glob(glob.escape(self.path.name) + ".*"):
+            m = pattern.fullmatch(p.name)
+            if m and p.is_file():
+                found.append(((m[1], int(m[2] or 0)), p))
+        return [p for _, p in sorted(found)]
+
+    def _open_file(self, path: Path) -> tuple[int, Header, os.stat_result] | None:
         """(fd, header, stat) of the log at ``path``; None if it is not there or its header is incomplete."""
         try:
             f = _open_log(path)
@@ -129,26 +165,6 @@ class AvroLogSource(EventSource):
         with f:
             hdr = read_header(f.read(1 << 20))
             return None if hdr is None else (os.dup(f.fileno()), hdr, os.fstat(f.fileno()))
-
-    def _rotated_log_of(self, sync_hex: Any) -> tuple[int, Header, os.stat_result] | None:
-        """The log beside the path (``<name>.<suffix>``, as the publisher renames one) whose sync marker is
-        ``sync_hex``: the checkpoint's log, rotated away while this reader was stopped."""
-        if not isinstance(sync_hex, str):
-            return None
-        for p in sorted(self.path.parent.glob(glob.escape(self.path.name) + ".*")):
-            if p.name.endswith((".checkpoint", ".tmp", ".jsonl")):
-                continue
-            try:
-                opened = self._open_file(p)
-            except (OSError, SourceUnreadable):
-                continue
-            if opened is not None and opened[1].magic == MAGIC and opened[1].sync.hex() == sync_hex:
-                log.info("file source: the checkpoint is of %s, rotated away from %s: reading it to its end first",
-                         p, self.path)
-                return opened
-            if opened is not None:
-                os.close(opened[0])
-        return None
 
     def _use(self, hdr: Header, st: os.stat_result, ck: dict | None) -> None:
         if hdr.magic != MAGIC:
@@ -266,7 +282,10 @@ class AvroLogSource(EventSource):
             self._follow(size)
 
     def _rotated(self) -> bool:
-        """Whether the path now names another file than the one being read."""
+        """Whether the log being read is done with: rotated away (the path names another file), or one of the
+        rotated logs read before the path's."""
+        if self._next:
+            return True
         try:
             st = os.stat(self.path)
         except FileNotFoundError:

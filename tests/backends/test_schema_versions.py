@@ -99,9 +99,11 @@ def test_one_topic_v1_current_and_next_writers(kafka, events):
 
 
 def test_one_event_log_started_by_an_older_publisher(tmp_path, events):
-    """A log keeps its first writer's schema (the Avro container header): a newer publisher appending to it
-    writes its events in that schema, so they read everywhere, and the fields the log's schema lacks are
-    dropped from them (a new field reaches readers of the log once a new log starts)."""
+    """A log keeps its first writer's schema (the Avro container header), so a publisher of a later release
+    moves a log of an earlier one aside (``events.avro.<UTC time>``) and starts a new one: none of its fields
+    is dropped. A reader from the beginning reads the moved log, then the new one. (A publisher that does not
+    know the log's schema, here the next release's built without the history, appends in the log's schema:
+    its new fields are dropped until a release that knows it moves the log aside.)"""
     log = tmp_path / "events.avro"
     v1, current = [events("v1", i) for i in range(2)], [events("current", i) for i in range(2)]
     nxt = [with_next_fields(events("next", i), i) for i in range(2)]
@@ -113,8 +115,10 @@ def test_one_event_log_started_by_an_older_publisher(tmp_path, events):
     assert warnings == [] and [e["request_id"] for e in got] == [e["request_id"] for e in v1 + current + nxt]
     got, warnings = _read(log.as_uri(), _next_decoder(), next_schema())  # the next release's consumer
     assert warnings == [] and [e["request_id"] for e in got] == [e["request_id"] for e in v1 + current + nxt]
-    assert [e["priority"] for e in got] == [None] * 6  # written in the log's schema (v1): dropped
-    assert _header_schema_fields(log) == [f["name"] for f in V1["fields"]]
+    assert [e["priority"] for e in got] == [None] * 6  # written in the log's schema (today's): dropped
+    assert _header_schema_fields(log) == [f["name"] for f in event_schema()["fields"]]
+    (moved,) = tmp_path.glob("events.avro.2*")
+    assert _header_schema_fields(moved) == [f["name"] for f in V1["fields"]]
 
 
 def test_one_event_log_started_by_a_newer_publisher(tmp_path, events):
