@@ -127,29 +127,19 @@ def test_an_item_given_up_in_an_outage_is_stored_at_its_next_encoder_run(store, 
     stores it. Before, the worker took the key for stored at capture and skipped every later run: a popular
     image stayed unstored (every event listing it missing) for the engine's lifetime."""
     import torch
-
-    from publisher.config import PublisherConfig
-    from publisher.vllm.connector import MMEmbeddingPublisher
-    from schemas.uris import StoreLocation
+    from worker_half import encoder_step, worker_half
 
     native_only(minio)
     s, bucket = store
     monkeypatch.setenv("AWS_ENDPOINT_URL", minio.endpoint)
-    worker = object.__new__(MMEmbeddingPublisher)  # the worker half as vLLM builds it, minus vLLM's config
-    worker.config = PublisherConfig.load({"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
-                                          "durability_timeout_s": 1, "max_inflight_bytes": 1 << 20},
-                                         environ={}).resolved(torch.float32)
-    worker.model, worker._keys, worker._connector_metadata = "m", {}, None
-    worker.location = StoreLocation.parse(worker.config.object_store)
-    worker._init_worker()
+    worker = worker_half({"object_store": f"s3://{bucket}/emb", "s3_endpoint_url": minio.endpoint,
+                          "durability_timeout_s": 1, "max_inflight_bytes": 1 << 20})
     mm_hash = "ab" * 32
     cache = {mm_hash: torch.randn(16, 32)}
     key = worker.key_for(mm_hash)
 
     def run_encoder() -> None:  # one step in which the encoder ran for the item
-        worker.start_save_caches(cache)
-        worker.save_caches(cache, mm_hash)
-        worker.get_finished(set())
+        encoder_step(worker, cache)
 
     try:
         minio.kill()

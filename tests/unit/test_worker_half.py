@@ -17,36 +17,23 @@ import time
 from pathlib import Path
 
 import torch
+from worker_half import encoder_step, worker_half
 
-from publisher.config import PublisherConfig
 from publisher.vllm import connector
-from publisher.vllm.connector import MMEmbeddingPublisher
-from schemas.uris import StoreLocation
 
 REPO = Path(__file__).resolve().parents[2]
 
 WORKER = textwrap.dedent("""
     import os, signal, sys
+    sys.path.insert(0, "tests/support")
     import torch
-    from publisher.config import PublisherConfig
-    from publisher.vllm.connector import MMEmbeddingPublisher
-    from schemas.uris import StoreLocation
+    from worker_half import encoder_step, worker_half
 
-    store = sys.argv[1]
-    worker = object.__new__(MMEmbeddingPublisher)  # the worker half as vLLM builds it, minus vLLM's config
-    worker.config = PublisherConfig.load({"object_store": store}, environ={}).resolved(torch.float32)
-    worker.model, worker._keys, worker._connector_metadata = "m", {}, None
-    worker.location = StoreLocation.parse(worker.config.object_store)
-    worker._init_worker()
-    for step, seeds in enumerate([(1, 2), (3,), (1,)]):  # image 1 twice: its second run is not stored again
-        cache = {f"{s:064x}": torch.full((4, 8), float(s)) for s in seeds}
-        worker.start_save_caches(cache)
-        for mm_hash in cache:
-            worker.save_caches(cache, mm_hash)
-        worker.get_finished(set())
+    worker = worker_half({"object_store": sys.argv[1]})
+    for seeds in [(1, 2), (3,), (1,)]:  # image 1 twice: its second run is not stored again
+        encoder_step(worker, {f"{s:064x}": torch.full((4, 8), float(s)) for s in seeds})
     worker.loads += 2  # as start_load_caches counts items loaded from the store (reuse_stored_embeddings)
-    worker.start_save_caches({})
-    worker.get_finished(set())
+    encoder_step(worker, {})
     print("steps done", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # before the connector's shutdown, as vLLM does past its budget
 """)
@@ -77,19 +64,13 @@ def test_an_item_encoded_again_is_stored_again_once_its_hand_over_is_old(tmp_pat
     on its way); after it, it is, so an object deleted meanwhile is back. Before, the worker skipped the
     item for its lifetime, and every later event listed the object missing."""
     store = tmp_path / "store"
-    worker = object.__new__(MMEmbeddingPublisher)
-    worker.config = PublisherConfig.load({"object_store": f"file://{store}"}, environ={}).resolved(torch.float32)
-    worker.model, worker._keys, worker._connector_metadata = "m", {}, None
-    worker.location = StoreLocation.parse(worker.config.object_store)
-    worker._init_worker()
+    worker = worker_half({"object_store": f"file://{store}"})
     mm_hash = "ab" * 32
     cache = {mm_hash: torch.randn(16, 32)}
     key = worker.key_for(mm_hash)
 
     def run_encoder() -> None:  # one step in which the encoder ran for the item
-        worker.start_save_caches(cache)
-        worker.save_caches(cache, mm_hash)
-        worker.get_finished(set())
+        encoder_step(worker, cache)
 
     def stored(within: float) -> bool:
         deadline = time.monotonic() + within
