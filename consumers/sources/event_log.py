@@ -64,7 +64,7 @@ def _open_log(path: Path):
 class AvroLogSource(EventSource):
     """Follows an Avro object-container file as the publisher appends blocks to it.
 
-    Position = (byte offset of a block, records of it already done). A checkpoint file
+    Position = (which log, byte offset of a block, records of it already done). A checkpoint file
     (written atomically) holds the committed position and the file's sync marker, so a
     replaced log is noticed instead of being read from a wrong offset. A block that cannot
     be read is handed out once, as an error record, and skipped.
