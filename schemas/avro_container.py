@@ -6,6 +6,8 @@ it (through fastavro) and the consumer's file source follows it; both read its h
 from __future__ import annotations
 
 import io
+import re
+import time
 from typing import NamedTuple
 
 import fastavro
@@ -35,3 +37,21 @@ def read_header(head: bytes) -> Header | None:
     except Exception:  # noqa: BLE001 - bytes that end before the header does
         return None
     return Header(h["magic"], h["meta"], h["sync"], buf.tell())
+
+
+# A log the publisher moved aside (it holds an earlier release's schema): ``<name>.<UTC time>[.<n>]``.
+# Readers find such logs beside the path, and their order, by this name.
+_MOVED_ASIDE = re.compile(r"\.(\d{8}T\d{6}Z)(?:\.(\d+))?")
+
+
+def moved_aside_name(name: str, n: int = 0) -> str:
+    """The name a log called ``name`` is moved aside to now (``n``: the how-many-th this second)."""
+    return f"{name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}" + (f".{n}" if n else "")
+
+
+def moved_aside_order(name: str, candidate: str) -> tuple[str, int] | None:
+    """The sort key of ``candidate`` if it is a log moved aside from ``name`` (oldest first), else None."""
+    if not candidate.startswith(name):
+        return None
+    m = _MOVED_ASIDE.fullmatch(candidate, len(name))
+    return (m[1], int(m[2] or 0)) if m else None

@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import re
 import stat
 import time
 import zlib
@@ -18,7 +17,7 @@ from urllib.parse import unquote, urlsplit
 import fastavro
 
 from consumers.sources.base import EventSource, SourceRecord, SourceUnreadable
-from schemas.avro_container import MAGIC, Header, read_header
+from schemas.avro_container import MAGIC, Header, moved_aside_order, read_header
 from schemas.codec import unreadable_writer_schema
 
 log = logging.getLogger("vllm_mm_events.consumer")
@@ -148,12 +147,11 @@ class AvroLogSource(EventSource):
 
     def _rotated_logs(self) -> list[Path]:
         """The logs the publisher moved aside from the path (``<name>.<UTC time>[.<n>]``), oldest first."""
-        pattern = re.compile(re.escape(self.path.name) + r"\.(\d{8}T\d{6}Z)(?:\.(\d+))?")
         found = []
         for p in self.path.parent.glob(glob.escape(self.path.name) + ".*"):
-            m = pattern.fullmatch(p.name)
-            if m and p.is_file():
-                found.append(((m[1], int(m[2] or 0)), p))
+            order = moved_aside_order(self.path.name, p.name)
+            if order is not None and p.is_file():
+                found.append((order, p))
         return [p for _, p in sorted(found)]
 
     def _open_file(self, path: Path) -> tuple[int, Header, os.stat_result] | None:

@@ -6,14 +6,13 @@ import fcntl
 import json
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import fastavro
 
 from publisher.event_sinks.base import DoneCallback, EventSink
-from schemas.avro_container import MAGIC, read_header
+from schemas.avro_container import MAGIC, moved_aside_name, read_header
 from schemas.codec import AvroCodec, schema_fingerprint
 
 log = logging.getLogger("vllm_mm_events.event_log")
@@ -104,9 +103,8 @@ class AvroFileSink(EventSink):
     def _move_aside(self) -> None:
         """Rename the log to ``<name>.<UTC time>``: a consumer following it reads it to its end through the
         file it opened, then the new log at the path from its start."""
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         for n in range(100):
-            aside = self.path.with_name(f"{self.path.name}.{stamp}" + (f".{n}" if n else ""))
+            aside = self.path.with_name(moved_aside_name(self.path.name, n))
             if not aside.exists():
                 break
         os.rename(self.path, aside)

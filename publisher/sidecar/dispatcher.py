@@ -26,13 +26,13 @@ from typing import Callable
 
 from publisher.event_sinks.base import EventSink, RecordRefused
 from publisher.sidecar.events import FinishedRequest, StoredItem, build_event
+from publisher.sidecar.messages import RECHECK_S
 from publisher.sidecar.metrics import PublisherMetrics, ReportCounters
 from publisher.sidecar.outbox import Outbox, SpoolError
 from publisher.stores.base import ObjectStore
 from schemas.objects import extras_from_store_metadata
 
 log = logging.getLogger("vllm_mm_events.dispatcher")
-RECHECK_S = 600.0  # how long a key seen durable (or not the publisher's) is taken as such, unchecked
 MAX_WAIT = 0.05  # longest pause between pumps while events are in flight
 # A request is checked as it arrives, in the same wake-up: its objects were captured when its
 # encoder ran, steps before it finished, and are usually stored by then. If not, the next look

@@ -14,6 +14,11 @@ from typing import Any
 
 from publisher.sidecar.events import FinishedRequest
 
+# How long a key is taken as stored without looking again, on both sides: the scheduler sidecar checks an
+# object it saw durable again after this, and the worker stores an item's output again (a lifecycle rule
+# may have deleted the object).
+RECHECK_S = 600.0
+
 # ---- engine -> sidecar -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from publisher.sidecar.messages import (
     Close,
@@ -261,19 +261,18 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
             dispatcher.spool(req, keys)
         parked.append((req, keys, spooled))
 
-    def offer_parked() -> None:
-        for req, keys, spooled in parked:
+    def offer_parked(room: Callable[[], bool] = lambda: True) -> None:
+        """Offer parked requests, in order, while there is room."""
+        while parked and room():
+            req, keys, spooled = parked.pop(0)
             dispatcher.offer(req, keys, spooled=spooled)
-        parked.clear()
 
     def full() -> bool:
         return dispatcher.in_flight >= c.max_pending_events or (outbox is not None and outbox.full())
 
     while True:
         wait = dispatcher.pump()
-        while parked and not full():
-            req, keys, spooled = parked.pop(0)
-            dispatcher.offer(req, keys, spooled=spooled)
+        offer_parked(lambda: not full())
         try:
             if full() and len(parked) >= PARKED:
                 if not pid_alive(engine_pid):

@@ -46,6 +46,7 @@ from publisher.config import PublisherConfig
 from publisher.logs import setup_logging
 from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, stringify_metadata
 from publisher.sidecar.messages import (
+    RECHECK_S,
     EventsDropped,
     ItemCaptured,
     ItemsCaptured,
@@ -152,7 +153,7 @@ def _sigterm_deferred() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-KNOWN_FOR_S = 600.0  # the worker stores an item's output again after this (the dispatcher's RECHECK_S)
+KNOWN_FOR_S = RECHECK_S  # the worker stores an item's output again after as long (a deleted object is back)
 SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
 
 OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
