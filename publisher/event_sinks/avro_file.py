@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import fastavro
 
 from publisher.event_sinks.base import DoneCallback, EventSink
-from schemas.avro_container import MAGIC, moved_aside_name, read_header
+from schemas.avro_container import MAGIC, Header, moved_aside_name, read_header
 from schemas.codec import AvroCodec, schema_fingerprint
 
 log = logging.getLogger("vllm_mm_events.event_log")
@@ -91,7 +91,7 @@ class AvroFileSink(EventSink):
         """Whether the log was started by an earlier release, with a schema that lacks fields this one
         writes: appended to, their values would be dropped (a container file has one schema). A log of a
         later release is appended to as it is (this release writes none of its new fields)."""
-        header = read_header(os.pread(fd, 1 << 20, 0))
+        _, header = self._header(fd)
         if header is None or header.magic != MAGIC:
             return False
         try:
@@ -122,11 +122,7 @@ class AvroFileSink(EventSink):
         size = os.fstat(fd).st_size
         if size == 0 or size == self._whole_at:
             return
-        head = os.pread(fd, 64 << 10, 0)  # a header of this project's schema: ~5 KB
-        header = read_header(head)
-        if header is None and len(head) == 64 << 10:
-            head = os.pread(fd, 1 << 20, 0)
-            header = read_header(head)
+        head, header = self._header(fd)
         if header is None or header.magic != MAGIC:
             if header is None and head[:4] == MAGIC[:len(head[:4])] and len(head) < 1 << 20:
                 log.warning("mm-events: %s: its header was cut short (%d bytes); the log starts again", self.path,
@@ -141,6 +137,17 @@ class AvroFileSink(EventSink):
                     "off: its events are published again from the outbox", self.path, size - whole, whole)
         os.ftruncate(fd, whole)
         self._whole_at = whole
+
+    @staticmethod
+    def _header(fd: int) -> tuple[bytes, Header | None]:
+        """The log's first bytes and its header (None if cut short): 64 KiB first, a header of this project's
+        schema being ~5 KB; up to 1 MiB for a larger one."""
+        head = os.pread(fd, 64 << 10, 0)
+        header = read_header(head)
+        if header is None and len(head) == 64 << 10:
+            head = os.pread(fd, 1 << 20, 0)
+            header = read_header(head)
+        return head, header
 
     @staticmethod
     def _last_sync_end(fd: int, sync: bytes, first_block: int, size: int) -> int:

@@ -74,7 +74,7 @@ class EventDispatcher:
         self._settled = 0
         self._waiting: list[_Pending] = []
         self._seq = 0
-        # key -> (what an event says of its object, when it was checked); both forgotten after recheck_s
+        # key -> (what an event says of its object, when it was checked); checked again after recheck_s
         self._durable: OrderedDict[str, tuple[StoredItem, float]] = OrderedDict()
         self._foreign: OrderedDict[str, float] = OrderedDict()  # keys holding objects that are not the publisher's
         self._remember = remember
