@@ -58,8 +58,8 @@ class EventDecoder:
             raise Transient("source", f"schema registry: {type(e).__name__}: {e}") from None
         try:
             return json.loads(schema.schema_str)
-        except ValueError as e:
-            raise UnknownSchema(f"schema id {schema_id} is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:  # RecursionError: nested past any schema
+            raise UnknownSchema(f"schema id {schema_id} is not JSON: {type(e).__name__}: {e}") from None
 
 
 __all__ = ["EventDecoder", "Poison", "Transient"]

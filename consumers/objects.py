@@ -9,6 +9,7 @@ verify them against the event, and type every failure as poison or transient.
 from __future__ import annotations
 
 import hashlib
+import logging
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -25,6 +26,8 @@ from publisher.stores.base import ForbiddenObject, ObjectNotFound, ObjectTooLarg
 from publisher.stores.reader import DEFAULT_MAX_OBJECT_BYTES, ObjectReader
 from schemas import objects
 
+log = logging.getLogger("vllm_mm_events.consumer")
+
 
 def verify_and_decode(item: Mapping[str, Any], data: bytes) -> np.ndarray:
     """Check the object against the event (sha256, size, dtype, shape) -> float32 (num_features, hidden)."""
@@ -36,6 +39,10 @@ def verify_and_decode(item: Mapping[str, Any], data: bytes) -> np.ndarray:
         stored = objects.read_object(data)
     except objects.BadObject as e:
         raise BadObject(f"{item['uri']}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - bytes the reader did not foresee: this event's dead letter, not a
+        # stopped consumer (an escaped error failed the whole batch, at every restart, on the same record)
+        log.error("the object reader failed on %s; dead-lettering it", item["uri"], exc_info=True)
+        raise BadObject(f"{item['uri']}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     if stored.dtype != item["dtype"]:
         raise BadObject(f"{item['uri']}: dtype {stored.dtype}, the event says {item['dtype']}")
     if list(stored.shape) != list(item["shape"]):

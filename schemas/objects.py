@@ -289,7 +289,7 @@ def _read_extras(header: dict[str, Any], meta: dict, data: bytes | memoryview, b
     if names or listed is not None:
         try:
             declared = json.loads(listed) if isinstance(listed, str) else None
-        except ValueError:
+        except (ValueError, RecursionError):  # as in _header: nested past any list the writer makes
             declared = None
         if declared != sorted(names) or not all(_EXTRA_NAME.fullmatch(n) for n in names):
             raise BadObject(f"extra tensors {[n[:64] for n in sorted(names)]} are not those __metadata__ lists "

@@ -179,7 +179,7 @@ class EventDispatcher:
                     continue
                 try:
                     self._remember_durable(key, info)
-                except (KeyError, ValueError, TypeError, AttributeError) as e:
+                except (KeyError, ValueError, TypeError, AttributeError, RecursionError) as e:
                     self._durable.pop(key, None)
                     # A bucket writer's object, or one whose metadata a gateway dropped: never durable (its
                     # requests wait for their deadline and list it missing), never a crash (the spooled request

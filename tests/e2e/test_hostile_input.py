@@ -66,6 +66,12 @@ class Scene:
         bad_header = bad_header.encode() + b" " * (-len(bad_header) % 8)
         bad = struct.pack("<Q", len(bad_header)) + bad_header + b"\0" * 16
         (self.dir / "p" / "bad.safetensors").write_bytes(bad)
+        # a well-formed embedding whose extras list, JSON inside the header's JSON, nests past any parser's depth
+        deep_header = json.dumps({"embedding": {"dtype": "F32", "shape": [1, 4], "data_offsets": [0, 16]},
+                                  "__metadata__": {"extra_tensors": "[" * 100_000}})
+        deep_header = deep_header.encode() + b" " * (-len(deep_header) % 8)
+        deep = struct.pack("<Q", len(deep_header)) + deep_header + b"\0" * 16
+        (self.dir / "p" / "deep.safetensors").write_bytes(deep)
         store_uri = self.dir.as_uri()
         cases = [
             ("forbidden_object", canary),
@@ -81,6 +87,8 @@ class Scene:
             ("permanent_error", {"uri": f"{store_uri}/p/a-fifo"}),
             ("bad_object", {"uri": f"{store_uri}/p/bad.safetensors", "size_bytes": len(bad), "shape": [1, 4],
                             "sha256": hashlib.sha256(bad).hexdigest()}),  # its header is what is wrong
+            ("bad_object", {"uri": f"{store_uri}/p/deep.safetensors", "size_bytes": len(deep), "shape": [1, 4],
+                            "sha256": hashlib.sha256(deep).hexdigest()}),
         ]
         for n, (reason, change) in enumerate(cases):
             e = synth.make_event(self.store, "p", f"bad-{n}-{reason}", [synth.features(100 + n)])[0]

@@ -96,6 +96,7 @@ def test_an_object_with_metadata_of_another_writer_is_listed_missing_never_a_cra
         "badshape": {"sha256": good.sha256, "dtype": "float32", "shape": "[4, 8"},  # not JSON
         "notints": {"sha256": good.sha256, "dtype": "float32", "shape": '"48"'},  # JSON, would not encode
         "notstr": {"sha256": 5, "dtype": "float32", "shape": "[4, 8]"},
+        "deep": {"sha256": good.sha256, "dtype": "float32", "shape": "[" * 3000},  # past JSON's recursion limit
     }
     for h, meta in planted.items():
         assert store.put_if_absent(f"k/{h}", b"not an embedding", meta)
@@ -113,7 +114,7 @@ def test_an_object_with_metadata_of_another_writer_is_listed_missing_never_a_cra
     assert [x["mm_hash"] for x in events[0]["embeddings"]] == ["good"]
     assert events[0]["missing_embeddings"] == list(planted) and events[1]["missing_embeddings"] == ["nometa"]
     assert {k: v for k, v in d.stats.as_dict().items() if v} == {
-        "accepted": 2, "published": 2, "incomplete": 2, "store_errors": 4}
+        "accepted": 2, "published": 2, "incomplete": 2, "store_errors": 5}
     assert [h for h in planted if f"object at k/{h} is not the publisher's" in caplog.text] == list(planted)
     assert d.close(1) == 0
     assert Outbox(tmp_path / "spool", "file:///e.avro", 1 << 20).take_replay() == []

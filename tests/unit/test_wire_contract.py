@@ -64,6 +64,15 @@ def test_shapes_numpy_cannot_hold_are_refused_as_bad_objects(spec):
         read_object(safetensors(extra, b"\0" * (4 + 2 * spec["data_offsets"][1])))
 
 
+def test_an_extras_list_nested_past_json_limits_is_a_bad_object():
+    """The header's own JSON was guarded against nesting; the extras list inside it, a string parsed
+    again, was not: its RecursionError escaped, and the consumer stopped on that object at every restart."""
+    obj = {"embedding": {"dtype": "F32", "shape": [1, 1], "data_offsets": [0, 4]},
+           "__metadata__": {"extra_tensors": "[" * 100_000}}
+    with pytest.raises(BadObject, match="not those __metadata__ lists"):
+        read_object(safetensors(obj, b"\0" * 4))
+
+
 GRID = {"image_grid_thw": np.array([[1, 4, 6]]), "second_per_grid_ts": np.array([0.5], np.float32),
         "mask": np.array([True, False])}
 
