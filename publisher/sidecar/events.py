@@ -57,11 +57,31 @@ class StoredItem:
 
 
 def stringify_metadata(extra_args: Mapping[str, Any] | None) -> dict[str, str]:
-    """``SamplingParams.extra_args`` -> map<string>: strings as-is, the rest JSON-encoded."""
+    """``SamplingParams.extra_args`` -> map<string>: strings as-is, the rest JSON-encoded.
+
+    Whatever vLLM accepted must come out as text (it runs on the scheduler loop, where an exception
+    stops the engine): nested maps mixing int and str keys (which cannot be sorted) keep their order,
+    and lone surrogates (which UTF-8 cannot hold) become backslash escapes. Nesting past JSON's depth
+    still raises (RecursionError): the caller refuses the request."""
     out: dict[str, str] = {}
     for k, v in (extra_args or {}).items():
-        out[str(k)] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        out[_utf8(str(k))] = _utf8(v) if isinstance(v, str) else _json(v)
     return out
+
+
+def _json(v: Any) -> str:
+    try:
+        return json.dumps(v, sort_keys=True, default=str)
+    except TypeError:  # keys of several types
+        return json.dumps(v, default=str)
+
+
+def _utf8(s: str) -> str:
+    try:
+        s.encode()
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "backslashreplace").decode()
 
 
 def producer_info(engine_version: str, storage_dtype: str) -> dict[str, str]:

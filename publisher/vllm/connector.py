@@ -36,6 +36,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
+import vllm.envs as vllm_envs
 from vllm.distributed.ec_transfer.ec_connector.base import (
     ECConnectorBase,
     ECConnectorMetadata,
@@ -159,11 +160,21 @@ SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
 OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
 
 
+# vLLM's OpenAI server puts these request fields into extra_args beside vllm_xargs: its own transfer
+# parameters (block ids growing with the prompt, peers' hosts and ports), not the caller's metadata.
+VLLM_TRANSFER_ARGS = frozenset({"kv_transfer_params", "ec_transfer_params"})
+
+
 def request_metadata(request: "Request") -> tuple[dict[str, str], int]:
     """The request's metadata as the event carries it, and its size (keys + values, UTF-8)."""
     sp = request.sampling_params
-    metadata = stringify_metadata(sp.extra_args if sp is not None else None)
+    extra = (sp.extra_args if sp is not None else None) or {}
+    metadata = stringify_metadata({k: v for k, v in extra.items() if k not in VLLM_TRANSFER_ARGS})
     return metadata, sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+def _unreadable_metadata(e: Exception) -> str:
+    return f"its metadata (vllm_xargs / extra_args) cannot be published: {type(e).__name__}: {str(e)[:200]}"
 
 
 # The processor's inputs that are the media itself (or embeddings standing in for it): never extras.
@@ -433,7 +444,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
         # request_id -> (refusal reason or None, the event's metadata): computed once per request
         self._verdicts: dict[str, tuple[str | None, dict[str, str]]] = {}
         self._refuse: set[str] = set()
-        self._randomized_ids = not os.environ.get("VLLM_DISABLE_REQUEST_ID_RANDOMIZATION")
+        self._randomized_ids = not vllm_envs.VLLM_DISABLE_REQUEST_ID_RANDOMIZATION  # as vLLM reads it ("0": off)
         self._endpoint = c.s3_endpoint_url if c.object_store.startswith("s3://") else None
 
     def _start_reuse(self):
@@ -507,8 +518,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
         """
         rid = request.request_id
         if rid not in self._verdicts:
-            metadata, size = request_metadata(request)
-            self._verdicts[rid] = (self._refusal(request, size), metadata)
+            try:
+                metadata, size = request_metadata(request)
+                self._verdicts[rid] = (self._refusal(request, size), metadata)
+            except Exception as e:  # noqa: BLE001 - nested past JSON's depth: an exception here stops the engine
+                self._verdicts[rid] = (_unreadable_metadata(e), {})
         if self._verdicts[rid][0] is None:
             # reuse_stored_embeddings: a new request waits (a few steps, at most reuse_wait_ms) while
             # its items' stored outputs are fetched and checked, so has_cache_item can answer from memory.
@@ -626,7 +640,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
         """The event's metadata for a request without a verdict. Requests with media and oversized
         metadata were refused up front; a text-only one (publish_text_only) cannot be, so its event
         says what was left out."""
-        metadata, size = request_metadata(request)
+        try:
+            metadata, size = request_metadata(request)
+        except Exception as e:  # noqa: BLE001 - as in ensure_cache_available
+            return {OVERSIZE_METADATA_KEY: _unreadable_metadata(e)}
         if size > self.config.max_metadata_bytes:
             return {OVERSIZE_METADATA_KEY: f"{size} bytes of metadata left out: over max_metadata_bytes "
                                            f"({self.config.max_metadata_bytes})"}

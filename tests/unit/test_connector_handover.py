@@ -8,8 +8,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from scheduler_half import scheduler_half
 
-from publisher.config import PublisherConfig
 from publisher.sidecar.events import FinishedRequest
 from publisher.sidecar.messages import ItemsCaptured, RequestsFinished
 from publisher.sidecar.ring import SharedRing
@@ -20,16 +20,6 @@ from publisher.vllm.connector import MMEmbeddingPublisher
 def finished(i: int) -> FinishedRequest:
     return FinishedRequest(f"req-{i}", f"req-{i}-00000000", "m", "stop", None, 3, 2, {}, (), None, None,
                            1700000000.0 + i)
-
-
-def scheduler_half(sent: list, **config) -> MMEmbeddingPublisher:
-    """The scheduler half's hand-over state, without an engine (what _init_scheduler sets up)."""
-    c = object.__new__(MMEmbeddingPublisher)
-    c.config = PublisherConfig.load(config, environ={})
-    c.sidecar = SimpleNamespace(send=lambda m: sent.append(m) or True, alive=True)
-    c._finished, c._in_step, c._sent, c.dropped_events = [], False, 0, 0
-    c._refuse, c._verdicts, c._step_items, c._reuse = set(), {}, {}, None
-    return c
 
 
 def test_requests_finished_in_a_step_go_in_one_message_at_its_end():
