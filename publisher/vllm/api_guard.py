@@ -15,16 +15,22 @@ where the request is still JSON:
     vllm serve ... --middleware publisher.vllm.api_guard.RefuseClientMediaIds
 
 Pure ASGI, no vLLM import: the body is read once, checked, and handed on unchanged (or
-rewritten) to the app.
+rewritten) to the app. A body over ``VLLM_MM_EVENTS_API_MAX_BODY_BYTES`` (64 MiB) is answered 413
+unread: passed on unchecked, it carried ids past the guard (vLLM sets no limit of its own).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Awaitable, Callable
 
 CLIENT_ID_PREFIX = "client-id:"
-MAX_BODY_BYTES = 64 << 20  # larger bodies are passed on unread; vLLM's own limits apply to them
+MAX_BODY_ENV = "VLLM_MM_EVENTS_API_MAX_BODY_BYTES"
+MAX_BODY_BYTES = 64 << 20  # base64 media included; larger bodies are refused (413), never passed on unread
+# Request fields that hold JSON schemas, not content: a property named "content" with one named "uuid"
+# inside it is the caller's data model, not a media id (refused, or rewritten by the namespacing).
+SCHEMA_FIELDS = frozenset({"response_format", "tools", "tool_choice", "structured_outputs", "guided_json", "text"})
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
@@ -34,19 +40,22 @@ def media_id_fields(body: Any) -> list[tuple[str, list | dict]]:
     """Where a request body carries media ids: [(field path, the container holding it)]."""
     found: list[tuple[str, list | dict]] = []
 
-    def walk(node: Any, path: str) -> None:
+    # Iterative: a body nested as deep as JSON parsers allow must not exhaust the guard's own stack.
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        node, path = stack.pop()
         if isinstance(node, dict):
             for k, v in node.items():
-                if k == "multi_modal_uuids" or (k == "uuid" and "content" in path):
+                if not path and k in SCHEMA_FIELDS:
+                    continue
+                if k == "multi_modal_uuids" or (k == "uuid" and "content" in path) or (
+                        k == "mm_hashes" and path == "features"):  # /inference/v1/generate (scale-out)
                     found.append((f"{path}.{k}" if path else k, node))
                 else:
-                    walk(v, f"{path}.{k}" if path else k)
+                    stack.append((v, f"{path}.{k}" if path else k))
         elif isinstance(node, list):
-            for i, v in enumerate(node):
-                walk(v, f"{path}[{i}]")
-
-    walk(body, "")
-    return found
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(node))
+    return sorted(found, key=lambda f: f[0])
 
 
 def _namespaced(value: Any) -> Any:
@@ -64,6 +73,7 @@ class _BodyGuard:
 
     def __init__(self, app):
         self.app = app
+        self.max_body_bytes = max_body_bytes(os.environ)
 
     def decide(self, body: Any) -> tuple[str | None, Any]:
         """(an error to answer 400 with, or None; the body to pass on, or None to pass the bytes as they came)."""
@@ -80,21 +90,23 @@ class _BodyGuard:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             more = message.get("more_body", False)
-            if size > MAX_BODY_BYTES:
-                break
+            if size > self.max_body_bytes:
+                return await _reject(send, f"the request body is over {self.max_body_bytes} bytes, the most this "
+                                           f"server checks ({MAX_BODY_ENV})", 413)
         raw = b"".join(chunks)
-        if not more:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None  # not JSON: the app answers it
-            if body is not None:
-                error, changed = self.decide(body)
-                if error:
-                    return await _reject(send, error)
-                if changed is not None:
-                    raw = json.dumps(changed).encode()
-        await self.app(scope, _replay([{"type": "http.request", "body": raw, "more_body": more}], receive), send)
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None  # not JSON: the app answers it
+        except RecursionError:
+            return await _reject(send, "the request body nests deeper than JSON parsers read")
+        if body is not None:
+            error, changed = self.decide(body)
+            if error:
+                return await _reject(send, error)
+            if changed is not None:
+                raw = json.dumps(changed).encode()
+        await self.app(scope, _replay([{"type": "http.request", "body": raw, "more_body": False}], receive), send)
 
 
 class RefuseClientMediaIds(_BodyGuard):
@@ -121,8 +133,23 @@ def _replay(messages: list[dict], receive: Receive) -> Receive:
     return replayed
 
 
-async def _reject(send: Send, error: str) -> None:
-    body = json.dumps({"error": {"message": error, "type": "BadRequestError", "code": 400}}).encode()
-    await send({"type": "http.response.start", "status": 400,
+def max_body_bytes(environ) -> int:
+    """``VLLM_MM_EVENTS_API_MAX_BODY_BYTES``, checked: the server does not start on a value it cannot use."""
+    text = environ.get(MAX_BODY_ENV)
+    if text is None:
+        return MAX_BODY_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{MAX_BODY_ENV}: expected a positive number of bytes, got {text[:40]!r}")
+    return value
+
+
+async def _reject(send: Send, error: str, status: int = 400) -> None:
+    kind = "BadRequestError" if status == 400 else "RequestEntityTooLarge"
+    body = json.dumps({"error": {"message": error, "type": kind, "code": status}}).encode()
+    await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
