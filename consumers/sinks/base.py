@@ -5,6 +5,8 @@ Contract (tests/contract/test_vector_sink.py runs it against every backend):
   the configured distance, or checks an existing one and returns its dimension.
 - ``upsert(points)`` is idempotent (by point id) and durable when it returns: the consumer
   commits source offsets only after it. Retryable failures raise ``consumers.errors.Transient``.
+  An id named twice in one upsert leaves one point, the last given. A collection dropped after
+  ``ensure()`` is made again by the next upsert, which raises Transient (``collection_gone``).
 - ``search(vector, k)`` returns hits, nearest first, ``score`` higher = nearer.
 - ``count()`` and ``retrieve(ids)`` exist so users and tests can check what is there.
 
@@ -13,17 +15,21 @@ Secrets never go in the URI: PGPASSWORD (libpq), QDRANT_API_KEY, MILVUS_TOKEN.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
+from consumers.errors import Transient
 from consumers.vectors import PAYLOAD_FIELDS, Point
 
 __all__ = ["VectorSink", "Hit", "Point", "DimensionMismatch", "SinkConfigError", "PAYLOAD_FIELDS",
            "split_collection"]
+
+log = logging.getLogger("vllm_mm_events.consumer")
 
 
 class SinkConfigError(ValueError):
@@ -80,6 +86,25 @@ class VectorSink(ABC):
             raise SinkConfigError(f"{self.name} already holds {kind}; pooling={'none' if multivector else 'pooled'} "
                                   "does not fit it: use another collection")
         return self.dim
+
+    def collection_gone(self, error: Exception) -> NoReturn:
+        """Call from ``upsert`` on the store's "no such collection" error; always raises ``Transient``.
+
+        The collection was dropped after ``ensure()`` (an operator rebuilding the index): it is made again
+        as a fresh start would (this sink's dimension, multivector and distance), so the consumer's retry
+        of the write lands. Never the data's fault: every later event would be dead-lettered alike."""
+        if self.dim is not None and self.describe() is None:
+            log.warning("sink %s: the collection is gone (dropped while in use?); creating it again, %d-d %s",
+                        self.name, self.dim, "multi-vectors" if self.multivector else "vectors")
+            try:
+                self.ensure(self.dim, self.multivector)
+            except Transient:
+                raise
+            except Exception as e:  # noqa: BLE001 - still the store's state, not the data: retried
+                raise Transient("sink", f"{self.name}: the collection is gone and creating it again failed: "
+                                        f"{type(e).__name__}: {e}") from None
+            raise Transient("sink", f"{self.name}: the collection was gone ({error}); created it again") from None
+        raise Transient("sink", f"{self.name}: {error}") from None
 
     def check_dimension(self, vector: np.ndarray) -> None:
         got = int(vector.shape[-1])

@@ -21,6 +21,12 @@ OPTIMIZE_EVERY = 200
 _STR_FIELDS = ("request_id", "event_id", "mm_hash", "modality", "model", "uri", "pooling")
 
 
+def _io_error(e: Exception) -> bool:
+    """A full or read-only disk: Lance reports its I/O failures as ``RuntimeError("lance error: LanceError(IO):
+    ...")``, not as OSError. The store's state, not the data (other RuntimeErrors are not)."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "LanceError(IO)" in str(e))
+
+
 class LanceDBSink(VectorSink):
     scheme = "lancedb"
     supports_multivector = True
@@ -57,6 +63,10 @@ class LanceDBSink(VectorSink):
             t = self._open().schema.field("vector").type
         except ValueError:  # lancedb: "Table '<name>' was not found"
             return None
+        except (OSError, RuntimeError) as e:
+            if _io_error(e):
+                raise Transient("sink", f"{self.name}: {e}") from None
+            raise
         if pa.types.is_fixed_size_list(t):
             return int(t.list_size), False
         return int(t.value_type.list_size), True
@@ -68,16 +78,28 @@ class LanceDBSink(VectorSink):
         # the one that waited opens the table the first one made (exist_ok).
         import fcntl
 
-        os.makedirs(self.parent, exist_ok=True)
-        with open(os.path.join(self.parent, f".{self.table_name}.create.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self._table = self.db.create_table(self.table_name, schema=self._schema(dim, multivector),
-                                               exist_ok=True)
+        try:
+            os.makedirs(self.parent, exist_ok=True)
+            with open(os.path.join(self.parent, f".{self.table_name}.create.lock"), "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                self._table = self.db.create_table(self.table_name, schema=self._schema(dim, multivector),
+                                                   exist_ok=True)
+        except (OSError, RuntimeError) as e:
+            if _io_error(e):
+                raise Transient("sink", f"{self.name}: {e}") from None
+            raise
 
     def upsert(self, points: list[Point]) -> None:
         import pyarrow as pa
 
-        t = self._open()
+        # merge_insert inserts every source row whose id is not in the table yet, a repeated one too (a
+        # redelivered event in the batch of its original): keep the last of each id, as the other stores do.
+        last = {p.id: i for i, p in enumerate(points)}
+        points = [p for i, p in enumerate(points) if last[p.id] == i]
+        try:
+            t = self._open()
+        except ValueError as e:  # "Table '<name>' was not found": dropped, and our handle was let go
+            self.collection_gone(e)
         rows = {"id": [p.id for p in points],
                 "vector": [p.vector.tolist() for p in points],
                 "item_index": [p.payload["item_index"] for p in points],
@@ -89,8 +111,13 @@ class LanceDBSink(VectorSink):
         data = pa.table({f.name: pa.array(rows[f.name], type=f.type) for f in schema}, schema=schema)
         try:
             t.merge_insert("id").when_matched_update_all().when_not_matched_insert_all().execute(data)
-        except OSError as e:  # Lance's I/O errors (a full or read-only disk): the store's state, not the data
-            raise Transient("sink", f"{self.name}: {e}") from None
+        except (OSError, RuntimeError) as e:
+            if _io_error(e):  # a full or read-only disk: the store's state, not the data
+                raise Transient("sink", f"{self.name}: {e}") from None
+            if "Not found" in str(e):  # the table's files are gone: dropped while in use
+                self._table = None  # the handle still shows the version it opened
+                self.collection_gone(e)
+            raise
         self._upserts += 1
         if self._upserts % OPTIMIZE_EVERY == 0:
             t.optimize()

@@ -99,7 +99,14 @@ class MilvusSink(VectorSink):
 
     def upsert(self, points: list[Point]) -> None:
         rows = [{"id": p.id, "vector": p.vector.tolist(), **{k: p.payload[k] for k in PAYLOAD_FIELDS}} for p in points]
-        self._call(self.client.upsert, self.collection, data=rows)
+        from pymilvus.exceptions import ErrorCode, MilvusException
+
+        try:
+            self._call(self.client.upsert, self.collection, data=rows)
+        except MilvusException as e:  # dropped while in use: "collection '<name>' does not exist" (code 100)
+            if e.code == ErrorCode.COLLECTION_NOT_FOUND:
+                self.collection_gone(e)
+            raise
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         res = self._call(self.client.search, self.collection, data=[vector.tolist()], limit=k,

@@ -92,9 +92,10 @@ class PgvectorSink(VectorSink):
     # wait ends, the operation fails as Transient, and the next one connects again.
     OP_TIMEOUT_S = 120.0
 
-    def _run(self, fn):
+    def _run(self, fn, recreate: bool = False):
         """Run ``fn(conn)`` in one transaction; connection-level failures are Transient, errors about
-        the data are raised as they are (the caller isolates the event that caused them)."""
+        the data are raised as they are (the caller isolates the event that caused them). ``recreate``
+        (upsert): a table dropped while in use (42P01) is made again, see ``VectorSink.collection_gone``."""
         import psycopg
 
         conn = self._connect()
@@ -111,6 +112,8 @@ class PgvectorSink(VectorSink):
                 conn.close()
                 raise Transient("sink", f"{self.name}: no answer in {self.OP_TIMEOUT_S:.0f} s") from None
             state = e.sqlstate or ""
+            if recreate and state == "42P01":  # the transaction is rolled back: the connection serves on
+                self.collection_gone(e)
             refusal = state.startswith(self.REFUSAL_SQLSTATES)
             if not refusal and (not isinstance(e, psycopg.OperationalError) or (
                     state and state[:2] not in self.TRANSIENT_SQLSTATE_CLASSES)):
@@ -131,8 +134,9 @@ class PgvectorSink(VectorSink):
     def describe(self) -> tuple[int, bool] | None:
         def q(conn):
             row = conn.execute(
-                "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(%s) AND a.attname = 'embedding'",
-                (self.table,)).fetchone()
+                # quote_ident: DDL quotes the name, so "Images" is not the table images (to_regclass folds case)
+                "SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = to_regclass(quote_ident(%s)) "
+                "AND a.attname = 'embedding'", (self.table,)).fetchone()
             return None if row is None else (int(row[0]), False)
         return self._run(q)
 
@@ -178,7 +182,7 @@ class PgvectorSink(VectorSink):
         def write(conn):
             with conn.cursor() as cur:
                 cur.executemany(stmt, rows)
-        self._run(write)
+        self._run(write, recreate=True)
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         from psycopg import sql

@@ -69,7 +69,13 @@ class QdrantSink(VectorSink):
 
     def upsert(self, points: list[Point]) -> None:
         structs = [self.m.PointStruct(id=p.id, vector=p.vector.tolist(), payload=p.payload) for p in points]
-        self._call(self.client.upsert, self.collection, points=structs, wait=True)
+        try:
+            self._call(self.client.upsert, self.collection, points=structs, wait=True)
+        except (ValueError, Transient) as e:
+            # Dropped while in use: local mode says ValueError("Collection <name> not found"), a server 404.
+            if str(e) == f"Collection {self.collection} not found" or str(e).endswith(": HTTP 404"):
+                self.collection_gone(e)
+            raise
 
     def search(self, vector: np.ndarray, k: int) -> list[Hit]:
         res = self._call(self.client.query_points, self.collection, query=vector.tolist(), limit=k, with_payload=True)
