@@ -6,12 +6,13 @@ import fcntl
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
 import fastavro
 
-from publisher.event_sinks.base import DoneCallback, EventSink
+from publisher.event_sinks.base import DoneCallback, EventSink, RecordRefused
 from schemas.avro_container import MAGIC, Header, moved_aside_name, read_header
 from schemas.codec import AvroCodec, schema_fingerprint
 
@@ -25,7 +26,14 @@ class AvroFileSink(EventSink):
     engines may share one log. Readers can follow the file as it grows: every block is
     self-delimited by the file's sync marker. A block cut short (a writer killed in the middle of
     it, a full disk) is cut off before the next one is written (``_cut_torn_tail``).
+
+    A log that cannot be written (a full, read-only or failing disk: ``OSError``) keeps its events
+    pending, in order, and tries again from ``poll`` with a backoff (0.5 s doubling to 5 s) until the
+    disk takes them: they stay in flight meanwhile, so the caller's backpressure applies. An event
+    the log refuses as it is (it does not encode) is ``RecordRefused``, alone; the others are written.
     """
+
+    RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
 
     def __init__(self, path: str | os.PathLike, codec: AvroCodec, fsync: bool = True):
         self.path = Path(path)
@@ -35,26 +43,79 @@ class AvroFileSink(EventSink):
         self._pending: list[tuple[Mapping[str, Any], DoneCallback]] = []
         self._whole_at = -1  # the log's size when it last ended in a whole block (this process's view)
         self._schema_checked: tuple[int, int] | None = None  # (device, inode) of the log found of this schema
+        self._retry_s = self.RETRY_MIN_S
+        self._retry_at = 0.0  # while the log cannot be written: when to try again
+        self.resends = 0
 
     def publish(self, event, on_done):
         self._pending.append((event, on_done))
 
     def poll(self, timeout: float = 0.0) -> None:
-        if self._pending:
-            self.flush(timeout)
+        if self._pending and time.monotonic() >= self._retry_at:
+            self._write_pending()
 
     def flush(self, timeout: float) -> int:
-        if not self._pending:
-            return 0
-        batch, self._pending = self._pending, []
-        err: Exception | None = None
+        """Tries again, while time is left, what the disk refused; returns how many are still pending."""
+        deadline = time.monotonic() + timeout
+        while self._pending:
+            now = time.monotonic()
+            if now >= self._retry_at:
+                self._write_pending()
+            elif self._retry_at < deadline:
+                time.sleep(self._retry_at - now)
+            else:
+                break
+        return len(self._pending)
+
+    def close(self) -> None:
+        """What is still pending stays in the caller's outbox; nothing is written from here on."""
+        self._pending.clear()
+
+    def _write_pending(self) -> None:
+        batch = self._pending
         try:
             self._append([e for e, _ in batch])
-        except Exception as e:  # noqa: BLE001 - reported through every callback
-            err = e
+        except OSError as e:
+            self._disk_refused(e)
+            return
+        except Exception:  # noqa: BLE001 - an event that does not encode: find it, write the others
+            self._write_alone(batch)
+            return
+        self._pending = []
+        self._disk_back()
         for _, cb in batch:
-            cb(err)
-        return 0
+            cb(None)
+
+    def _write_alone(self, batch: list) -> None:
+        while batch:
+            event, cb = batch[0]
+            try:
+                self._append([event])
+            except OSError as e:
+                self._pending = batch  # the rest waits for the disk, in order
+                self._disk_refused(e)
+                return
+            except Exception as e:  # noqa: BLE001 - every try would fail alike
+                batch = batch[1:]
+                cb(RecordRefused(f"{type(e).__name__}: {e}"))
+                continue
+            batch = batch[1:]
+            cb(None)
+        self._pending = []
+        self._disk_back()
+
+    def _disk_refused(self, e: OSError) -> None:
+        if self._retry_s == self.RETRY_MIN_S:  # once per outage, not per try
+            log.error("mm-events: cannot write the event log %s (%s); %d event(s) wait, tried again every %.1f-%.0f s",
+                      self.path, e, len(self._pending), self.RETRY_MIN_S, self.RETRY_MAX_S)
+        self.resends += len(self._pending)
+        self._retry_at = time.monotonic() + self._retry_s
+        self._retry_s = min(self._retry_s * 2, self.RETRY_MAX_S)
+
+    def _disk_back(self) -> None:
+        if self._retry_s != self.RETRY_MIN_S:
+            log.warning("mm-events: the event log %s is written again", self.path)
+        self._retry_s, self._retry_at = self.RETRY_MIN_S, 0.0
 
     def _append(self, events: list) -> None:
         """One block at the log's end, fsynced, under the lock; the log first cut back to a whole block,
