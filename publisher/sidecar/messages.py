@@ -19,6 +19,10 @@ from publisher.sidecar.events import FinishedRequest
 # may have deleted the object).
 RECHECK_S = 600.0
 
+# The gauge the engine's scheduler side and its sidecar share (a memfd): settled events and engine requests
+# durable in the spool (u64 each, the sidecar's counts), then a byte the engine sets when it starts closing.
+GAUGE_BYTES, CLOSING_AT = 24, 16
+
 # ---- engine -> sidecar -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from publisher.sidecar.messages import (
+    CLOSING_AT,
+    GAUGE_BYTES,
     Close,
     Closed,
     EventsDropped,
@@ -236,7 +238,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
         return
     # The engine reads how many events have settled from this shared word, to apply the
     # drop policy without waiting on us.
-    settled = mmap.mmap(init.gauge_fd, 16)
+    settled = mmap.mmap(init.gauge_fd, GAUGE_BYTES)
     outbox = Outbox(c.spool_dir, c.event_sink, c.max_spool_bytes, fsync=c.fsync) if c.spool_dir else None
     metrics = _metrics(c, serve=True)
     dispatcher = EventDispatcher(store, sink, init.producer, durability_timeout_s=c.durability_timeout_s,
@@ -270,11 +272,27 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
     def full() -> bool:
         return dispatcher.in_flight >= c.max_pending_events or (outbox is not None and outbox.full())
 
+    def held_back() -> bool:
+        """Whether to stop reading. Not once the engine is closing: its Close is behind what it sent, and
+        what it sent was answered; it is read (parked, spooled where there is room) until the Close."""
+        return full() and len(parked) >= PARKED and not settled[CLOSING_AT]
+
+    def take(msg) -> None:
+        if isinstance(msg, RequestsFinished):
+            for req, keys, stop_check in msg.requests:  # past the cap: parked
+                req = stop_strings.resolve(req, stop_check)  # before it is spooled: what the client got
+                if full() or parked:
+                    park(req, keys)
+                else:
+                    dispatcher.offer(req, keys)
+        elif isinstance(msg, EventsDropped):
+            dispatcher.stats.inc("dropped", msg.count)
+
     while True:
         wait = dispatcher.pump()
         offer_parked(lambda: not full())
         try:
-            if full() and len(parked) >= PARKED:
+            if held_back():
                 if not pid_alive(engine_pid):
                     raise EOFError("the engine is gone")
                 time.sleep(min(wait, 0.01))
@@ -283,16 +301,7 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                 continue
             while True:
                 msg = conn.recv()
-                if isinstance(msg, RequestsFinished):
-                    for req, keys, stop_check in msg.requests:  # past the cap: parked (one step's over at most)
-                        req = stop_strings.resolve(req, stop_check)  # before it is spooled: what the client got
-                        if full() or parked:
-                            park(req, keys)
-                        else:
-                            dispatcher.offer(req, keys)
-                elif isinstance(msg, EventsDropped):
-                    dispatcher.stats.inc("dropped", msg.count)
-                elif isinstance(msg, Close):
+                if isinstance(msg, Close):
                     _arm_watchdog(msg.timeout)
                     offer_parked()  # spooled, so not lost when the flush cannot send them
                     left = dispatcher.close(msg.timeout)
@@ -302,9 +311,17 @@ def _scheduler_main(conn: Connection, init: SchedulerInit, engine_pid: int) -> N
                     except OSError:  # the engine stopped waiting for the report
                         log.info("mm-events scheduler sidecar stopped: %s", report)
                     return
-                if not conn.poll(0) or (full() and len(parked) >= PARKED):
+                take(msg)
+                if not conn.poll(0) or held_back():
                     break
         except (EOFError, OSError):
+            # The engine died. What it sent before is still in the socket (read no further at the cap), and
+            # those requests were answered: read it all (the socket's buffer bounds it) and spool it.
+            try:
+                while conn.poll(0):
+                    take(conn.recv())
+            except (EOFError, OSError):
+                pass
             offer_parked()
             _arm_watchdog(c.shutdown_timeout_s)
             left = dispatcher.close(c.shutdown_timeout_s)  # the engine died: publish what we can, bounded

@@ -47,6 +47,8 @@ from publisher.config import PublisherConfig
 from publisher.logs import setup_logging
 from publisher.sidecar.events import FinishedRequest, MediaItem, producer_info, stringify_metadata
 from publisher.sidecar.messages import (
+    CLOSING_AT,
+    GAUGE_BYTES,
     RECHECK_S,
     EventsDropped,
     ItemCaptured,
@@ -423,10 +425,11 @@ class MMEmbeddingPublisher(ECConnectorBase):
         tokenizer_json = _detokenizer_json(self._vllm_config.model_config)
         self._replays_stop_strings = tokenizer_json is not None
         # Two shared words the sidecar counts in: settled events (the drop policy reads it) and
-        # finished requests durable in the spool (durable_before_return waits on it).
+        # finished requests durable in the spool (durable_before_return waits on it); then a byte set
+        # here at shutdown, so that the sidecar reads on past its in-flight cap up to the Close.
         self._gauge_fd = os.memfd_create("vllm-mm-events-settled", os.MFD_CLOEXEC)
-        os.ftruncate(self._gauge_fd, 16)
-        self._settled = mmap.mmap(self._gauge_fd, 16)
+        os.ftruncate(self._gauge_fd, GAUGE_BYTES)
+        self._settled = mmap.mmap(self._gauge_fd, GAUGE_BYTES)
         self.sidecar = Sidecar(SchedulerInit(
             c.to_dict(), self._gauge_fd, producer_info(getattr(vllm, "__version__", "unknown"), c.storage_dtype),
             tokenizer_json),
@@ -681,6 +684,7 @@ class MMEmbeddingPublisher(ECConnectorBase):
             with _sigterm_deferred():
                 if self._reuse is not None:  # first and quick: nothing of it outlives the engine
                     log.info("mm-events reuse: %s", self._fetcher.close(min(t, 5.0)))
+                self._settled[CLOSING_AT] = 1
                 self._send_finished()
                 report = self.sidecar.close(t)
             log.info("mm-events scheduler side stopped: %s, dropped=%d", report, self.dropped_events)
