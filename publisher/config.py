@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 from publisher.settings import (
     DAY,
+    DICT_KEYS,
+    ENV_PREFIX,
     HOUR,
     ConfigError,
     Key,
@@ -30,6 +32,7 @@ from publisher.settings import (
     as_port,
     as_registry_settings,
     choice,
+    is_secret_setting,
     number,
     redact_mapping,
     redact_url,
@@ -164,8 +167,29 @@ class PublisherConfig(Settings):
              environ: Mapping[str, str] | None = None) -> "PublisherConfig":
         """All layers; ``extra_config`` is vLLM's ``ec_connector_extra_config`` (may name ``config_file``)."""
         extra = dict(extra_config or {})
+        refuse_secrets_in_extra_config(extra)
         config_file = extra.pop("config_file", None)
         return cls.from_dict(cls.merged(extra, environ, config_file))
 
 
 KEYS: dict[str, Key] = PublisherConfig.keys()
+
+
+def refuse_secrets_in_extra_config(extra: Mapping[str, Any]) -> None:
+    """vLLM logs ``ec_connector_extra_config`` in clear at start (its "non-default args" line, for ``vllm serve``
+    and ``LLM(...)`` alike), before the connector can mask anything: a secret there is refused, naming where
+    it goes instead. Checked before any other key, so no error of this config echoes it."""
+    for key in DICT_KEYS:
+        settings = extra.get(key)
+        if isinstance(settings, Mapping):
+            for name in settings:
+                if isinstance(name, str) and is_secret_setting(name):
+                    env = f"{ENV_PREFIX}{key.upper()}__{name.upper().replace('.', '_')}"
+                    raise ConfigError(f"{key}.{name}: a secret in ec_connector_extra_config, which vLLM logs in "
+                                      f"clear at start; set {env} (a Kubernetes Secret) or put it in config_file")
+    url = extra.get("schema_registry_url")  # the one URL that may carry credentials (the other URLs refuse them)
+    if isinstance(url, str) and redact_url(url) != url:
+        raise ConfigError(f"schema_registry_url: credentials in ec_connector_extra_config, which vLLM logs in clear "
+                          f"at start; set {ENV_PREFIX}SCHEMA_REGISTRY_URL or "
+                          f"{ENV_PREFIX}SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO, or put it in config_file")
+

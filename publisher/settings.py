@@ -173,8 +173,13 @@ def read_config_file(path: str) -> dict[str, Any]:
 
 # ---- redaction --------------------------------------------------------------------------------
 
+def is_secret_setting(name: str) -> bool:
+    """Whether a librdkafka or registry setting of this name holds a secret."""
+    return _SECRET_KEY_RE.search(name) is not None
+
+
 def redact_mapping(m: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if _SECRET_KEY_RE.search(k) else v) for k, v in m.items()}
+    return {k: ("***" if is_secret_setting(k) else v) for k, v in m.items()}
 
 
 def redact_url(url: str) -> str:

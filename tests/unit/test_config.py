@@ -79,15 +79,38 @@ def test_env_errors_name_the_key_too():
         load(env={"VLLM_MM_EVENTS_STORAGE_DTYPE": "fp8"})
 
 
-def test_secrets_never_in_redacted_form_or_repr():
-    c = load({"event_sink": "kafka://b:9092/t",
-              "kafka": {"sasl.username": "svc", "sasl.password": "hunter2", "ssl.key.password": "k3y"},
-              "schema_registry_url": "https://user:regpass@registry:8081",
-              "schema_registry": {"basic.auth.user.info": "u:p4ss"}})
+def test_secrets_never_in_redacted_form_or_repr(tmp_path):
+    file = tmp_path / "c.json"
+    file.write_text(json.dumps({"kafka": {"sasl.password": "hunter2", "ssl.key.password": "k3y"},
+                                "schema_registry": {"basic.auth.user.info": "u:p4ss"}}))
+    c = load({"event_sink": "kafka://b:9092/t", "config_file": str(file), "kafka": {"sasl.username": "svc"}},
+             env={"VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL": "https://user:regpass@registry:8081"})
+    assert c.kafka["sasl.password"] == "hunter2" and c.schema_registry_url.endswith("@registry:8081")
     text = json.dumps(c.redacted()) + repr(c)
     for secret in ("hunter2", "k3y", "regpass", "p4ss"):
         assert secret not in text
     assert "svc" in text  # non-secret settings stay visible
+
+
+@pytest.mark.parametrize("extra,key,instead", [
+    ({"kafka": {"sasl.password": "hunter2"}}, "kafka.sasl.password", "VLLM_MM_EVENTS_KAFKA__SASL_PASSWORD"),
+    ({"kafka": {"ssl.key.pem": "hunter2"}}, "kafka.ssl.key.pem", "VLLM_MM_EVENTS_KAFKA__SSL_KEY_PEM"),
+    ({"schema_registry": {"basic.auth.user.info": "u:hunter2"}}, "schema_registry.basic.auth.user.info",
+     "VLLM_MM_EVENTS_SCHEMA_REGISTRY__BASIC_AUTH_USER_INFO"),
+    ({"schema_registry_url": "https://u:hunter2@registry:8081"}, "schema_registry_url",
+     "VLLM_MM_EVENTS_SCHEMA_REGISTRY_URL"),
+])
+def test_secrets_in_extra_config_are_refused_naming_where_they_go(extra, key, instead):
+    """vLLM logs ec_connector_extra_config in clear at start ("non-default args"), before the connector can
+    mask anything; secrets there were accepted."""
+    with pytest.raises(ConfigError) as e:
+        load({"event_sink": "kafka://b:9092/t", **extra})
+    assert str(e.value).startswith(f"{key}: ") and instead in str(e.value) and "hunter2" not in str(e.value)
+    env = {instead: "u:hunter2" if "USER_INFO" in instead else "hunter2"}
+    if key == "schema_registry_url":
+        env = {instead: "https://u:hunter2@registry:8081"}
+    assert load({"event_sink": "kafka://b:9092/t"}, env=env)  # where it goes instead
+    assert load({"event_sink": "kafka://b:9092/t", "kafka": {"sasl.username": "svc"}})  # not a secret
 
 
 @pytest.mark.parametrize("key,uri", [
