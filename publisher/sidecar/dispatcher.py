@@ -49,6 +49,7 @@ class _Pending:
     keys: dict[str, str] = field(compare=False)  # mm_hash -> key
     deadline: float = field(compare=False, default=0.0)
     delay: float = field(compare=False, default=0.0)
+    unreached: frozenset[str] = field(compare=False, default=frozenset())  # mm_hashes no encoder ran for here
 
 
 class DispatcherStats(ReportCounters):
@@ -121,7 +122,8 @@ class EventDispatcher:
         self._seq += 1
         self.stats.inc("accepted")
         heapq.heappush(self._waiting, _Pending(now, self._seq, req, keys, now + self.durability_timeout_s,
-                                               FIRST_RETRY_S / 2))
+                                               FIRST_RETRY_S / 2, frozenset(i.mm_hash for i in req.items
+                                                                            if i.unreached)))
 
     def pump(self) -> float:
         """Do what is due; returns how long the caller may wait before the next pump."""
@@ -164,6 +166,7 @@ class EventDispatcher:
         now = time.monotonic()
         unknown = list({k for p in due for k in p.keys.values()
                         if not self._is_durable(k, now) and not self._is_foreign(k, now)})
+        checked = True
         if unknown:
             try:
                 infos = self.store.head_many(unknown)
@@ -171,7 +174,7 @@ class EventDispatcher:
                 # A verdict due for its re-check stands meanwhile: an outage is no news of a deletion.
                 self.stats.inc("store_errors")
                 log.warning("mm-events: cannot check %d object(s): %s", len(unknown), e)
-                infos = []
+                infos, checked = [], False
             for key, info in zip(unknown, infos):
                 self._foreign.pop(key, None)
                 if info is None:
@@ -193,7 +196,9 @@ class EventDispatcher:
         now = time.monotonic()
         for p in due:
             stored = {h: self._durable[k][0] for h, k in p.keys.items() if k in self._durable}
-            if len(stored) == len(p.keys) or now >= min(p.deadline, self._force_at):
+            # An item the request never reached has nothing on its way: the check above says all there is.
+            awaited = [h for h in p.keys if h not in stored and not (checked and h in p.unreached)]
+            if not awaited or now >= min(p.deadline, self._force_at):
                 if self.metrics is not None:
                     self.metrics.durability_wait.observe(now - (p.deadline - self.durability_timeout_s))
                 self._publish(p.req, stored)
@@ -230,10 +235,12 @@ class EventDispatcher:
 
     def _publish(self, req: FinishedRequest, stored: dict[str, StoredItem]) -> None:
         event = build_event(req, stored, self.producer)
-        if event["missing_embeddings"]:
+        unreached = {i.mm_hash for i in req.items if i.unreached}
+        late = [h for h in event["missing_embeddings"] if h not in unreached]  # what an outage left out
+        if late:
             self.stats.inc("incomplete")
             log.warning("mm-events: request %s published without %d object(s) not durable in time: %s",
-                        req.request_id, len(event["missing_embeddings"]), ", ".join(event["missing_embeddings"]))
+                        req.request_id, len(late), ", ".join(late))
 
         def done(err: Exception | None) -> None:
             if err is None:

@@ -169,3 +169,38 @@ def test_a_key_seen_durable_is_checked_again_after_recheck_s(tmp_path):
     named = [[x["mm_hash"] for x in e["embeddings"]] for e in events]
     assert named == [["a"], ["a"], ["a"], ["f"]], named
     assert [e["missing_embeddings"] for e in events] == [["f"], ["f"], ["f"], ["a"]]
+
+
+def test_items_a_request_never_reached_are_checked_once_not_waited_for(tmp_path, caplog):
+    """A request aborted (or failed) before its placeholder was scheduled ran no encoder for that item: its
+    event waited the whole durability_timeout_s for an object nothing was storing, in flight all along (a
+    stream of such aborts filled max_pending_events and blocked the engine), and was counted incomplete."""
+    from dataclasses import replace
+
+    store = LocalDirStore(tmp_path / "o", fsync=False)
+    put(store, "elsewhere")  # stored by another request with the same media
+    sink = AvroFileSink(tmp_path / "e.avro", AvroCodec())
+    d = EventDispatcher(store, sink, producer_info("v", "float32"), durability_timeout_s=5)
+
+    def aborted(rid, hashes, unreached):
+        r = req(rid, hashes)
+        return replace(r, finish_reason="abort", items=tuple(replace(i, unreached=i.mm_hash in unreached)
+                                                             for i in r.items))
+
+    t0 = time.monotonic()
+    d.offer(aborted("a", ["late", "never", "elsewhere"], {"never", "elsewhere"}), {h: f"k/{h}" for h in
+                                                                                   ("late", "never", "elsewhere")})
+    d.offer(aborted("b", ["never2"], {"never2"}), {"never2": "k/never2"})
+    run_until(d, lambda: d.stats.published == 1, timeout=2)
+    assert d.stats.published == 1 and time.monotonic() - t0 < 1  # b: one check, then published
+    threading.Timer(0.3, put, (store, "late")).start()  # a's reached item: still being uploaded
+    run_until(d, lambda: d.stats.published == 2, timeout=3)
+    assert d.stats.published == 2 and time.monotonic() - t0 < 2  # a: once "late" is durable, not at 5 s
+    events = {e["request_id"]: e for e in fastavro.reader(open(tmp_path / "e.avro", "rb"))}
+    assert [x["mm_hash"] for x in events["a"]["embeddings"]] == ["late", "elsewhere"]
+    assert events["a"]["missing_embeddings"] == ["never"] and events["b"]["missing_embeddings"] == ["never2"]
+    assert d.stats.incomplete == 0 and "not durable in time" not in caplog.text  # nothing an outage left out
+    d.offer(aborted("c", ["gone"], set()), {"gone": "k/gone"})  # reached, never stored: waited for, as before
+    run_until(d, lambda: d.stats.published == 3, timeout=1)
+    assert d.stats.published == 2
+    assert d.close(1.5) == 0 and d.stats.incomplete == 1
