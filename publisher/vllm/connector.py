@@ -160,6 +160,10 @@ KNOWN_FOR_S = RECHECK_S  # the worker stores an item's output again after as lon
 SPOOL_WAIT_S = 5.0  # durable_before_return: longest hold of one response
 
 OVERSIZE_METADATA_KEY = "vllm_mm_events.metadata_omitted"
+# vLLM takes a caller's request id (X-Request-Id, a body's request_id) at any length. An event carries it five
+# times (two fields, the Kafka key, two CloudEvents headers): a long one made the record too large for the
+# broker, and the event was dropped after the response went out. Media requests past this are refused.
+MAX_REQUEST_ID_BYTES = 1024
 
 
 # vLLM's OpenAI server puts these request fields into extra_args beside vllm_xargs: its own transfer
@@ -534,6 +538,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
         return False
 
     def _refusal(self, request: "Request", size: int) -> str | None:
+        id_bytes = len(request.request_id.encode("utf-8", "surrogatepass"))
+        if id_bytes > MAX_REQUEST_ID_BYTES:
+            return (f"its request id (X-Request-Id, or the body's request_id) is {id_bytes} bytes, over "
+                    f"{MAX_REQUEST_ID_BYTES}; its event could not be published")
         if size > self.config.max_metadata_bytes:
             return (f"its metadata (vllm_xargs / extra_args) is {size} bytes, over max_metadata_bytes "
                     f"({self.config.max_metadata_bytes}); its event could not be published")

@@ -68,3 +68,15 @@ def test_metadata_nested_past_json_is_refused_with_its_reason():
     refused, params = c.request_finished(SimpleNamespace(request_id="deep", sampling_params=sp, mm_features=[]))
     assert params == {"mm_embeddings": [], "error": "its metadata (vllm_xargs / extra_args) cannot be published: "
                       "RecursionError: maximum recursion depth exceeded while encoding a JSON object"}
+
+
+def test_a_request_id_past_its_cap_is_refused_with_its_reason():
+    """vLLM takes X-Request-Id (or a body's request_id) at any length; the event carries it five times, so a
+    200 KB id made the record too large for the broker, and the event was dropped after the response."""
+    c = scheduler_half([])
+    sp = SamplingParams(max_tokens=4)
+    assert c.ensure_cache_available(request("x" * 1024, sp), 0) is True
+    assert c.ensure_cache_available(request("x" * 1025, sp), 0) is False
+    assert c.take_unavailable_requests() == {"x" * 1025}
+    assert c._verdicts["x" * 1025][0] == ("its request id (X-Request-Id, or the body's request_id) is 1025 bytes, "
+                                          "over 1024; its event could not be published")
