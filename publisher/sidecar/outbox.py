@@ -10,7 +10,9 @@ replays what a dead one left in it:
 - ``<seq>.seg``: records ``[u32 length][u32 crc32][JSON]``, one per finished request (its
   snapshot and object keys), appended and fsynced in groups (``sync``: one fsync for every
   request offered since the last one). A torn last record (crash mid-write) fails its length or
-  CRC check and is dropped on replay: it was never synced, so no event was sent for it.
+  CRC check and is dropped on replay: it was never synced, so no event was sent for it. An
+  unreadable record with whole ones after it (the disk, a hand) is not torn: the segment is set
+  aside as ``<seq>.seg.corrupt`` (kept as it was) and rewritten with the records that read.
 - ``acks``: one event id per line, appended when the sink acknowledged and written out with the
   next ``sync`` (one write per pump, not one per event); never fsynced (a lost ack only means a
   repeat). A segment whose records are all acknowledged is deleted, and its ids' lines are dead
@@ -19,10 +21,15 @@ replays what a dead one left in it:
   event is always in flight, so "wait until everything is acknowledged" would never come: the file
   grew ~37 bytes per event for good, outside ``max_spool_bytes`` (gigabytes a day at a few hundred
   requests per second, then an evicted pod), and all of it was read into memory at the next start.
+
+A slot of the same stream that no running publisher holds (a second engine not started again) is
+adopted at the start: its segments are moved into this publisher's slot and replayed with its own.
+Spools of other streams (an ``event_sink`` since changed) are named in a warning, never replayed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -63,11 +70,46 @@ def _encode(req: FinishedRequest, keys: dict[str, str]) -> bytes:
     return _JSON({"req": {**vars(req), "items": [vars(i) for i in req.items]}, "keys": keys}).encode()
 
 
+_REQ_FIELDS = frozenset(f.name for f in dataclasses.fields(FinishedRequest))
+_ITEM_FIELDS = frozenset(f.name for f in dataclasses.fields(MediaItem))
+_START = b'{"req":'  # how every record's JSON starts; JSON escapes its quotes anywhere inside a string
+
+
 def _decode(payload: bytes) -> tuple[FinishedRequest, dict[str, str]]:
     d = json.loads(payload)
     r = d["req"]
-    r["items"] = tuple(MediaItem(**i) for i in r["items"])
-    return FinishedRequest(**r), dict(d["keys"])
+    if "event_id" not in r:  # never the default (a fresh id): a replay must keep the one sent
+        raise KeyError("event_id")
+    # A newer release's fields are left out: this release's events have no place for them, and its
+    # record is replayed instead of lost (a downgrade). A missing field without a default still fails.
+    r["items"] = tuple(MediaItem(**{k: v for k, v in i.items() if k in _ITEM_FIELDS}) for i in r["items"])
+    return FinishedRequest(**{k: v for k, v in r.items() if k in _REQ_FIELDS}), dict(d["keys"])
+
+
+def _number(path: Path) -> int | None:
+    """``<n>`` of a segment file ``<n>.seg`` (or one set aside, ``<n>.seg.corrupt``)."""
+    n = path.name.split(".", 1)[0]
+    return int(n) if n.isascii() and n.isdigit() else None
+
+
+def _whole(data: bytes, pos: int) -> int:
+    """The end of the whole record at ``pos`` (its length and CRC check out), or -1."""
+    if pos + _HEADER.size > len(data):
+        return -1
+    n, crc = _HEADER.unpack_from(data, pos)
+    end = pos + _HEADER.size + n
+    return end if n and end <= len(data) and zlib.crc32(data[pos + _HEADER.size:end]) == crc else -1
+
+
+def _lock(slot: Path) -> int | None:
+    """Hold ``slot``'s lock: its fd, or None where a running publisher holds it."""
+    fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
 
 
 class Outbox:
@@ -83,8 +125,9 @@ class Outbox:
         self._sizes: dict[int, int] = {}
         self._where: dict[str, int] = {}  # event id -> its segment
         self._replay: list[tuple[FinishedRequest, dict[str, str]]] = []
+        self._unlink_failing = False  # logged once until an unlink works again
         self._load()
-        self._seq = max(self._segments, default=0) + 1
+        self._seq = self._top + 1
         self._file = None
         self._dirty = False
         self._unsynced: list[str] = []  # event ids appended to the current segment since its last sync
@@ -96,11 +139,8 @@ class Outbox:
         for n in range(1024):
             slot = root / f"slot-{n}"
             slot.mkdir(mode=0o750, exist_ok=True)
-            fd = os.open(slot / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
+            fd = _lock(slot)
+            if fd is None:
                 continue
             self._lock_fd = fd  # held for the life of the process
             return slot
@@ -108,40 +148,126 @@ class Outbox:
 
     # ---- replay --------------------------------------------------------------------------
     def _load(self) -> None:
-        acked = set((self.dir / "acks").read_text().split()) if (self.dir / "acks").exists() else set()
-        for path in sorted(self.dir.glob("*.seg"), key=lambda p: int(p.stem)):
-            seq, data, pos, live, done = int(path.stem), path.read_bytes(), 0, set(), []
-            while pos + _HEADER.size <= len(data):
-                n, crc = _HEADER.unpack_from(data, pos)
-                payload = data[pos + _HEADER.size:pos + _HEADER.size + n]
-                if len(payload) < n or zlib.crc32(payload) != crc:
-                    log.warning("mm-events outbox: dropped a torn record at the end of %s", path)
-                    break
-                pos += _HEADER.size + n
-                try:
-                    req, keys = _decode(payload)
-                except (ValueError, KeyError, TypeError) as e:
-                    log.error("mm-events outbox: skipped an unreadable record in %s: %s", path, e)
-                    continue
-                if req.event_id not in acked:
-                    live.add(req.event_id)
-                    self._where[req.event_id] = seq
-                    self._replay.append((req, keys))
+        # New segments are numbered above every one here, set aside ones too: a name is never used twice.
+        self._top = max((n for p in self.dir.glob("*.seg*") if (n := _number(p)) is not None), default=0)
+        acked = self._load_slot(self.dir)
+        self._ack_lines = len(acked)
+        for slot in sorted(self.dir.parent.parent.glob("*/slot-*")):  # other slots: this stream's, and others'
+            if slot == self.dir or not slot.is_dir() or not (count := len(list(slot.glob("*.seg")))):
+                continue
+            try:
+                fd = _lock(slot)
+            except OSError:  # not ours to look at (another user's, a read-only volume)
+                fd = None
+            if fd is None:  # a running publisher's
+                continue
+            try:
+                if slot.parent == self.dir.parent:
+                    self._load_slot(slot)
                 else:
-                    done.append(req.event_id)
-            if live:
-                self._segments[seq], self._sizes[seq], self._acked[seq] = live, len(data), done
-                self._acked_live += len(done)
-            else:
-                path.unlink()
-        self._ack_lines, self._ack_bytes = len(acked), self._acks.tell()
+                    log.warning("mm-events outbox: %s holds %d segment file(s) left by a publisher of another "
+                                "event_sink, never replayed here; start a publisher with that event_sink on this "
+                                "spool_dir to replay them (its directory is the first 16 hex digits of the SHA-256 "
+                                "of the event_sink string), or delete the directory", slot, count)
+            finally:
+                os.close(fd)
+        self._ack_bytes = self._acks.tell()
         if self._ack_lines > 2 * self._acked_live:  # the acks of segments deleted above, or by an earlier run
             try:
                 self._compact_acks()
             except OSError as e:  # a full disk: start with the file as it is (it is only read at a start)
                 log.warning("mm-events outbox: cannot compact the acknowledgements (%s)", e.strerror or e)
+                self._reopen_acks()  # it may have been closed before the failure
         if self._replay:
             log.info("mm-events outbox: replaying %d unacknowledged event(s) from %s", len(self._replay), self.dir)
+
+    def _load_slot(self, slot: Path) -> set[str]:
+        """Take the unacknowledged records of ``slot`` into the replay and delete its acknowledged segments.
+        A slot other than ours (held here while no running publisher holds it) is adopted: its segments are
+        moved into ours, their acknowledged ids written to our acks. Returns the slot's acknowledged ids."""
+        acked = set((slot / "acks").read_text().split()) if (slot / "acks").exists() else set()
+        segments = []
+        for path in slot.glob("*.seg"):
+            if (seq := _number(path)) is None or path.name != f"{seq}.seg":
+                log.warning("mm-events outbox: skipped %s: not a segment file of this spool", path)
+            else:
+                segments.append((seq, path))
+        adopted = 0
+        for seq, path in sorted(segments):
+            records, size = self._read(path)
+            live = [(req, keys) for req, keys in records if req.event_id not in acked]
+            done = [req.event_id for req, _ in records if req.event_id in acked]
+            if not live:
+                self._unlink(path)
+                continue
+            if slot != self.dir:
+                try:
+                    self._acks.write("".join(i + "\n" for i in done))
+                    self._acks.flush()  # before the move: a crash must not leave them unacknowledged here
+                    self._ack_lines += len(done)
+                    os.rename(path, self.dir / f"{self._top + 1}.seg")
+                except OSError as e:
+                    log.warning("mm-events outbox: cannot adopt %s (%s): not replayed; start a publisher on this "
+                                "spool_dir once it can be moved", path, e.strerror or e)
+                    continue
+                seq = self._top = self._top + 1
+                adopted += len(live)
+            for req, _ in live:
+                self._where[req.event_id] = seq
+            self._replay += live
+            self._segments[seq], self._sizes[seq], self._acked[seq] = {r.event_id for r, _ in live}, size, done
+            self._acked_live += len(done)
+        if adopted:
+            log.warning("mm-events outbox: adopted %d unacknowledged event(s) from %s, which no running publisher "
+                        "held", adopted, slot)
+            if not list(slot.glob("*.seg")):
+                (slot / "acks").unlink(missing_ok=True)  # its lines are ours now
+        return acked
+
+    def _read(self, path: Path) -> tuple[list[tuple[FinishedRequest, dict[str, str]]], int]:
+        """The records of segment ``path`` that read, and its size. A bad tail with no whole record after it
+        was torn by a write never synced (a crash, or a failed write the segment could not be cut back
+        from: both end a segment) and is dropped. Unreadable records before whole ones are the disk's or a
+        hand's: the segment is set aside, kept as it was, and rewritten with the records that read."""
+        data, pos, records, chunks, bad, why = path.read_bytes(), 0, [], [], 0, None
+        while pos < len(data):
+            end = _whole(data, pos)
+            if end < 0:  # no whole record here: find the next one, if any
+                nxt = data.find(_START, pos + _HEADER.size + 1)
+                while nxt >= 0 and _whole(data, nxt - _HEADER.size) < 0:
+                    nxt = data.find(_START, nxt + 1)
+                if nxt < 0:
+                    log.warning("mm-events outbox: dropped a torn record at the end of %s", path)
+                    break
+                bad, why, pos = bad + 1, why or "a bad length or CRC", nxt - _HEADER.size
+                continue
+            try:
+                records.append(_decode(data[pos + _HEADER.size:end]))
+                chunks.append(data[pos:end])
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                bad, why = bad + 1, why or f"{type(e).__name__}: {e}"
+            pos = end
+        if not bad:
+            return records, len(data)
+        corrupt, good = path.with_name(path.name + ".corrupt"), b"".join(chunks)
+        try:
+            try:
+                os.link(path, corrupt)  # kept as it was, for a look
+            except FileExistsError:  # an earlier start set it aside and crashed before the rewrite
+                pass
+            tmp = path.with_name(path.name + ".new")
+            with open(tmp, "wb") as f:
+                f.write(good)
+                f.flush()
+                if self.fsync:  # before the rename: a crash must leave the old file or this one, whole
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
+            done = f"set aside as {corrupt}"
+        except OSError as e:  # replayed from it as it is: it is found again at the next start
+            good, done = data, f"cannot set it aside ({e.strerror or e})"
+        log.error("mm-events outbox: %d unreadable record(s) in %s (first: %s); %s; the %d that read are "
+                  "replayed", bad, path, why, done, len(records))
+        return records, len(good)
 
     def take_replay(self) -> list[tuple[FinishedRequest, dict[str, str]]]:
         """What a previous publisher left unacknowledged, oldest first (once)."""
@@ -218,10 +344,13 @@ class Outbox:
     def sync(self) -> None:
         """Make every appended record durable: one write-out and fsync for the group; write out the
         acknowledgements since the last call. ``SpoolError`` if the records could not be written."""
+        if self._acks is None:  # it could not be opened again: the volume may be back
+            self._reopen_acks()
         try:
-            self._acks.flush()
-            if self._ack_bytes > ACKS_COMPACT_BYTES and self._ack_lines > 2 * self._acked_live:
-                self._compact_acks()
+            if self._acks is not None:
+                self._acks.flush()
+                if self._ack_bytes > ACKS_COMPACT_BYTES and self._ack_lines > 2 * self._acked_live:
+                    self._compact_acks()
         except OSError as e:  # a lost ack only means a repeat after a restart
             log.warning("mm-events outbox: cannot write acknowledgements (%s); they may be sent again after a "
                         "restart", e.strerror or e)
@@ -240,10 +369,14 @@ class Outbox:
 
     def _reopen_acks(self) -> None:
         try:
-            self._acks.close()  # drops what it could not write
+            if self._acks is not None:
+                self._acks.close()  # drops what it could not write
         except OSError:
             pass
-        self._acks = open(self.dir / "acks", "a")
+        try:
+            self._acks = open(self.dir / "acks", "a")
+        except OSError:  # a read-only or failing volume: acks are dropped (repeats) until it opens again
+            self._acks = None
 
     def ack(self, event_id: str) -> None:
         """The sink has the event: forget it (its segment goes once all of it is acknowledged)."""
@@ -251,9 +384,10 @@ class Outbox:
         if seq is None:
             return
         try:
-            self._acks.write(event_id + "\n")  # buffered: a write can meet a full disk too
-            self._ack_lines += 1
-            self._ack_bytes += len(event_id) + 1
+            if self._acks is not None:
+                self._acks.write(event_id + "\n")  # buffered: a write can meet a full disk too
+                self._ack_lines += 1
+                self._ack_bytes += len(event_id) + 1
         except OSError as e:  # a lost ack only means a repeat after a restart
             log.warning("mm-events outbox: cannot write acknowledgements (%s); they may be sent again after a "
                         "restart", e.strerror or e)
@@ -271,7 +405,19 @@ class Outbox:
         self._acked_live -= len(self._acked.pop(seq, ()))
         self._segments.pop(seq, None)
         self._sizes.pop(seq, None)
-        (self.dir / f"{seq}.seg").unlink(missing_ok=True)
+        self._unlink(self.dir / f"{seq}.seg")
+
+    def _unlink(self, path: Path) -> None:
+        """Delete a segment nothing is left to replay from. A volume that refuses it (read-only, failing)
+        leaves it for the next start, which reads its acks and deletes it then (or sends a repeat)."""
+        try:
+            path.unlink(missing_ok=True)
+            self._unlink_failing = False
+        except OSError as e:
+            if not self._unlink_failing:
+                log.warning("mm-events outbox: cannot delete acknowledged segments (%s, first %s): they stay until "
+                            "a start can", e.strerror or e, path)
+            self._unlink_failing = True
 
     def _compact_acks(self) -> None:
         """Rewrite the acks file with its live lines only (called once most of it is dead: the file
@@ -293,7 +439,10 @@ class Outbox:
             self.sync()
         except SpoolError as e:  # the caller reports what is undelivered; this is what the spool lost
             log.error("mm-events outbox: %d request(s) not spooled at close: %s", e.requests, e)
-        if self._file is not None:
-            self._file.close()
-        self._acks.close()
+        for f in (self._file, self._acks):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:  # what they buffered is lost with the disk (repeats, or unspooled as reported)
+                pass
         os.close(self._lock_fd)

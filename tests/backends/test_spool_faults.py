@@ -8,9 +8,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+
+from unit.test_dispatcher import req
+from unit.test_outbox import read_only
 
 from backends.test_server_faults import new_topic, read
+from publisher.event_sinks import open_event_sink
+from publisher.sidecar.dispatcher import EventDispatcher
+from publisher.sidecar.events import producer_info
 from publisher.sidecar.outbox import Outbox
+from publisher.stores.local import LocalDirStore
 from schemas.codec import AvroCodec
 
 # In a child process: a file size limit (RLIMIT_FSIZE) makes every write past it fail (EFBIG), as a full
@@ -61,3 +69,33 @@ def test_a_disk_refusing_spool_writes_loses_no_event_and_stops_nothing(kafka, tm
     # disk: a repeat, with the same event_id), never one that was not spooled or not published.
     replay = [r.request_id for r, _ in Outbox(tmp_path / "spool", stream, 1 << 30).take_replay()]
     assert set(replay) <= set(ids) and len(replay) < n, replay
+
+
+def test_a_read_only_spool_stops_nothing_and_spooling_resumes_once_it_is_writable(kafka, tmp_path):
+    """Before, the first pump on a read-only spool raised PermissionError (the emptied segment's unlink, the
+    acks file's reopening): the scheduler sidecar died and nothing more was published."""
+    topic = new_topic(kafka)
+    stream = f"kafka://{kafka.bootstrap}/{topic}"
+    box = Outbox(tmp_path / "spool", stream, 1 << 30)
+    d = EventDispatcher(LocalDirStore(tmp_path / "objects", fsync=False), open_event_sink(stream, AvroCodec()),
+                        producer_info("v", "float32"), durability_timeout_s=5, outbox=box)
+
+    def deliver(names):
+        for name in names:
+            d.offer(req(name, []), {})
+        deadline = time.monotonic() + 60
+        while d.in_flight and time.monotonic() < deadline:
+            time.sleep(min(d.pump(), 0.05))
+
+    deliver(f"r{i}" for i in range(10))
+    with read_only(box.dir):  # a volume remounted read-only: no create, write, truncate or unlink
+        deliver(f"r{i}" for i in range(10, 30))
+    deliver(f"r{i}" for i in range(30, 40))  # writable again: these are spooled
+    assert d.close(10) == 0
+    assert d.stats.published == 40 and d.stats.failed == 0 and d.stats.unspooled == 20, d.stats.as_dict()
+    codec = AvroCodec()
+    ids = [codec.decode(v)["request_id"] for v in read(kafka, topic)]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(40))  # every event once
+    # acknowledgements the read-only disk refused only mean repeats after a restart
+    replay = [r.request_id for r, _ in Outbox(tmp_path / "spool", stream, 1 << 30).take_replay()]
+    assert set(replay) <= {f"r{i}" for i in range(10)}, replay
