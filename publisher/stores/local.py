@@ -57,6 +57,18 @@ class LocalDirStore(ObjectStore):
         """Group commit: write every file (data + metadata), make them all durable with one sync,
         then link them all into place and fsync each directory once. Each object is durable when
         this returns."""
+        try:
+            return self._put_many(items)
+        except FileNotFoundError:
+            # A directory made earlier was removed (rm -rf objects/<model>, find -empty -delete):
+            # forget it and make it again, once, rather than fail every put into it until a restart.
+            parents = {self._path(key).rsplit("/", 1)[0] for key, _, _ in items}
+            if not parents & self._dirs:
+                raise
+            self._dirs.difference_update(parents)
+            return self._put_many(items)
+
+    def _put_many(self, items: list[tuple[str, bytes, dict[str, str]]]) -> list[bool]:
         staged: list[tuple[str, int, str | None]] = []  # (path, open fd, temp name or None)
         dirs: dict[str, int] = {}  # parent -> an open fd of it (linked into, then fsynced)
         try:
@@ -160,13 +172,24 @@ class LocalDirStore(ObjectStore):
 
     def _write_sidecar(self, path: str, meta: bytes) -> None:
         side = path + ".meta.json"
-        tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640),
-                       "wb") as f:
-            f.write(meta)
-            if self.fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, side)
+        with self._lock:  # a name per attempt: one left by a crash never blocks the next
+            self._seq += 1
+            tmp = f"{side}.{os.getpid()}.{self._seq}.tmp"
+        try:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640),
+                           "wb") as f:
+                f.write(meta)
+                f.flush()  # the buffered bytes reach the file before fsync, not at close
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.replace(tmp, side)
+        except BaseException:
+            # A full disk, a write error: leave nothing behind.
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
 
     def head(self, key: str) -> ObjectInfo | None:
         path = self._path(key)
@@ -176,9 +199,23 @@ class LocalDirStore(ObjectStore):
             return None
         try:
             meta = os.getxattr(path, self.XATTR)
-        except OSError:
-            meta = Path(path + ".meta.json").read_bytes()
-        return ObjectInfo(key, size, json.loads(meta))
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return None  # removed since the stat
+            if e.errno not in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise  # EIO and the like: the store is failing, not this object
+            try:
+                meta = Path(path + ".meta.json").read_bytes()
+            except FileNotFoundError:
+                meta = None
+        # An object with no metadata, or metadata that does not parse (restored without xattrs, a
+        # damaged sidecar), exists but is not the publisher's: {} for it, so that a batch of heads
+        # still answers for the other objects.
+        try:
+            metadata = json.loads(meta) if meta is not None else {}
+        except (ValueError, RecursionError):
+            metadata = {}
+        return ObjectInfo(key, size, metadata if isinstance(metadata, dict) else {})
 
     def get(self, key: str, max_bytes: int | None = None) -> bytes:
         # The publisher writes regular files only: a symlink (O_NOFOLLOW), a directory, a FIFO or a
