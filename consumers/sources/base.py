@@ -34,7 +34,7 @@ class SourceRecord:
     key: bytes | None = None
     headers: list[tuple[str, bytes]] = field(default_factory=list)
     event: dict | None = None  # already decoded (the file log holds records, not framed values)
-    error: str | None = None  # the file log: this block could not be read
+    error: str | None = None  # could not be read as a record (a file log's block; a Kafka record's headers)
 
 
 class EventSource(ABC):

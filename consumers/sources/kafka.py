@@ -79,6 +79,9 @@ class KafkaSource(EventSource):
         self.has_assignment = True
         log.info("assigned partitions %s (now %s)", sorted(p for _, p in new), sorted(p for _, p in self.assigned))
         if self.paused and partitions:
+            # Assigned here, then paused: left to the client, the assignment comes after this callback and
+            # unpaused, and a backlog of the new partitions was read into memory during a sink outage.
+            consumer.incremental_assign(partitions)
             consumer.pause(partitions)
 
     def _on_revoke(self, consumer, partitions) -> None:
@@ -118,10 +121,20 @@ class KafkaSource(EventSource):
             self.at_eof.discard(tp)  # until an end-of-partition event or the watermark below says otherwise
             last[tp] = m.offset()
             ts_type, ts = m.timestamp()
-            out.append(SourceRecord(
-                value=m.value() or b"", key=m.key(), headers=list(m.headers() or []), position=(tp, m.offset()),
-                coords={"topic": m.topic(), "partition": str(m.partition()), "offset": str(m.offset()),
-                        "timestamp": str(ts)}))
+            coords = {"topic": m.topic(), "partition": str(m.partition()), "offset": str(m.offset()),
+                      "timestamp": str(ts)}
+            try:
+                record = SourceRecord(value=m.value() or b"", key=m.key(), headers=list(m.headers() or []),
+                                      position=(tp, m.offset()), coords=coords)
+            except (SystemError, UnicodeDecodeError) as e:
+                # confluent-kafka decodes header names as UTF-8, and on one that is not leaves its error set
+                # (a SystemError at the next call). A producer's bytes like any other: the record is dead-
+                # lettered with its value and key, never an exception out of poll (it stopped the consumer on
+                # that record at every restart).
+                why = type(e.__cause__ or e.__context__ or e).__name__
+                record = SourceRecord(value=m.value() or b"", key=m.key(), position=(tp, m.offset()), coords=coords,
+                                      error=f"a header name is not UTF-8 text ({why})")
+            out.append(record)
         for tp, offset in last.items():
             # At the end once the record before the partition's high watermark is handed out, as the
             # broker reported it with the last fetch (cached: no request). The end-of-partition event
