@@ -2,13 +2,15 @@
 
 Kafka: the original key, value and headers, plus ``dlq.*`` headers (reason, error, source
 topic/partition/offset/timestamp, consumer group, time). File: one JSON object per line
-with the same fields and the value in base64. Either way ``flush()`` makes them durable
-before the source position moves past them, so a poison record is never just dropped.
+with the same fields: the value and key in base64, the headers as ``[name, base64 value]``
+pairs (in order, repeated names kept). Either way ``flush()`` makes them durable before the
+source position moves past them, so a poison record is never just dropped.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import logging
 import os
@@ -133,20 +135,22 @@ class FileDeadLetters(DeadLetters):
     def send(self, value, key, headers, kind, message, coords) -> None:
         self._lines.append(json.dumps({
             "reason": kind, "error": message, "source": coords, "consumer_group": self.group,
-            "time_ms": int(time.time() * 1000), "value_b64": base64.b64encode(value).decode(),
-            "headers": {k: v.decode(errors="replace") if v is not None else None for k, v in headers}}) + "\n")
+            "time_ms": int(time.time() * 1000), "value_b64": _b64(value or b""), "key_b64": _b64(key),
+            "headers": [[k, _b64(v)] for k, v in headers]}) + "\n")
 
     def flush(self) -> None:
         """Append the lines whole or not at all: a failed write (disk full) is cut off again, the lines
-        are kept for the next flush, and ``Transient`` says so."""
+        are kept for the next flush, and ``Transient`` says so. Under an exclusive lock: consumers sharing
+        the file (replicas on one volume, groups of one event log) never cut off each other's lines."""
         if not self._lines:
             return
         data = "".join(self._lines).encode()
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)  # copies of events
         except OSError as e:
             raise Transient("dlq", f"dead-letter file {self.path}: {e.strerror or e}") from None
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # released with the close
             start = os.fstat(fd).st_size
             try:
                 view = memoryview(data)
@@ -159,6 +163,10 @@ class FileDeadLetters(DeadLetters):
         finally:
             os.close(fd)
         self._lines.clear()
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode()
 
 
 class LoggedDeadLetters(DeadLetters):

@@ -87,4 +87,5 @@ d.flush()
     assert out.stdout.split() == ["transient", "True"]
     lines = [json.loads(x) for x in path.read_text().splitlines()]  # every line whole
     assert [x["error"] for x in lines] == ["e", "e0", "e1", "e2"]
-    assert lines[1]["headers"] == {"h": None}
+    assert lines[1]["headers"] == [["h", None]]
+    assert path.stat().st_mode & 0o777 == 0o640  # copies of events, as private as the event log
