@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import time
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -75,19 +76,26 @@ class KafkaDeadLetters(DeadLetters):
         self.topic = u.path.lstrip("/")
         self.group = group
         self.producer = Producer(producer_config(u.netloc, f"vllm-mm-events-dlq-{os.getpid()}", settings))
-        self._refused: list[tuple[tuple, str]] = []  # (record, why): produced again at the next flush
+        # (record, why, times refused as too large): produced again at the next flush
+        self._refused: list[tuple[tuple, str, int]] = []
 
     def send(self, value, key, headers, kind, message, coords) -> None:
         self._produce((value, key, list(headers) + dlq_headers(kind, message, coords, self.group)))
 
-    def _produce(self, record: tuple) -> None:
+    def _produce(self, record: tuple, too_large: int = 0) -> None:
         from confluent_kafka import KafkaError, KafkaException
 
         def refused(err) -> None:
-            # Too large (librdkafka's own limit reports it too): shortened if it is large; else another record
-            # of its batch was (the broker's limit is per batch), and it goes again as it is.
-            too_large = err.code() == KafkaError.MSG_SIZE_TOO_LARGE and _size(record) > self.KEPT_VALUE_BYTES
-            self._refused.append((self._shrunk(record) if too_large else record, err.str()))
+            # Too large (librdkafka's own limit reports it too): shortened if it is large. A small one goes
+            # again as it is once (another record of its batch may have been the large one: the broker's
+            # limit is per batch), then shorter at each refusal: a dead-letter topic whose max.message.bytes
+            # is below KEPT_VALUE_BYTES refused it for good, and the consumer's commits waited for good.
+            if err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
+                self._refused.append((record, err.str(), too_large))
+            elif _size(record) > self.KEPT_VALUE_BYTES or too_large:
+                self._refused.append((self._shrunk(record), err.str(), too_large + 1))
+            else:
+                self._refused.append((record, err.str(), too_large + 1))
 
         def delivered(err, _msg) -> None:
             if err is not None:
@@ -97,27 +105,38 @@ class KafkaDeadLetters(DeadLetters):
         try:
             self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=delivered)
         except BufferError:  # the local queue is full: the broker has been away a while
-            self._refused.append((record, "local queue full"))
+            self._refused.append((record, "local queue full", too_large))
         except KafkaException as e:
             refused(e.args[0])
         self.producer.poll(0)
 
     def _shrunk(self, record: tuple) -> tuple:
-        """A record the broker cannot take whole: the first KEPT_VALUE_BYTES of its value, its key, the
+        """A record the broker cannot take whole: the start of its value (KEPT_VALUE_BYTES; half of what
+        was kept, each time a shortened one is refused again, then the key and the error cut short too), the
         ``dlq.*`` headers, and ``dlq.truncated`` saying what was left out (the source still has it)."""
         value, key, headers = record
-        dropped = [k for k, _ in headers if not k.startswith("dlq.")]
-        note = f"value {len(value or b'')} bytes (kept {self.KEPT_VALUE_BYTES}), {len(dropped)} original header(s)"
-        return ((value or b"")[:self.KEPT_VALUE_BYTES], (key or b"")[:1024],
-                [(k, v) for k, v in headers if k.startswith("dlq.")] + [("dlq.truncated", note.encode())])
+        value, key = value or b"", key or b""
+        notes = [v for k, v in headers if k == "dlq.truncated"]
+        if notes:  # shortened before: what the original held is in its note
+            original, dropped = re.match(rb"value (\d+) bytes \(kept \d+\), (\d+)", notes[0]).groups()
+            keep = len(value) // 2
+            if not value:
+                key = b""
+        else:
+            original, dropped = str(len(value)).encode(), str(sum(not k.startswith("dlq.") for k, _ in headers))
+            keep = self.KEPT_VALUE_BYTES if len(value) > self.KEPT_VALUE_BYTES else len(value) // 2
+        note = f"value {int(original)} bytes (kept {keep}), {int(dropped)} original header(s)"
+        kept = [(k, v[:256] if k == "dlq.error" and not value else v) for k, v in headers
+                if k.startswith("dlq.") and k != "dlq.truncated"]
+        return value[:keep], key[:1024], kept + [("dlq.truncated", note.encode())]
 
     def flush(self) -> None:
         again, self._refused = self._refused, []
-        for record, _ in again:
-            self._produce(record)
+        for record, _, too_large in again:
+            self._produce(record, too_large)
         left = self.producer.flush(30)
         if left or self._refused:
-            why = "; ".join(sorted({w for _, w in self._refused})[:3])
+            why = "; ".join(sorted({w for _, w, _ in self._refused})[:3])
             raise Transient("dlq", f"dead-letter topic {self.topic}: {left} undelivered, "
                                    f"{len(self._refused)} refused (to be sent again){': ' + why if why else ''}")
 

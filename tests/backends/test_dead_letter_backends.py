@@ -89,3 +89,33 @@ d.flush()
     assert [x["error"] for x in lines] == ["e", "e0", "e1", "e2"]
     assert lines[1]["headers"] == [["h", None]]
     assert path.stat().st_mode & 0o777 == 0o640  # copies of events, as private as the event log
+
+
+def test_a_dead_letter_topic_with_a_small_message_limit_takes_shortened_records(kafka):
+    """A dead-letter topic whose max.message.bytes is below 64 KiB refused a 60 KB value for good (it was
+    shortened only past 64 KiB) and a 200 KB one after its first shortening: the flush never passed, so
+    no source offset was committed again on any partition."""
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from consumers.errors import Transient
+
+    topic = f"dlq-small-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": kafka.bootstrap})  # must outlive its future
+    admin.create_topics([NewTopic(topic, 1, 1, config={"max.message.bytes": "20000"})])[topic].result(30)
+    values = [bytes(range(256)) * 235, bytes(range(256)) * 800]  # 60 KB, 200 KB
+    with open_dead_letters(f"kafka://{kafka.bootstrap}/{topic}", "kafka://b/events", "grp", {}) as dead_letters:
+        for v in values:
+            dead_letters.send(v, b"k", [("ce_id", b"e-1")], "undecodable", "not Avro", COORDS)
+        for attempt in range(10):  # as the consumer retries its flush
+            try:
+                dead_letters.flush()
+                break
+            except Transient:
+                continue
+        else:
+            raise AssertionError("never delivered")
+    got = sorted(read_dlq_topic(kafka.bootstrap, topic, 2), key=lambda g: g["headers"]["dlq.truncated"])
+    for g, v in zip(got, sorted(values, key=len, reverse=True)):
+        kept = len(g["value"])
+        assert 0 < kept < 20000 and g["value"] == v[:kept] and g["reason"] == "undecodable"
+        assert g["headers"]["dlq.truncated"] == f"value {len(v)} bytes (kept {kept}), 1 original header(s)"
