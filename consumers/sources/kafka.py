@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 from urllib.parse import urlsplit
 
-from consumers.sources.base import EventSource, SourceNotFound, SourceRecord
+from consumers.sources.base import EventSource, SourceNotFound, SourceRecord, SourceUnreadable
 
 log = logging.getLogger("vllm_mm_events.consumer")
 
@@ -43,7 +44,10 @@ class KafkaSource(EventSource):
                          "enable.auto.offset.store": False,
                          "client.id": f"vllm-mm-events-reader-{os.getpid()}"})
         self.consumer = Consumer(conf)
-        self.commits_pending = 0  # asynchronous commits not yet answered (served by poll)
+        self._sent_commits = 0  # asynchronous commits not yet answered (served by poll)
+        # Commits wait for a check of the topic's id begun after they were asked for (TopicGuard).
+        self._held: dict[tuple[str, int], int] = {}
+        self._guard = None if read_only else TopicGuard(self.topic, {"bootstrap.servers": self.bootstrap, **settings})
         self._commit_failed = False
         self._requested: dict[tuple[str, int], int] = {}  # the offsets last asked to commit, per partition
         self.assigned: set[tuple[str, int]] = set()
@@ -88,15 +92,23 @@ class KafkaSource(EventSource):
         gone = {(p.topic, p.partition) for p in partitions}
         if gone and self.before_revoke is not None:
             self.before_revoke(gone)  # finish + commit the batch in flight while we still own them
+            if gone & set(self._held):
+                self._release_held(wait=TopicGuard.TIMEOUT_S)  # their next owner resumes after it
         self.assigned -= gone
         self.at_eof -= gone
         for tp in gone:  # never asked again: their next owner commits further
             self._requested.pop(tp, None)
         log.info("revoked partitions %s", sorted(p for _, p in gone))
 
+    @property
+    def commits_pending(self) -> int:
+        """Commits asked for and not yet answered: sent, or held for the topic's check."""
+        return self._sent_commits + (1 if self._held else 0)
+
     def poll(self, max_records: int, timeout: float) -> list[SourceRecord]:
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+        self._release_held()
         self._recommit()
         # Drain what is buffered without waiting; if nothing is, wait for the first record only
         # (consume(n, timeout) would hold out for all n until the timeout).
@@ -166,17 +178,32 @@ class KafkaSource(EventSource):
         # poll (_committed); a failed commit is asked again from poll until one lands, and closing
         # waits for the last (bounded by socket.timeout.ms). Records whose commit never lands (the
         # process ends first) are read again: upserts make that safe.
-        self._commit(offsets)
+        # Held first until the topic is known to be the one these records came from (TopicGuard).
+        for tp in offsets:
+            key = (tp.topic, tp.partition)
+            self._held[key] = max(tp.offset, self._held.get(key, -1))
+        self._guard.asked()
+        self._release_held()
+
+    def _release_held(self, wait: float = 0.0) -> None:
+        """Send the held commit once a check begun after it was asked for found the topic unchanged."""
+        from confluent_kafka import TopicPartition
+
+        if self._held and self._guard.cleared(wait):
+            held, self._held = self._held, {}
+            offsets = [TopicPartition(t, p, off) for (t, p), off in held.items() if (t, p) in self.assigned]
+            if offsets:
+                self._commit(offsets)
 
     def _commit(self, offsets: list) -> None:
         for tp in offsets:
             self._requested[(tp.topic, tp.partition)] = tp.offset
         self.consumer.commit(offsets=offsets, asynchronous=True)
-        self.commits_pending += 1  # once asked: a commit that raised gets no answer
+        self._sent_commits += 1  # once asked: a commit that raised gets no answer
 
     def _committed(self, err, partitions) -> None:
         """librdkafka's answer to a commit (served by poll, on this thread)."""
-        self.commits_pending -= 1
+        self._sent_commits -= 1
         failed = [tp for tp in partitions or () if tp.error is not None]
         if err is not None or failed:
             self._commit_failed = True
@@ -186,7 +213,7 @@ class KafkaSource(EventSource):
         """After a failed commit, once no other is in flight: the last offsets asked for, partitions still ours."""
         from confluent_kafka import TopicPartition
 
-        if self._commit_failed and not self.commits_pending:
+        if self._commit_failed and not self._sent_commits:
             self._commit_failed = False
             offsets = [TopicPartition(t, p, off) for (t, p), off in self._requested.items() if (t, p) in self.assigned]
             if offsets:
@@ -231,7 +258,85 @@ class KafkaSource(EventSource):
         return total
 
     def close(self) -> None:
+        if self._held:
+            try:
+                self._release_held(wait=TopicGuard.TIMEOUT_S)
+            except SourceUnreadable:  # said already; nothing of the new topic is committed
+                self._held.clear()
+        if self._guard is not None:
+            self._guard.close()
         if self.commits_pending:
             log.info("kafka: closing with %d commit(s) not yet answered; closing waits for them "
                      "(socket.timeout.ms at most)", self.commits_pending)
         self.consumer.close()  # leaves the group now, so the partitions move without a session timeout
+
+
+class TopicGuard:
+    """Tells whether the topic is still the one the consumer started on, by its topic id.
+
+    A topic deleted and created again under a running consumer kept its fetch positions: librdkafka
+    read on from the old offset in the new topic, reported nothing, and the consumer committed past
+    its first records, which were never indexed (a restart then resumed after them). A commit is
+    therefore sent only once a check begun after it was asked for finds the id the consumer started
+    with (one metadata request, asynchronous: a broker that never answers holds no loop). A changed
+    id stops the consumer (``SourceUnreadable``): nothing of the new topic is committed, and a restart
+    reads it from its beginning (the broker dropped the group's offsets with the old topic)."""
+
+    TIMEOUT_S = 10.0
+    RETRY_S = 1.0  # after a check that failed (the broker away)
+
+    def __init__(self, topic: str, conf: dict):
+        from confluent_kafka.admin import AdminClient
+
+        self.topic = topic
+        self._admin = AdminClient({**conf, "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka")})
+        self._id: str | None = None  # the topic's id when the consumer started
+        self._check = None  # (future, when it began)
+        self._asked = 0.0  # when the newest held commit was asked for
+        self._failed_at = -1e9
+        self._begin()  # the id to compare with, before any record is read
+
+    def _begin(self) -> None:
+        from confluent_kafka import TopicCollection
+
+        future = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=self.TIMEOUT_S)[self.topic]
+        self._check = (future, time.monotonic())
+
+    def asked(self) -> None:
+        self._asked = time.monotonic()
+
+    def cleared(self, wait: float = 0.0) -> bool:
+        """Whether a check begun after the last ``asked`` found the topic unchanged; begins one if none is
+        running (waiting up to ``wait`` for it). Raises ``SourceUnreadable`` if the topic was replaced."""
+        end = time.monotonic() + wait
+        while True:
+            if self._check is None and time.monotonic() - self._failed_at >= self.RETRY_S:
+                self._begin()
+            if self._check is not None:
+                future, began = self._check
+                if future.done() or wait > 0:
+                    try:
+                        topic_id = str(future.result(timeout=max(0.0, end - time.monotonic())).topic_id)
+                    except Exception as e:  # noqa: BLE001 - not known now (the broker away, or no answer in time)
+                        if not future.done():
+                            return False  # waited enough; the check goes on
+                        self._check, self._failed_at = None, time.monotonic()
+                        log.debug("kafka: cannot check topic %s (%s); commits wait", self.topic, e)
+                    else:
+                        self._check = None
+                        if self._id is None:
+                            self._id = topic_id
+                        if topic_id != self._id:
+                            raise SourceUnreadable(
+                                f"source: topic {self.topic} was deleted and created again while it was read (its id "
+                                f"{self._id} is now {topic_id}); nothing of the new topic was committed: a restart "
+                                "reads it from its beginning")
+                        if began >= self._asked:
+                            return True
+                        continue  # asked for after this check began: another one
+            if wait <= 0 or time.monotonic() >= end:
+                return False
+            time.sleep(min(self.RETRY_S, max(0.0, end - time.monotonic())))
+
+    def close(self) -> None:
+        self._admin = None

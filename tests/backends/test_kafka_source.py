@@ -68,3 +68,55 @@ def test_partitions_assigned_while_paused_stay_paused(kafka):
         assert len(poll_for(s, 30, want=50)) == 50
     finally:
         s.close()
+
+
+def test_a_topic_deleted_and_created_again_stops_the_consumer_before_it_commits_past_new_records(kafka):
+    """librdkafka kept its fetch position across the topic's deletion and creation, and said nothing: the
+    consumer read on from offset 10 of the new topic and committed 30, and the new topic's first 10
+    records were never indexed. Now the consumer stops before committing anything of the new topic, and
+    a restart reads it from its beginning."""
+    from backends.test_kafka_topic_recreated import admin, create_again
+    from consumers.sources.base import SourceUnreadable
+
+    topic = f"recreated.{uuid.uuid4().hex[:6]}"
+    cr.create_topic(kafka.bootstrap, topic, 1)
+    cr.produce(kafka.bootstrap, topic, [(None, b"old%d" % i, 0) for i in range(10)])
+    s = source(kafka, topic)
+    try:
+        first = poll_for(s, 30, want=10)
+        s.commit(first)
+        poll_for(s, 10)
+        assert s.commits_pending == 0 and committed(kafka, topic, s) == 10
+        a = admin(kafka)
+        a.delete_topics([topic])[topic].result(30)
+        create_again(kafka, topic)
+        cr.produce(kafka.bootstrap, topic, [(None, b"new%d" % i, 0) for i in range(30)])
+        stopped, later = None, []
+        end = time.monotonic() + 60
+        while stopped is None and time.monotonic() < end:
+            try:
+                got = s.poll(30, 0.2)
+                if got:
+                    later += got
+                    s.commit(got)
+            except SourceUnreadable as e:
+                stopped = e
+        assert stopped is not None and "was deleted and created again" in str(stopped), [r.value for r in later]
+        assert committed(kafka, topic, s) < 0  # nothing of the new topic
+    finally:
+        s.close()
+    again = source(kafka, topic)  # the restart
+    try:
+        assert [r.value for r in poll_for(again, 30, want=30)] == [b"new%d" % i for i in range(30)]
+    finally:
+        again.close()
+
+
+def committed(kafka, topic: str, s: KafkaSource) -> int:
+    from confluent_kafka import Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": f"g-{topic}"})
+    try:
+        return c.committed([TopicPartition(topic, 0)], timeout=10)[0].offset
+    finally:
+        c.close()
