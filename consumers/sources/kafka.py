@@ -47,6 +47,7 @@ class KafkaSource(EventSource):
         self._sent_commits = 0  # asynchronous commits not yet answered (served by poll)
         # Commits wait for a check of the topic's id begun after they were asked for (TopicGuard).
         self._held: dict[tuple[str, int], int] = {}
+        self._handed_out_at = 0.0  # when poll last handed records out
         self._guard = None if read_only else TopicGuard(self.topic, {"bootstrap.servers": self.bootstrap, **settings})
         self._commit_failed = False
         self._requested: dict[tuple[str, int], int] = {}  # the offsets last asked to commit, per partition
@@ -119,6 +120,8 @@ class KafkaSource(EventSource):
             if first is not None and max_records > 1:
                 msgs += self.consumer.consume(num_messages=max_records - 1, timeout=0)
         out, last = [], {}
+        if msgs:
+            self._handed_out_at = time.monotonic()  # these records were fetched by now
         for m in msgs:
             err = m.error()
             tp = (m.topic(), m.partition())
@@ -182,8 +185,8 @@ class KafkaSource(EventSource):
         for tp in offsets:
             key = (tp.topic, tp.partition)
             self._held[key] = max(tp.offset, self._held.get(key, -1))
-        self._guard.asked()
-        self._release_held()
+        self._guard.asked(self._handed_out_at)
+        self._release_held(wait=TopicGuard.COMMIT_WAIT_S)
 
     def _release_held(self, wait: float = 0.0) -> None:
         """Send the held commit once a check begun after it was asked for found the topic unchanged."""
@@ -284,6 +287,7 @@ class TopicGuard:
 
     TIMEOUT_S = 10.0
     RETRY_S = 1.0  # after a check that failed (the broker away)
+    COMMIT_WAIT_S = 0.1  # a commit waits this long for its check (one metadata round trip), then poll sends it
 
     def __init__(self, topic: str, conf: dict):
         from confluent_kafka.admin import AdminClient
@@ -292,7 +296,8 @@ class TopicGuard:
         self._admin = AdminClient({**conf, "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka")})
         self._id: str | None = None  # the topic's id when the consumer started
         self._check = None  # (future, when it began)
-        self._asked = 0.0  # when the newest held commit was asked for
+        self._asked = 0.0  # when the newest records of the held commit were fetched
+        self._cleared_through = -1.0  # records fetched before this were read from the topic the consumer started on
         self._failed_at = -1e9
         self._begin()  # the id to compare with, before any record is read
 
@@ -302,14 +307,18 @@ class TopicGuard:
         future = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=self.TIMEOUT_S)[self.topic]
         self._check = (future, time.monotonic())
 
-    def asked(self) -> None:
-        self._asked = time.monotonic()
+    def asked(self, fetched_by: float) -> None:
+        """A commit of records fetched by ``fetched_by`` (monotonic) is held: a check begun after that clears it."""
+        self._asked = max(self._asked, fetched_by)
 
     def cleared(self, wait: float = 0.0) -> bool:
-        """Whether a check begun after the last ``asked`` found the topic unchanged; begins one if none is
-        running (waiting up to ``wait`` for it). Raises ``SourceUnreadable`` if the topic was replaced."""
+        """Whether a check begun after the records to commit were fetched found the topic unchanged; begins one
+        if none is running (waiting up to ``wait`` for it). Raises ``SourceUnreadable`` if the topic was
+        replaced."""
         end = time.monotonic() + wait
         while True:
+            if self._cleared_through >= self._asked:  # a check begun after they were fetched found it unchanged
+                return True
             if self._check is None and time.monotonic() - self._failed_at >= self.RETRY_S:
                 self._begin()
             if self._check is not None:
@@ -331,9 +340,8 @@ class TopicGuard:
                                 f"source: topic {self.topic} was deleted and created again while it was read (its id "
                                 f"{self._id} is now {topic_id}); nothing of the new topic was committed: a restart "
                                 "reads it from its beginning")
-                        if began >= self._asked:
-                            return True
-                        continue  # asked for after this check began: another one
+                        self._cleared_through = max(self._cleared_through, began)
+                        continue  # cleared now, or fetched after this check began: another one
             if wait <= 0 or time.monotonic() >= end:
                 return False
             time.sleep(min(self.RETRY_S, max(0.0, end - time.monotonic())))
