@@ -23,8 +23,8 @@ class MediaItem:
     placeholder_length: int
     source: str = "ENCODER"  # or CLIENT: the caller sent embeddings, no encoder ran
     reused: bool = False  # loaded from the store instead of encoded (reuse_stored_embeddings)
-    # The request ended (aborted, failed, preempted then aborted) before its placeholder was scheduled: no
-    # encoder ran for it here, so its object is checked once (another request may have stored it), not waited for.
+    # The request ended (aborted, failed; never preempted) before its placeholder was scheduled: no encoder ran
+    # for it here, so its object is checked once (another request may have stored it), not waited for.
     unreached: bool = False
 
 

@@ -588,8 +588,10 @@ class MMEmbeddingPublisher(ECConnectorBase):
         for i, f in enumerate(features):
             pos = f.mm_position
             source = classify_item(f) or CLIENT
+            # vLLM counts scheduled tokens; a preemption sets the count back to 0 (its encoder may have run)
+            unreached = pos.offset >= request.num_computed_tokens and not getattr(request, "num_preemptions", 1)
             items.append(MediaItem(f.identifier, f.modality, i, pos.offset, pos.length, source, f.identifier in reused,
-                                   pos.offset >= request.num_computed_tokens))  # vLLM counts scheduled tokens
+                                   unreached))
             key = keys[f.identifier] = self.key_for(f.identifier)
             refs.append({"uri": self.location.uri(key), "mm_hash": f.identifier, "modality": f.modality,
                          "item_index": i, "placeholder_offset": pos.offset, "placeholder_length": pos.length,
