@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -27,10 +28,11 @@ class AvroFileSink(EventSink):
     self-delimited by the file's sync marker. A block cut short (a writer killed in the middle of
     it, a full disk) is cut off before the next one is written (``_cut_torn_tail``).
 
-    A log that cannot be written (a full, read-only or failing disk: ``OSError``) keeps its events
-    pending, in order, and tries again from ``poll`` with a backoff (0.5 s doubling to 5 s) until the
-    disk takes them: they stay in flight meanwhile, so the caller's backpressure applies. An event
-    the log refuses as it is (it does not encode) is ``RecordRefused``, alone; the others are written.
+    A log that cannot be written (a full, read-only or failing disk; a file at the path that is not a
+    log) keeps its events pending, in order, and tries again from ``poll`` with a backoff (0.5 s
+    doubling to 5 s) until it takes them: they stay in flight meanwhile, so the caller's backpressure
+    applies. A failed append is cut off again, whole blocks included, so nothing is written twice. An
+    event that does not encode (alone, in memory) is ``RecordRefused``; the others are written.
     """
 
     RETRY_MIN_S, RETRY_MAX_S = 0.5, 5.0
@@ -75,44 +77,43 @@ class AvroFileSink(EventSink):
         batch = self._pending
         try:
             self._append([e for e, _ in batch])
-        except OSError as e:
-            self._disk_refused(e)
-            return
-        except Exception:  # noqa: BLE001 - an event that does not encode: find it, write the others
-            self._write_alone(batch)
+        except Exception as e:  # noqa: BLE001 - the log's fault, unless an event does not encode
+            refused = self._refuse_unencodable()
+            if not refused:  # the disk, or the file at the path (not a log, a header cut): all wait
+                self._log_refused(e)
+            elif self._pending:
+                self._write_pending()  # the others, at once
             return
         self._pending = []
-        self._disk_back()
+        self._log_back()
         for _, cb in batch:
             cb(None)
 
-    def _write_alone(self, batch: list) -> None:
-        while batch:
-            event, cb = batch[0]
+    def _refuse_unencodable(self) -> int:
+        """Fail the pending events that do not encode alone (in memory: no file involved), ``RecordRefused``:
+        every try would fail alike. Returns how many; the others stay pending, in order."""
+        keep, refused = [], 0
+        for event, cb in self._pending:
             try:
-                self._append([event])
-            except OSError as e:
-                self._pending = batch  # the rest waits for the disk, in order
-                self._disk_refused(e)
-                return
-            except Exception as e:  # noqa: BLE001 - every try would fail alike
-                batch = batch[1:]
+                fastavro.schemaless_writer(io.BytesIO(), self.codec.parsed, event)
+            except Exception as e:  # noqa: BLE001 - that event's own fault
                 cb(RecordRefused(f"{type(e).__name__}: {e}"))
+                refused += 1
                 continue
-            batch = batch[1:]
-            cb(None)
-        self._pending = []
-        self._disk_back()
+            keep.append((event, cb))
+        self._pending = keep
+        return refused
 
-    def _disk_refused(self, e: OSError) -> None:
+    def _log_refused(self, e: Exception) -> None:
         if self._retry_s == self.RETRY_MIN_S:  # once per outage, not per try
-            log.error("mm-events: cannot write the event log %s (%s); %d event(s) wait, tried again every %.1f-%.0f s",
-                      self.path, e, len(self._pending), self.RETRY_MIN_S, self.RETRY_MAX_S)
+            log.error("mm-events: cannot write the event log %s (%s: %s); %d event(s) wait, tried again every "
+                      "%.1f-%.0f s", self.path, type(e).__name__, e, len(self._pending), self.RETRY_MIN_S,
+                      self.RETRY_MAX_S)
         self.resends += len(self._pending)
         self._retry_at = time.monotonic() + self._retry_s
         self._retry_s = min(self._retry_s * 2, self.RETRY_MAX_S)
 
-    def _disk_back(self) -> None:
+    def _log_back(self) -> None:
         if self._retry_s != self.RETRY_MIN_S:
             log.warning("mm-events: the event log %s is written again", self.path)
         self._retry_s, self._retry_at = self.RETRY_MIN_S, 0.0
@@ -137,13 +138,22 @@ class AvroFileSink(EventSink):
                         self._move_aside()
                         continue
                     self._schema_checked = (st.st_dev, st.st_ino)
-                fo.seek(0, os.SEEK_END)  # where fastavro looks to tell a new log from one to append to
-                # fastavro appends to a non-empty 'a+b' file: it reads the existing header
-                # (schema, sync marker) and writes one new block.
-                fastavro.writer(fo, self.codec.parsed, events, codec="null")
-                fo.flush()
-                if self.fsync:
-                    os.fsync(fd)
+                start = fo.seek(0, os.SEEK_END)  # where fastavro looks to tell a new log from one to append to
+                try:
+                    # fastavro appends to a non-empty 'a+b' file: it reads the existing header (schema, sync
+                    # marker) and writes blocks (one per 16 KB of records).
+                    fastavro.writer(fo, self.codec.parsed, events, codec="null")
+                    fo.flush()
+                    if self.fsync:
+                        os.fsync(fd)
+                except BaseException:
+                    # Whole blocks of this batch may be in the file already: cut them off, or the retry
+                    # would write their events twice.
+                    try:
+                        os.ftruncate(fd, start)
+                    except OSError:  # the next append cuts back to its last whole block
+                        pass
+                    raise
                 self._whole_at = os.fstat(fd).st_size
                 return
         raise OSError(f"{self.path} was moved away at every try")
