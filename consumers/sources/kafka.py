@@ -46,7 +46,8 @@ class KafkaSource(EventSource):
         self.consumer = Consumer(conf)
         self._sent_commits = 0  # asynchronous commits not yet answered (served by poll)
         # Commits wait for a check of the topic's id begun after they were asked for (TopicGuard).
-        self._held: dict[tuple[str, int], int] = {}
+        # Commits asked for and not yet sent: (when their records were handed out, {partition: offset}), oldest first
+        self._held: list[tuple[float, dict[tuple[str, int], int]]] = []
         self._handed_out_at = 0.0  # when poll last handed records out
         self._guard = None if read_only else TopicGuard(self.topic, {"bootstrap.servers": self.bootstrap, **settings})
         self._commit_failed = False
@@ -93,8 +94,12 @@ class KafkaSource(EventSource):
         gone = {(p.topic, p.partition) for p in partitions}
         if gone and self.before_revoke is not None:
             self.before_revoke(gone)  # finish + commit the batch in flight while we still own them
-            if gone & set(self._held):
+            if any(gone & set(offsets) for _, offsets in self._held):
                 self._release_held(wait=TopicGuard.TIMEOUT_S)  # their next owner resumes after it
+            for _, offsets in self._held:  # not cleared in time: their next owner reads them again
+                for tp in gone:
+                    offsets.pop(tp, None)
+            self._held = [(t, offsets) for t, offsets in self._held if offsets]
         self.assigned -= gone
         self.at_eof -= gone
         for tp in gone:  # never asked again: their next owner commits further
@@ -182,21 +187,25 @@ class KafkaSource(EventSource):
         # waits for the last (bounded by socket.timeout.ms). Records whose commit never lands (the
         # process ends first) are read again: upserts make that safe.
         # Held first until the topic is known to be the one these records came from (TopicGuard).
-        for tp in offsets:
-            key = (tp.topic, tp.partition)
-            self._held[key] = max(tp.offset, self._held.get(key, -1))
-        self._guard.asked(self._handed_out_at)
+        self._held.append((self._handed_out_at, {(tp.topic, tp.partition): tp.offset for tp in offsets}))
         self._release_held(wait=TopicGuard.COMMIT_WAIT_S)
 
     def _release_held(self, wait: float = 0.0) -> None:
-        """Send the held commit once a check begun after it was asked for found the topic unchanged."""
+        """Send the held commits whose records a check begun after they were handed out found to be of the
+        topic the consumer started on (merged: the highest offset per partition still ours). Each check
+        clears all that came before it began, so commits go out under any load."""
         from confluent_kafka import TopicPartition
 
-        if self._held and self._guard.cleared(wait):
-            held, self._held = self._held, {}
-            offsets = [TopicPartition(t, p, off) for (t, p), off in held.items() if (t, p) in self.assigned]
-            if offsets:
-                self._commit(offsets)
+        if not self._held:
+            return
+        through = self._guard.cleared_through(self._held[0][0], wait)
+        ready: dict[tuple[str, int], int] = {}
+        while self._held and self._held[0][0] <= through:
+            for tp, off in self._held.pop(0)[1].items():
+                ready[tp] = max(off, ready.get(tp, -1))
+        offsets = [TopicPartition(t, p, off) for (t, p), off in ready.items() if (t, p) in self.assigned]
+        if offsets:
+            self._commit(offsets)
 
     def _commit(self, offsets: list) -> None:
         for tp in offsets:
@@ -266,6 +275,11 @@ class KafkaSource(EventSource):
                 self._release_held(wait=TopicGuard.TIMEOUT_S)
             except SourceUnreadable:  # said already; nothing of the new topic is committed
                 self._held.clear()
+            if self._held:
+                log.warning("kafka: closing with commits of %d batch(es) not sent: the topic's check did not answer "
+                            "(%s); their records are read again at the next start", len(self._held),
+                            self._guard.last_error or "no answer in time")
+                self._held = []
         if self._guard is not None:
             self._guard.close()
         if self.commits_pending:
@@ -288,6 +302,7 @@ class TopicGuard:
     TIMEOUT_S = 10.0
     RETRY_S = 1.0  # after a check that failed (the broker away)
     COMMIT_WAIT_S = 0.1  # a commit waits this long for its check (one metadata round trip), then poll sends it
+    WARN_AFTER_S = 60.0  # checks failing this long are logged (then as often)
 
     def __init__(self, topic: str, conf: dict):
         from confluent_kafka.admin import AdminClient
@@ -296,9 +311,11 @@ class TopicGuard:
         self._admin = AdminClient({**conf, "logger": logging.getLogger("vllm_mm_events.consumer.librdkafka")})
         self._id: str | None = None  # the topic's id when the consumer started
         self._check = None  # (future, when it began)
-        self._asked = 0.0  # when the newest records of the held commit were fetched
-        self._cleared_through = -1.0  # records fetched before this were read from the topic the consumer started on
+        self._through = -1.0  # records handed out before this were read from the topic the consumer started on
         self._failed_at = -1e9
+        self._failing_since: float | None = None
+        self._warned_at = -1e9
+        self.last_error: str | None = None
         self._begin()  # the id to compare with, before any record is read
 
     def _begin(self) -> None:
@@ -307,44 +324,49 @@ class TopicGuard:
         future = self._admin.describe_topics(TopicCollection([self.topic]), request_timeout=self.TIMEOUT_S)[self.topic]
         self._check = (future, time.monotonic())
 
-    def asked(self, fetched_by: float) -> None:
-        """A commit of records fetched by ``fetched_by`` (monotonic) is held: a check begun after that clears it."""
-        self._asked = max(self._asked, fetched_by)
-
-    def cleared(self, wait: float = 0.0) -> bool:
-        """Whether a check begun after the records to commit were fetched found the topic unchanged; begins one
-        if none is running (waiting up to ``wait`` for it). Raises ``SourceUnreadable`` if the topic was
-        replaced."""
+    def cleared_through(self, need: float, wait: float = 0.0) -> float:
+        """When the newest check that found the topic unchanged began: records handed out before then are of
+        the topic the consumer started on. Until that reaches ``need``, begins checks (one at a time; again
+        ``RETRY_S`` after one that failed), waiting up to ``wait``. Raises ``SourceUnreadable`` if the topic
+        was replaced."""
         end = time.monotonic() + wait
-        while True:
-            if self._cleared_through >= self._asked:  # a check begun after they were fetched found it unchanged
-                return True
+        while self._through < need:
             if self._check is None and time.monotonic() - self._failed_at >= self.RETRY_S:
                 self._begin()
             if self._check is not None:
                 future, began = self._check
-                if future.done() or wait > 0:
-                    try:
-                        topic_id = str(future.result(timeout=max(0.0, end - time.monotonic())).topic_id)
-                    except Exception as e:  # noqa: BLE001 - not known now (the broker away, or no answer in time)
-                        if not future.done():
-                            return False  # waited enough; the check goes on
-                        self._check, self._failed_at = None, time.monotonic()
-                        log.debug("kafka: cannot check topic %s (%s); commits wait", self.topic, e)
-                    else:
-                        self._check = None
-                        if self._id is None:
-                            self._id = topic_id
-                        if topic_id != self._id:
-                            raise SourceUnreadable(
-                                f"source: topic {self.topic} was deleted and created again while it was read (its id "
-                                f"{self._id} is now {topic_id}); nothing of the new topic was committed: a restart "
-                                "reads it from its beginning")
-                        self._cleared_through = max(self._cleared_through, began)
-                        continue  # cleared now, or fetched after this check began: another one
-            if wait <= 0 or time.monotonic() >= end:
-                return False
+                try:
+                    topic_id = str(future.result(timeout=max(0.0, end - time.monotonic())).topic_id)
+                except Exception as e:  # noqa: BLE001 - no answer in time, or a failed check
+                    if not future.done():
+                        break  # waited enough; the check goes on
+                    self._failed(e)
+                else:
+                    self._check = None
+                    if self._id is None:
+                        self._id = topic_id
+                    if topic_id != self._id:
+                        raise SourceUnreadable(
+                            f"source: topic {self.topic} was deleted and created again while it was read (its id "
+                            f"{self._id} is now {topic_id}); nothing of the new topic was committed: a restart "
+                            "reads it from its beginning")
+                    self._through, self._failing_since, self.last_error = began, None, None
+                    continue
+            if time.monotonic() >= end:
+                break
             time.sleep(min(self.RETRY_S, max(0.0, end - time.monotonic())))
+        return self._through
+
+    def _failed(self, e: Exception) -> None:
+        now = time.monotonic()
+        self._check, self._failed_at, self.last_error = None, now, f"{type(e).__name__}: {e}"
+        if self._failing_since is None:
+            self._failing_since = now
+        elif now - self._failing_since >= self.WARN_AFTER_S and now - self._warned_at >= self.WARN_AFTER_S:
+            self._warned_at = now
+            log.warning("kafka: topic %s could not be checked for %.0f s (%s); commits wait for it (records are "
+                        "read again after a restart meanwhile, never skipped)", self.topic, now - self._failing_since,
+                        self.last_error)
 
     def close(self) -> None:
         self._admin = None

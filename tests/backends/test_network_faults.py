@@ -183,6 +183,33 @@ def test_a_consumer_commit_to_a_broker_that_never_answers_does_not_hold_its_loop
         source.close()
 
 
+def test_commits_go_out_under_steady_load_when_the_topic_check_is_slower_than_the_batches(kafka_proxy):
+    """Commits wait for a check of the topic's id begun after their records were handed out. With every
+    answer 300 ms late, batches come faster than checks: each check used to end stale for the newest commit,
+    and none was sent while batches kept coming. Each check now clears all that was handed out before it."""
+    from consumers.sources.kafka import KafkaSource
+
+    broker, proxy = kafka_proxy
+    topic, group = new_topic(broker), f"g-{uuid.uuid4().hex[:8]}"
+    assert produce(broker, topic, [b"%d" % i for i in range(400)])[0] == 0
+    source = KafkaSource(f"kafka://{proxy.listen}/{topic}", group, {"socket.timeout.ms": 10000})
+    try:
+        proxy.latency(300)
+        got, end = [], time.monotonic() + 8
+        while time.monotonic() < end:  # a batch of 5 every 50 ms, each committed
+            batch = source.poll(5, 0.05)
+            if batch:
+                got += batch
+                source.commit(batch)
+            time.sleep(0.05)
+        proxy.heal()
+        landed = committed(broker, topic, group)
+        assert 0 < landed <= len(got) < 400, (landed, len(got))  # commits landed while batches kept coming
+    finally:
+        proxy.heal()
+        source.close()
+
+
 def test_dead_letters_refused_while_kafka_is_down_are_sent_again_before_the_commit(kafka_proxy):
     """The consumer commits a batch only once its dead letters' ``flush`` returns. Dead letters whose
     delivery failed (the broker away past message.timeout.ms) are produced again by the next flush, and
