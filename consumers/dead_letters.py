@@ -14,9 +14,9 @@ import fcntl
 import json
 import logging
 import os
-import re
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -56,11 +56,6 @@ class DeadLetters(ABC):
         self.close()
 
 
-def _size(record: tuple) -> int:
-    value, key, headers = record
-    return len(value or b"") + len(key or b"") + sum(len(k) + len(v or b"") for k, v in headers)
-
-
 class KafkaDeadLetters(DeadLetters):
     """A dead letter refused (its delivery failed, the broker away past ``message.timeout.ms``, the
     local queue full, or a value over the producer's size limit) is kept and produced again by the
@@ -76,13 +71,12 @@ class KafkaDeadLetters(DeadLetters):
         self.topic = u.path.lstrip("/")
         self.group = group
         self.producer = Producer(producer_config(u.netloc, f"vllm-mm-events-dlq-{os.getpid()}", settings))
-        # (record, why, times refused as too large): produced again at the next flush
-        self._refused: list[tuple[tuple, str, int]] = []
+        self._refused: list[tuple[_Letter, str]] = []  # (letter, why): produced again at the next flush
 
     def send(self, value, key, headers, kind, message, coords) -> None:
-        self._produce((value, key, list(headers) + dlq_headers(kind, message, coords, self.group)))
+        self._produce(_Letter(value or b"", key, list(headers), dlq_headers(kind, message, coords, self.group)))
 
-    def _produce(self, record: tuple, too_large: int = 0) -> None:
+    def _produce(self, letter: "_Letter") -> None:
         from confluent_kafka import KafkaError, KafkaException
 
         def refused(err) -> None:
@@ -90,58 +84,71 @@ class KafkaDeadLetters(DeadLetters):
             # again as it is once (another record of its batch may have been the large one: the broker's
             # limit is per batch), then shorter at each refusal: a dead-letter topic whose max.message.bytes
             # is below KEPT_VALUE_BYTES refused it for good, and the consumer's commits waited for good.
-            if err.code() != KafkaError.MSG_SIZE_TOO_LARGE:
-                self._refused.append((record, err.str(), too_large))
-            elif _size(record) > self.KEPT_VALUE_BYTES or too_large:
-                self._refused.append((self._shrunk(record), err.str(), too_large + 1))
-            else:
-                self._refused.append((record, err.str(), too_large + 1))
+            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
+                if letter.size() > self.KEPT_VALUE_BYTES or letter.too_large:
+                    letter.shorten(self.KEPT_VALUE_BYTES)
+                letter.too_large += 1
+            self._refused.append((letter, err.str()))
 
         def delivered(err, _msg) -> None:
             if err is not None:
                 refused(err)
 
-        value, key, headers = record
         try:
-            self.producer.produce(self.topic, value=value, key=key, headers=headers, on_delivery=delivered)
+            self.producer.produce(self.topic, value=letter.value, key=letter.key, headers=letter.headers(),
+                                  on_delivery=delivered)
         except BufferError:  # the local queue is full: the broker has been away a while
-            self._refused.append((record, "local queue full", too_large))
+            self._refused.append((letter, "local queue full"))
         except KafkaException as e:
             refused(e.args[0])
         self.producer.poll(0)
 
-    def _shrunk(self, record: tuple) -> tuple:
-        """A record the broker cannot take whole: the start of its value (KEPT_VALUE_BYTES; half of what
-        was kept, each time a shortened one is refused again, then the key and the error cut short too), the
-        ``dlq.*`` headers, and ``dlq.truncated`` saying what was left out (the source still has it)."""
-        value, key, headers = record
-        value, key = value or b"", key or b""
-        notes = [v for k, v in headers if k == "dlq.truncated"]
-        if notes:  # shortened before: what the original held is in its note
-            original, dropped = re.match(rb"value (\d+) bytes \(kept \d+\), (\d+)", notes[0]).groups()
-            keep = len(value) // 2
-            if not value:
-                key = b""
-        else:
-            original, dropped = str(len(value)).encode(), str(sum(not k.startswith("dlq.") for k, _ in headers))
-            keep = self.KEPT_VALUE_BYTES if len(value) > self.KEPT_VALUE_BYTES else len(value) // 2
-        note = f"value {int(original)} bytes (kept {keep}), {int(dropped)} original header(s)"
-        kept = [(k, v[:256] if k == "dlq.error" and not value else v) for k, v in headers
-                if k.startswith("dlq.") and k != "dlq.truncated"]
-        return value[:keep], key[:1024], kept + [("dlq.truncated", note.encode())]
-
     def flush(self) -> None:
         again, self._refused = self._refused, []
-        for record, _, too_large in again:
-            self._produce(record, too_large)
+        for letter, _ in again:
+            self._produce(letter)
         left = self.producer.flush(30)
         if left or self._refused:
-            why = "; ".join(sorted({w for _, w, _ in self._refused})[:3])
+            why = "; ".join(sorted({w for _, w in self._refused})[:3])
             raise Transient("dlq", f"dead-letter topic {self.topic}: {left} undelivered, "
                                    f"{len(self._refused)} refused (to be sent again){': ' + why if why else ''}")
 
     def close(self) -> None:
         self.producer.flush(10)
+
+
+@dataclass
+class _Letter:
+    """A Kafka dead letter: the record's value, key and own headers, the ``dlq.*`` headers this queue adds,
+    and, once shortened for the broker, what the original held (kept here: a record's own ``dlq.truncated``
+    header is the producer's, never read)."""
+    value: bytes
+    key: bytes | None
+    original: list[tuple[str, bytes | None]]
+    ours: list[tuple[str, bytes]]
+    too_large: int = 0  # times refused as too large
+    sizes: tuple[int, int] | None = None  # once shortened: (the original value's bytes, its headers left out)
+
+    def size(self) -> int:
+        return len(self.value) + len(self.key or b"") + sum(len(k) + len(v or b"") for k, v in self.headers())
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        if self.sizes is None:
+            return self.original + self.ours
+        note = f"value {self.sizes[0]} bytes (kept {len(self.value)}), {self.sizes[1]} original header(s)"
+        return self.ours + [("dlq.truncated", note.encode())]
+
+    def shorten(self, first: int) -> None:
+        """The start of the value: ``first`` bytes the first time, half of what is kept each time after;
+        with no value left, no key and a short ``dlq.error``. The original headers are left out."""
+        if self.sizes is None:
+            self.sizes = (len(self.value), len(self.original))
+            keep = first if len(self.value) > first else len(self.value) // 2
+            self.value, self.key = self.value[:keep], (self.key or b"")[:1024]
+        elif self.value:
+            self.value = self.value[:len(self.value) // 2]
+        else:
+            self.key, self.ours = b"", [(k, v[:256] if k == "dlq.error" else v) for k, v in self.ours]
 
 
 class FileDeadLetters(DeadLetters):
