@@ -15,6 +15,7 @@ CHILD = """
 import json, resource, signal, sys, time
 sys.path[:0] = json.loads(sys.argv[1])
 from unit.test_dispatcher import req
+from backends.test_event_log_outage import pump_while_in_flight
 from publisher.event_sinks.avro_file import AvroFileSink
 from publisher.sidecar.dispatcher import EventDispatcher
 from publisher.sidecar.events import producer_info
@@ -27,9 +28,7 @@ d = EventDispatcher(LocalDirStore(objects, fsync=False), AvroFileSink(log_path, 
                     producer_info("v", "float32"), durability_timeout_s=5)
 
 def settle(seconds):
-    end = time.monotonic() + seconds
-    while d.in_flight and time.monotonic() < end:
-        time.sleep(min(d.pump(), 0.05))
+    pump_while_in_flight(d, seconds)
 
 for i in range(20):
     d.offer(req(f"before-{i}", []), {})
@@ -46,6 +45,13 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM
 settle(30)
 print(json.dumps({"during": during, "after": dict(d.stats.as_dict(), in_flight=d.in_flight), "left": d.close(5)}))
 """
+
+
+def pump_while_in_flight(d, seconds: float) -> None:
+    """Pump a dispatcher, as the sidecar's loop does, until nothing is in flight or ``seconds`` have passed."""
+    end = time.monotonic() + seconds
+    while d.in_flight and time.monotonic() < end:
+        time.sleep(min(d.pump(), 0.05))
 
 
 def test_events_the_log_could_not_take_are_written_once_the_disk_takes_them(tmp_path):
@@ -90,9 +96,7 @@ def test_a_file_at_the_log_path_that_is_not_a_log_holds_events_and_one_that_does
                         producer_info("v", "float32"), durability_timeout_s=5, outbox=outbox)
 
     def settle(seconds):
-        end = time.monotonic() + seconds
-        while d.in_flight and time.monotonic() < end:
-            time.sleep(min(d.pump(), 0.05))
+        pump_while_in_flight(d, seconds)
 
     for i in range(3):
         d.offer(req(f"r{i}", []), {})
